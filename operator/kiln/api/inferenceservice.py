@@ -1,0 +1,253 @@
+"""InferenceService: serves a Model version, with canary rollouts guarded by Prometheus.
+
+Rollout names follow Argo Rollouts (``steps``, ``setWeight`` -> ``weight``, ``pause``,
+``analysis``, ``failureLimit``); status names follow KServe where it has them.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from kiln.api.common import (
+    DNS1123_LABEL,
+    Conditions,
+    EnvVar,
+    KilnModel,
+    ResourceRequirements,
+    cel,
+)
+from kiln.api.model import ALIAS_PATTERN, VersionNumber
+
+SERVER_PORT = 8080
+METRICS_PORT = 9090
+
+
+class ModelSelector(KilnModel):
+    """Which version of which Model to serve: exactly one of stage, version, alias."""
+
+    model_config = KilnModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel("[has(self.stage), has(self.version), has(self.alias)].filter(x, x).size() == 1",
+                    "modelRef needs exactly one of stage, version, alias"),
+            ]
+        }
+    }
+
+    name: str = Field(min_length=1, max_length=253, description="Model name (same namespace).")
+    stage: Literal["Development", "Staging", "Production"] | None = Field(
+        default=None, description="Serve whichever version holds this stage."
+    )
+    version: VersionNumber | None = Field(default=None, description="Serve this exact version.")
+    alias: str | None = Field(default=None, pattern=ALIAS_PATTERN, description="Serve the version this alias names.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSelector:
+        if sum(x is not None for x in (self.stage, self.version, self.alias)) != 1:
+            raise ValueError("modelRef needs exactly one of stage, version, alias")
+        return self
+
+
+class Runtime(KilnModel):
+    """The model server container (kiln-serve)."""
+
+    image: str = Field(min_length=1, max_length=1024, description="Server image (kiln server image).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(default=None)
+    max_batch_size: int = Field(default=32, ge=1, le=4096, description="Rows per forward pass (dynamic batching).")
+    max_batch_delay_milliseconds: int = Field(default=2, ge=0, le=1000, description="Longest wait to fill a batch.")
+    cache_size: int = Field(default=0, ge=0, le=1_000_000, description="Entries in the response cache; 0 turns it off.")
+    env: list[EnvVar] | None = Field(default=None, max_length=64, description="Extra environment variables.")
+    artifact_volume: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        description="core/v1 VolumeSource holding the artifacts, mounted read-only at the artifact root.",
+    )
+
+
+class Autoscaling(KilnModel):
+    """A HorizontalPodAutoscaler (autoscaling/v2) for the stable Deployment."""
+
+    model_config = KilnModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [cel("self.maxReplicas >= self.minReplicas", "maxReplicas must be >= minReplicas")]
+        }
+    }
+
+    min_replicas: int = Field(default=1, ge=1, le=1000)
+    max_replicas: int = Field(ge=1, le=1000)
+    target_cpu_utilization_percentage: int = Field(default=80, ge=1, le=100, alias="targetCPUUtilizationPercentage")
+
+
+class RolloutStep(KilnModel):
+    """Shift ``weight`` percent of traffic to the canary, then wait ``pauseSeconds``."""
+
+    weight: int = Field(ge=0, le=100, description="Canary traffic percentage.")
+    pause_seconds: int = Field(default=0, ge=0, le=86400, description="Time to hold this weight, analysing, before the next step.")
+
+
+class NoDataPolicy(StrEnum):
+    FAIL = "Fail"
+    INCONCLUSIVE = "Inconclusive"
+    PASS = "Pass"
+
+
+class AnalysisMetric(KilnModel):
+    """A PromQL query returning one number and its bound."""
+
+    model_config = KilnModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [cel("has(self.min) || has(self.max)", "a metric needs min or max")]
+        }
+    }
+
+    name: str = Field(min_length=1, max_length=63, pattern=DNS1123_LABEL)
+    query: str = Field(
+        min_length=1, max_length=4096,
+        description="PromQL; {{version}}, {{namespace}} and {{service}} are substituted. Must return one sample.",
+    )
+    max: float | None = Field(default=None, description="Fails when the value is above.")
+    min: float | None = Field(default=None, description="Fails when the value is below.")
+
+
+class PrometheusProvider(KilnModel):
+    address: str = Field(min_length=1, max_length=2048, pattern=r"^https?://", description="e.g. http://prometheus.monitoring:9090")
+
+
+class Analysis(KilnModel):
+    """Metric analysis run during the canary."""
+
+    prometheus: PrometheusProvider
+    interval_seconds: int = Field(default=30, ge=1, le=3600, description="Time between two measurements.")
+    failure_limit: int = Field(default=0, ge=0, le=100, description="Failed measurements tolerated; one more rolls back.")
+    inconclusive_limit: int = Field(
+        default=3, ge=0, le=100, description="Inconclusive measurements tolerated in a row before the rollout pauses.",
+    )
+    no_data_policy: NoDataPolicy = Field(
+        default=NoDataPolicy.INCONCLUSIVE,
+        description="What an empty query result counts as: Fail, Inconclusive (retried, never aborts) or Pass.",
+    )
+    metrics: list[AnalysisMetric] = Field(min_length=1, max_length=16)
+
+
+class TrafficRouting(StrEnum):
+    REPLICA_RATIO = "ReplicaRatio"
+    GATEWAY_API = "GatewayAPI"
+
+
+class ParentReference(KilnModel):
+    """Gateway API ParentReference (a Gateway)."""
+
+    name: str = Field(min_length=1, max_length=253)
+    namespace: str | None = Field(default=None, max_length=63)
+    section_name: str | None = Field(default=None, max_length=253)
+
+
+class GatewayAPIRouting(KilnModel):
+    parent_refs: list[ParentReference] = Field(min_length=1, max_length=32)
+    hostnames: list[str] | None = Field(default=None, max_length=16)
+
+
+class Rollout(KilnModel):
+    """How a new version replaces the old one."""
+
+    model_config = KilnModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel("self.trafficRouting != 'GatewayAPI' || has(self.gatewayAPI)",
+                    "trafficRouting GatewayAPI needs gatewayAPI.parentRefs", field_path=".gatewayAPI"),
+            ]
+        }
+    }
+
+    steps: list[RolloutStep] = Field(
+        default_factory=lambda: [RolloutStep(weight=20, pause_seconds=60), RolloutStep(weight=50, pause_seconds=60)],
+        max_length=20, description="Canary steps; after the last the canary is promoted.",
+    )
+    analysis: Analysis | None = Field(default=None, description="Without analysis, steps only wait.")
+    traffic_routing: TrafficRouting = Field(
+        default=TrafficRouting.REPLICA_RATIO,
+        description="ReplicaRatio: one Service over both Deployments, weight by replica counts. GatewayAPI: HTTPRoute weights.",
+    )
+    gateway_api: GatewayAPIRouting | None = Field(default=None, alias="gatewayAPI")
+    paused: bool = Field(default=False, description="Hold the rollout at its current step.")
+    abort: bool = Field(default=False, description="Roll the canary back now.")
+
+
+class ServiceMonitorSpec(KilnModel):
+    enabled: bool = True
+    labels: dict[str, str] | None = Field(default=None, description="Labels a Prometheus selects ServiceMonitors by.")
+    interval_seconds: int = Field(default=15, ge=1, le=3600)
+
+
+class Monitoring(KilnModel):
+    service_monitor: ServiceMonitorSpec = Field(default_factory=ServiceMonitorSpec)
+
+
+class InferenceServiceSpec(KilnModel):
+    """Desired state of an InferenceService."""
+
+    model_ref: ModelSelector
+    runtime: Runtime
+    replicas: int = Field(default=2, ge=0, le=1000, description="Stable replicas (ignored with autoscaling).")
+    autoscaling: Autoscaling | None = None
+    resources: ResourceRequirements | None = None
+    rollout: Rollout = Field(default_factory=Rollout)
+    monitoring: Monitoring = Field(default_factory=Monitoring)
+
+
+class RolloutPhase(StrEnum):
+    HEALTHY = "Healthy"
+    PROGRESSING = "Progressing"
+    PAUSED = "Paused"
+    PROMOTED = "Promoted"
+    ROLLED_BACK = "RolledBack"
+    DEGRADED = "Degraded"
+
+
+class MetricResult(KilnModel):
+    name: str
+    value: float | None = None
+    phase: Literal["Successful", "Failed", "Inconclusive", "Error"]
+    message: str | None = None
+
+
+class AnalysisStatus(KilnModel):
+    last_run_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    successes: int = 0
+    failures: int = 0
+    inconclusive: int = 0
+    results: list[MetricResult] | None = None
+
+
+class RolloutHistoryEntry(KilnModel):
+    time: str = Field(json_schema_extra={"format": "date-time"})
+    from_version: int | None = None
+    to_version: int | None = None
+    phase: RolloutPhase
+    message: str | None = Field(default=None, max_length=1024)
+
+
+class InferenceServiceStatus(KilnModel):
+    observed_generation: int | None = None
+    conditions: Conditions | None = Field(default=None, description="Ready, ModelLoaded, CanaryReady, RolloutHealthy.")
+    url: str | None = None
+    stable_version: int | None = None
+    canary_version: int | None = None
+    canary_weight: int = 0
+    rollout_phase: RolloutPhase | None = None
+    current_step: int | None = None
+    step_start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    analysis: AnalysisStatus | None = None
+    history: list[RolloutHistoryEntry] | None = None
+
+
+class InferenceService(KilnModel):
+    """Serves a Model version; rolls new versions out as Prometheus-guarded canaries."""
+
+    api_version: str = "kiln.dev/v1alpha1"
+    kind: str = "InferenceService"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: InferenceServiceSpec
+    status: InferenceServiceStatus | None = None

@@ -1,0 +1,216 @@
+"""Model: a model registry kept in the resource's status.
+
+Versions are numbered 1, 2, 3, ... and immutable. Stages follow MLflow's names (Development,
+Staging, Production, Archived); aliases follow MLflow's model aliases (``champion -> 3``).
+Spec holds what people declare (GitOps); status holds what the registry knows and decided.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import Field, model_validator
+
+from kiln.api.common import Conditions, FreeForm, KilnModel, cel
+
+DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+VersionNumber = Annotated[int, Field(ge=1, le=1_000_000)]
+
+
+class Stage(StrEnum):
+    NONE = "None"
+    DEVELOPMENT = "Development"
+    STAGING = "Staging"
+    PRODUCTION = "Production"
+    ARCHIVED = "Archived"
+
+
+class StageAssignments(KilnModel):
+    """At most one version per stage (the map shape enforces it); a version holds one stage."""
+
+    model_config = KilnModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel(
+                    "!(has(self.development) && has(self.staging) && self.development == self.staging) && "
+                    "!(has(self.staging) && has(self.production) && self.staging == self.production) && "
+                    "!(has(self.development) && has(self.production) && self.development == self.production)",
+                    "a version can hold only one stage",
+                ),
+                cel(
+                    "!has(self.archived) || self.archived.all(a, (!has(self.development) || a != self.development) && "
+                    "(!has(self.staging) || a != self.staging) && (!has(self.production) || a != self.production))",
+                    "an archived version cannot also hold a stage",
+                    field_path=".archived",
+                ),
+            ]
+        }
+    }
+
+    development: VersionNumber | None = Field(default=None, description="Version in Development.")
+    staging: VersionNumber | None = Field(default=None, description="Version in Staging.")
+    production: VersionNumber | None = Field(default=None, description="Version in Production (at most one).")
+    archived: list[VersionNumber] | None = Field(
+        default=None, max_length=100, json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="Versions retired from service.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> StageAssignments:
+        held = [v for v in (self.development, self.staging, self.production) if v is not None]
+        if len(held) != len(set(held)):
+            raise ValueError("a version can hold only one stage")
+        if self.archived and set(self.archived) & set(held):
+            raise ValueError("an archived version cannot also hold a stage")
+        return self
+
+    def stage_of(self, version: int) -> Stage:
+        """The stage ``version`` holds here (``Stage.NONE`` when it holds none)."""
+        for stage, v in (
+            (Stage.PRODUCTION, self.production),
+            (Stage.STAGING, self.staging),
+            (Stage.DEVELOPMENT, self.development),
+        ):
+            if v == version:
+                return stage
+        if self.archived and version in self.archived:
+            return Stage.ARCHIVED
+        return Stage.NONE
+
+
+class PromotionRule(KilnModel):
+    """Promote a newly registered version to ``stage`` when ``metric`` is within bounds."""
+
+    model_config = KilnModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [cel("has(self.min) || has(self.max)", "a promotion rule needs min or max")]
+        }
+    }
+
+    stage: Annotated[str, Field(json_schema_extra={"enum": ["Development", "Staging", "Production"]})] = Field(
+        description="Stage to promote to: Development, Staging or Production."
+    )
+    metric: str = Field(min_length=1, max_length=128, description="Metric name in the version's metrics, e.g. accuracy.")
+    min: float | None = Field(default=None, description="Promote when metric >= min.")
+    max: float | None = Field(default=None, description="Promote when metric <= max.")
+
+    @model_validator(mode="after")
+    def _bound(self) -> PromotionRule:
+        if self.min is None and self.max is None:
+            raise ValueError("a promotion rule needs min or max")
+        if self.stage not in ("Development", "Staging", "Production"):
+            raise ValueError("stage must be Development, Staging or Production")
+        return self
+
+
+class ImportedVersion(KilnModel):
+    """A version trained elsewhere: its artifact and the digest it must have."""
+
+    artifact_uri: str = Field(min_length=1, max_length=2048, description="Artifact directory (file:// or path).")
+    digest: str = Field(pattern=DIGEST_PATTERN, description="Expected sha256 of the weights, 'sha256:<hex>'.")
+    metrics: dict[str, float] | None = Field(default=None, description="Metrics known for it.")
+    hyperparameters: dict[str, FreeForm] | None = Field(default=None, description="Hyperparameters used.")
+
+
+class ModelSpec(KilnModel):
+    """Desired state of a Model (what people declare)."""
+
+    description: str | None = Field(default=None, max_length=4096, description="What the model is for.")
+    version_history_limit: int = Field(
+        default=20, ge=1, le=200,
+        description="Newest versions kept in status; versions holding a stage or alias are always kept.",
+    )
+    stages: StageAssignments | None = Field(
+        default=None,
+        description="Declared stage of each version, e.g. production: 3. A promotion is a reviewed change of this field.",
+    )
+    aliases: dict[str, VersionNumber] | None = Field(
+        default=None, max_length=64,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(f"self.all(k, k.matches('{ALIAS_PATTERN}'))", "alias names must match " + ALIAS_PATTERN)
+            ]
+        },
+        description="Named pointers to versions (MLflow aliases), e.g. champion: 3.",
+    )
+    promotion_policy: list[PromotionRule] | None = Field(
+        default=None, max_length=8,
+        description="Automatic promotion of new versions; results go to status, and spec.stages wins for a stage it declares.",
+    )
+    import_: list[ImportedVersion] | None = Field(
+        default=None, alias="import", max_length=100,
+        description="Versions trained elsewhere, registered in list order.",
+    )
+
+
+class VersionSource(StrEnum):
+    TRAINING_JOB = "TrainingJob"
+    IMPORT = "Import"
+    REBUILD = "Rebuild"
+
+
+class Lineage(KilnModel):
+    """Where a version came from."""
+
+    source: VersionSource = Field(description="TrainingJob, Import or Rebuild.")
+    training_job: str | None = Field(default=None, description="Name of the TrainingJob that produced it.")
+    dataset: str | None = Field(default=None, description="Dataset name or URI.")
+    dataset_digest: str | None = Field(default=None, description="sha256 of the dataset.")
+    image: str | None = Field(default=None, description="Trainer image.")
+
+
+class ModelVersion(KilnModel):
+    """One immutable registered version."""
+
+    version: VersionNumber
+    artifact_uri: str
+    digest: str = Field(pattern=DIGEST_PATTERN)
+    metrics: dict[str, float] | None = None
+    hyperparameters: dict[str, FreeForm] | None = None
+    lineage: Lineage | None = None
+    created_at: str = Field(json_schema_extra={"format": "date-time"})
+
+
+class HistoryCause(StrEnum):
+    REGISTRATION = "Registration"
+    SPEC_CHANGE = "SpecChange"
+    POLICY = "Policy"
+    ROLLBACK = "Rollback"
+    PRUNE = "Prune"
+
+
+class HistoryEntry(KilnModel):
+    """One change of a stage or alias (the audit trail)."""
+
+    time: str = Field(json_schema_extra={"format": "date-time"})
+    stage: str | None = Field(default=None, description="Stage changed (or None for alias changes).")
+    alias: str | None = Field(default=None, description="Alias changed.")
+    from_version: int | None = Field(default=None, description="Version that held it before.")
+    to_version: int | None = Field(default=None, description="Version that holds it now.")
+    cause: HistoryCause
+    message: str | None = Field(default=None, max_length=1024)
+
+
+class ModelStatus(KilnModel):
+    """Observed state of a Model: the registry itself."""
+
+    observed_generation: int | None = None
+    conditions: Conditions | None = None
+    latest_version: int = Field(default=0, description="Highest version number ever issued (never reused).")
+    versions: list[ModelVersion] | None = Field(default=None, description="Kept versions, oldest first.")
+    stages: StageAssignments | None = Field(default=None, description="Stages in force (spec, policy, rollbacks).")
+    aliases: dict[str, int] | None = Field(default=None, description="Aliases in force.")
+    history: list[HistoryEntry] | None = Field(default=None, description="Stage and alias changes, newest last, bounded.")
+    imported: int = Field(default=0, description="How many spec.import entries are registered.")
+
+
+class Model(KilnModel):
+    """A registry of model versions with stages, aliases, lineage and an audit trail."""
+
+    api_version: str = "kiln.dev/v1alpha1"
+    kind: str = "Model"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: ModelSpec = Field(default_factory=ModelSpec)
+    status: ModelStatus | None = None

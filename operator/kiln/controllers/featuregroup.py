@@ -1,0 +1,52 @@
+"""FeatureGroup controller: validates the definition and reports it in status.
+
+Materialization (the CronJob), point-in-time joins and online lookup arrive with the
+FeatureGroup issue; until then a valid FeatureGroup reports ``Ready=False`` with reason
+``MaterializationNotImplemented`` so nobody mistakes it for a working feature pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from kubernetes import client as k8s
+from pydantic import ValidationError
+
+from kiln import API_VERSION, kube
+from kiln.api import FeatureGroupSpec
+from kiln.conditions import FALSE, set_condition
+from kiln.controllers.runtime import ReconcileFn, Result, watch
+
+KIND = "FeatureGroup"
+watch(KIND, API_VERSION, "featuregroups")
+
+
+def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
+    """Validate the spec and write ``schemaDigest``, ``observedGeneration`` and ``Ready``."""
+    obj = kube.get(api, API_VERSION, KIND, namespace, name)
+    if obj is None:
+        return None
+    gen = obj["metadata"].get("generation")
+    status = dict(obj.get("status") or {})
+    try:
+        spec = FeatureGroupSpec.model_validate(obj.get("spec") or {})
+    except ValidationError as e:
+        reason, message = "InvalidSpec", str(e.errors()[0]["msg"])
+        digest = None
+    else:
+        canonical = json.dumps(spec.to_api()["features"], sort_keys=True).encode()
+        digest = "sha256:" + hashlib.sha256(canonical).hexdigest()
+        reason, message = "MaterializationNotImplemented", "feature definitions are valid; materialization is not implemented yet"
+    new = dict(status)
+    new["conditions"] = set_condition(status.get("conditions"), "Ready", FALSE, reason, message, generation=gen)
+    new["observedGeneration"] = gen
+    if digest:
+        new["schemaDigest"] = digest
+    if new != status:
+        kube.patch_status(api, obj, new)
+    return None
+
+
+def reconciler(api: k8s.ApiClient) -> ReconcileFn:
+    return lambda ns, name: reconcile(api, ns, name)

@@ -1,0 +1,175 @@
+"""A thin layer over the Kubernetes REST API, on the official client's ``ApiClient``.
+
+Paths come from a fixed table of the kinds Kiln reads and writes, so no discovery round-trips
+are needed. Writes of children use server-side apply with field manager ``kiln``
+(https://kubernetes.io/docs/reference/using-api/server-side-apply/); status writes use JSON
+merge patches on the ``status`` subresource, optionally guarded by ``resourceVersion``
+(optimistic concurrency: the API server answers 409 Conflict when the object changed).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes.client.rest import ApiException
+
+from kiln import API_VERSION, FIELD_MANAGER
+
+#: (apiVersion, kind) -> plural resource name, for every kind Kiln touches.
+PLURALS: dict[tuple[str, str], str] = {
+    ("v1", "Pod"): "pods",
+    ("v1", "Service"): "services",
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "Event"): "events",
+    ("v1", "Namespace"): "namespaces",
+    ("apps/v1", "Deployment"): "deployments",
+    ("batch/v1", "CronJob"): "cronjobs",
+    ("batch/v1", "Job"): "jobs",
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitors",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
+    (API_VERSION, "Model"): "models",
+    (API_VERSION, "TrainingJob"): "trainingjobs",
+    (API_VERSION, "InferenceService"): "inferenceservices",
+    (API_VERSION, "FeatureGroup"): "featuregroups",
+}
+
+
+class Conflict(Exception):
+    """The object changed since it was read (HTTP 409); re-read and retry."""
+
+
+def path(api_version: str, kind: str, namespace: str | None, name: str | None = None,
+         subresource: str | None = None) -> str:
+    """REST path of a collection or object, e.g. ``/api/v1/namespaces/ns/pods/p``.
+
+    Raises:
+        KeyError: for a kind not in :data:`PLURALS`.
+    """
+    plural = PLURALS[(api_version, kind)]
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    p = base + (f"/namespaces/{namespace}" if namespace else "") + f"/{plural}"
+    if name:
+        p += f"/{name}"
+        if subresource:
+            p += f"/{subresource}"
+    return p
+
+
+def _call(api: k8s.ApiClient, method: str, url: str, *, body: Any = None, query: list[tuple[str, Any]] | None = None,
+          content_type: str | None = None) -> Any:
+    headers = {"Accept": "application/json"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    resp = api.call_api(
+        url, method, header_params=headers, body=body, query_params=query or [],
+        auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
+    )
+    data = resp.data if hasattr(resp, "data") else resp.read()
+    return json.loads(data) if data else None
+
+
+def _status(e: ApiException) -> int:
+    return int(e.status or 0)
+
+
+def get(api: k8s.ApiClient, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+    """The object, or None when it does not exist."""
+    try:
+        return _call(api, "GET", path(api_version, kind, namespace, name))
+    except ApiException as e:
+        if _status(e) == 404:
+            return None
+        raise
+
+
+def list_objects(api: k8s.ApiClient, api_version: str, kind: str, namespace: str | None,
+                 label_selector: str | None = None) -> list[dict[str, Any]]:
+    """Every object of a kind in ``namespace`` (all namespaces when None) matching the selector."""
+    query = [("labelSelector", label_selector)] if label_selector else []
+    out = _call(api, "GET", path(api_version, kind, namespace), query=query)
+    items: list[dict[str, Any]] = out.get("items", [])
+    for it in items:  # list items carry no apiVersion/kind
+        it.setdefault("apiVersion", api_version)
+        it.setdefault("kind", kind)
+    return items
+
+
+def apply(api: k8s.ApiClient, manifest: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
+    """Server-side apply ``manifest`` as field manager ``kiln``; returns the object as stored."""
+    meta = manifest["metadata"]
+    url = path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
+    query = [("fieldManager", FIELD_MANAGER)] + ([("force", "true")] if force else [])
+    return _call(api, "PATCH", url, body=manifest, query=query, content_type="application/apply-patch+yaml")
+
+
+def create(api: k8s.ApiClient, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Create ``manifest``; None when an object of that name already exists (409)."""
+    meta = manifest["metadata"]
+    try:
+        return _call(api, "POST", path(manifest["apiVersion"], manifest["kind"], meta.get("namespace")),
+                     body=manifest, query=[("fieldManager", FIELD_MANAGER)])
+    except ApiException as e:
+        if _status(e) == 409:
+            return None
+        raise
+
+
+def delete(api: k8s.ApiClient, api_version: str, kind: str, namespace: str | None, name: str, *,
+           uid: str | None = None, propagation: str = "Background", grace_period_seconds: int | None = None) -> bool:
+    """Delete an object; with ``uid`` only that incarnation. Returns False when already gone."""
+    body: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
+    if uid:
+        body["preconditions"] = {"uid": uid}
+    if grace_period_seconds is not None:
+        body["gracePeriodSeconds"] = grace_period_seconds
+    try:
+        _call(api, "DELETE", path(api_version, kind, namespace, name), body=body)
+        return True
+    except ApiException as e:
+        if _status(e) in (404, 409):  # gone, or a different incarnation (uid precondition)
+            return False
+        raise
+
+
+def patch_status(api: k8s.ApiClient, obj: dict[str, Any], status: dict[str, Any], *,
+                 resource_version: str | None = None) -> dict[str, Any]:
+    """JSON-merge-patch ``status`` into ``obj``'s status subresource.
+
+    With ``resource_version`` the patch applies only if the object is unchanged since then.
+
+    Raises:
+        Conflict: the resourceVersion precondition failed.
+    """
+    meta = obj["metadata"]
+    body: dict[str, Any] = {"status": status}
+    if resource_version:
+        body["metadata"] = {"resourceVersion": resource_version}
+    try:
+        return _call(api, "PATCH", path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"], "status"),
+                     body=body, content_type="application/merge-patch+json")
+    except ApiException as e:
+        if _status(e) == 409:
+            raise Conflict(str(e.reason)) from e
+        raise
+
+
+def patch(api: k8s.ApiClient, api_version: str, kind: str, namespace: str | None, name: str,
+          body: dict[str, Any]) -> dict[str, Any]:
+    """JSON-merge-patch an object's main resource (e.g. spec of a kiln.dev object)."""
+    return _call(api, "PATCH", path(api_version, kind, namespace, name), body=body,
+                 content_type="application/merge-patch+json")
+
+
+def iter_errors(e: ApiException) -> Iterator[str]:
+    """Field-level causes of an API error (e.g. a 422 from schema validation), for messages."""
+    try:
+        details = json.loads(e.body or "{}").get("details", {})
+    except ValueError:
+        return
+    for cause in details.get("causes", []):
+        yield f"{cause.get('field', '')}: {cause.get('message', '')}"

@@ -1,0 +1,216 @@
+"""Dynamic batching: many concurrent requests, one forward pass.
+
+Requests (each one or more rows) wait in a queue. A single batcher coroutine takes the oldest
+request, then adds queued requests until the batch holds ``max_batch_size`` rows, runs *one*
+forward pass in an executor thread (so the event loop keeps serving), and hands each request its
+slice of the result. A request with more rows than ``max_batch_size`` runs alone; a request never
+is split.
+
+When to stop waiting for more rows is adaptive, so that batching never costs an idle server
+latency:
+
+- whatever is queued when the batcher looks is always taken (under load, requests pile up while
+  the previous forward pass runs, so batches form by themselves);
+- the batcher *waits* for more only while other requests are known to be on their way (their
+  handler has started: they are being read or parsed, see :meth:`DynamicBatcher.arrival`), and
+  never longer than ``max_batch_delay`` after the oldest queued request arrived.
+
+A lone request on a quiet server is therefore dispatched at once (no fixed delay is added), while
+a burst of concurrent requests is gathered into one forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import numpy as np
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+class BatcherClosedError(RuntimeError):
+    """The batcher is stopped and accepts no more work."""
+
+
+@dataclass
+class _Item:
+    rows: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    enqueued_at: float
+    n: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n = int(self.rows.shape[0])
+
+
+class Arrival:
+    """A request that has started arriving: counted as "on its way" until it submits or leaves.
+
+    Use as an async context manager around a request handler; :meth:`submit` queues the rows
+    (at most once) and waits for their outputs.
+    """
+
+    def __init__(self, batcher: DynamicBatcher) -> None:
+        self._batcher = batcher
+        self._open = True
+        batcher._expected += 1
+
+    def close(self) -> None:
+        """Stop counting this request as on its way (idempotent)."""
+        if self._open:
+            self._open = False
+            self._batcher._expected -= 1
+            self._batcher._changed.set()
+
+    async def submit(self, rows: np.ndarray) -> np.ndarray:
+        """Queue ``rows`` (float32, shape ``(n, features)``) and return the model outputs for them."""
+        self.close()
+        return await self._batcher.submit(rows)
+
+    async def __aenter__(self) -> Arrival:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class DynamicBatcher:
+    """Gathers queued rows into batches for ``predict``, which runs in ``executor``.
+
+    Args:
+        predict: maps a float32 ``(n, features)`` array to an ``(n, ...)`` output array; it runs
+            in ``executor``, one call at a time.
+        max_batch_size: most rows per forward pass (a single larger request still runs, alone).
+        max_batch_delay: seconds; the longest a queued request waits for others to join it.
+        executor: where ``predict`` runs (``None``: the loop's default executor).
+        on_batch: called on the loop with the row count of every batch run (for metrics).
+    """
+
+    def __init__(
+        self,
+        predict: Predict,
+        *,
+        max_batch_size: int = 32,
+        max_batch_delay: float = 0.002,
+        executor: Executor | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if max_batch_delay < 0:
+            raise ValueError("max_batch_delay must be >= 0")
+        self._predict = predict
+        self._max_batch_size = max_batch_size
+        self._max_batch_delay = max_batch_delay
+        self._executor = executor
+        self._on_batch = on_batch
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._pending_rows = 0
+        self._expected = 0
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows queued and not yet in a forward pass."""
+        return self._pending_rows
+
+    @property
+    def idle(self) -> bool:
+        """True when nothing is queued or arriving (a forward pass may still be finishing)."""
+        return not self._pending and self._expected == 0
+
+    def start(self) -> None:
+        """Start the batcher coroutine on the running loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="kiln-batcher")
+
+    async def stop(self) -> None:
+        """Refuse new work, finish everything queued, then stop the batcher coroutine."""
+        self._closing = True
+        self._changed.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    def arrival(self) -> Arrival:
+        """Announce a request whose rows will follow (see :class:`Arrival`)."""
+        return Arrival(self)
+
+    async def submit(self, rows: np.ndarray) -> np.ndarray:
+        """Queue ``rows`` and wait for their outputs.
+
+        Raises:
+            BatcherClosedError: when the batcher is stopped.
+            Exception: whatever ``predict`` raised for the batch these rows were in.
+        """
+        if self._closing or self._task is None:
+            raise BatcherClosedError("the model server is shutting down")
+        loop = asyncio.get_running_loop()
+        item = _Item(rows, loop.create_future(), loop.time())
+        self._pending.append(item)
+        self._pending_rows += item.n
+        self._changed.set()
+        return await item.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            deadline = self._pending[0].enqueued_at + self._max_batch_delay
+            while self._pending_rows < self._max_batch_size and self._expected > 0 and not self._closing:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._changed.clear()
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._changed.wait()
+                except TimeoutError:
+                    break
+            await self._run_batch(self._take_batch())
+
+    def _take_batch(self) -> list[_Item]:
+        batch = [self._pending.popleft()]
+        rows = batch[0].n
+        while self._pending and rows + self._pending[0].n <= self._max_batch_size:
+            item = self._pending.popleft()
+            batch.append(item)
+            rows += item.n
+        self._pending_rows -= rows
+        return batch
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        live = [it for it in batch if not it.future.done()]  # a cancelled caller needs no rows
+        if not live:
+            return
+        x = live[0].rows if len(live) == 1 else np.concatenate([it.rows for it in live])
+        if self._on_batch is not None:
+            self._on_batch(int(x.shape[0]))
+        loop = asyncio.get_running_loop()
+        try:
+            y = await loop.run_in_executor(self._executor, self._predict, x)
+        except Exception as e:
+            for it in live:
+                if not it.future.done():
+                    it.future.set_exception(e)
+            return
+        start = 0
+        for it in live:
+            with contextlib.suppress(asyncio.InvalidStateError):
+                it.future.set_result(y[start : start + it.n])
+            start += it.n

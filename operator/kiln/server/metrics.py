@@ -1,0 +1,107 @@
+"""Prometheus metrics of the model server.
+
+Each :class:`ServerMetrics` owns a dedicated ``CollectorRegistry`` (no global state, so several
+servers can run in one test process); the process/platform/GC collectors are registered on it
+too, so the ``/metrics`` page looks like the default one plus the ``kiln_`` series:
+
+- ``kiln_inference_requests_total{model,version,code}``: infer requests by HTTP status code
+  (including deliberately injected 500s);
+- ``kiln_inference_request_duration_seconds{model,version}``: infer latency histogram;
+- ``kiln_inference_batch_size{model,version}``: rows per forward pass (histogram);
+- ``kiln_inference_inflight_requests{model,version}``: infer requests being handled;
+- ``kiln_inference_cache_requests_total{model,version,result}``: cache ``hit``/``miss``;
+- ``kiln_inference_injected_failures_total{model,version}`` and
+  ``kiln_inference_fault_injection_rate{model,version}``: fault injection (``--fail-rate``), so
+  that injected errors are never mistaken for real ones;
+- ``kiln_model_info{model,version,digest}``: always 1, the artifact being served.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+#: Content type of the exposition format written by :meth:`ServerMetrics.render`.
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    """The server's metrics, bound to one model name and version."""
+
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        *,
+        digest: str = "",
+        fail_rate: float = 0.0,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        mv = ("model", "version")
+        self._labels = (model, version)
+        self._requests = Counter(
+            "kiln_inference_requests_total", "Inference requests by HTTP status code.", [*mv, "code"], registry=r
+        )
+        self.duration = Histogram(
+            "kiln_inference_request_duration_seconds",
+            "Inference request latency, from handler start to response.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        ).labels(model, version)
+        self.batch_size = Histogram(
+            "kiln_inference_batch_size", "Rows per forward pass.", mv, buckets=BATCH_BUCKETS, registry=r
+        ).labels(model, version)
+        self.inflight = Gauge(
+            "kiln_inference_inflight_requests", "Inference requests being handled.", mv, registry=r
+        ).labels(model, version)
+        cache = Counter(
+            "kiln_inference_cache_requests_total", "Response cache look-ups by result.", [*mv, "result"], registry=r
+        )
+        self.cache_hits = cache.labels(model, version, "hit")
+        self.cache_misses = cache.labels(model, version, "miss")
+        self.injected_failures = Counter(
+            "kiln_inference_injected_failures_total",
+            "Inference requests answered 500 ON PURPOSE by fault injection (--fail-rate); not real errors.",
+            mv,
+            registry=r,
+        ).labels(model, version)
+        Gauge(
+            "kiln_inference_fault_injection_rate",
+            "Configured fraction of inference requests failed on purpose (--fail-rate); 0 in production.",
+            mv,
+            registry=r,
+        ).labels(model, version).set(fail_rate)
+        Gauge("kiln_model_info", "The model artifact being served (always 1).", [*mv, "digest"], registry=r).labels(
+            model, version, digest
+        ).set(1)
+        self._by_code: dict[int, Counter] = {}
+
+    def request_done(self, code: int, seconds: float) -> None:
+        """Record one finished inference request."""
+        child = self._by_code.get(code)
+        if child is None:
+            child = self._by_code[code] = self._requests.labels(*self._labels, str(code))
+        child.inc()
+        self.duration.observe(seconds)
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text exposition format."""
+        return generate_latest(self.registry)

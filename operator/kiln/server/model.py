@@ -1,0 +1,83 @@
+"""Loading a verified Kiln artifact for inference (the only torch-importing module of the server).
+
+The weights digest is checked against the expected one *before* anything is loaded; weights are
+read with ``safetensors.torch.load_file`` (never pickle) into the network rebuilt from
+``config.json``, with ``load_state_dict(strict=True)``. The model runs in eval mode under
+``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from kiln.artifact import WEIGHTS_FILE, ArtifactError, ArtifactMetadata, ModelConfig, read_config, uri_to_path, verify_artifact
+from kiln.nn import build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A verified artifact ready for inference. ``predict`` is thread-safe for one caller at a time."""
+
+    name: str
+    version: str
+    digest: str
+    config: ModelConfig
+    metadata: ArtifactMetadata
+    module: torch.nn.Module
+
+    def predict(self, rows: np.ndarray) -> np.ndarray:
+        """Logits (float32, ``(n, numClasses)``) for float32 rows of shape ``(n, inputSize)``."""
+        with torch.inference_mode():
+            return self.module(torch.from_numpy(rows)).numpy()
+
+
+def configure_torch(threads: int) -> None:
+    """Set torch's intra-op (and, if still possible, inter-op) thread counts."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work has started in this process
+        pass
+
+
+def load_model(artifact: str | Path, digest: str, *, name: str, version: str) -> LoadedModel:
+    """Verify and load an artifact.
+
+    Args:
+        artifact: ``file://`` URI or path of the artifact directory.
+        digest: the expected ``sha256:<hex>`` of the weights file.
+    Raises:
+        ArtifactError: a file is missing or invalid, the digest does not match, or the weights do
+            not fit the architecture in ``config.json``.
+    """
+    path = uri_to_path(str(artifact))
+    if not path.is_dir():
+        raise ArtifactError(f"artifact directory {path} does not exist")
+    metadata = verify_artifact(path, digest)
+    config = read_config(path)
+    try:
+        module = build_model(config)
+    except ValueError as e:
+        raise ArtifactError(f"artifact {path}: config.json describes no buildable model: {e}") from e
+    try:
+        state = load_file(str(path / WEIGHTS_FILE), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"artifact {path}: {WEIGHTS_FILE} is not a valid safetensors file: {e}") from e
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"artifact {path}: weights do not match config.json: {e}") from e
+    module.eval()
+    model = LoadedModel(name, version, digest, config, metadata, module)
+    model.predict(np.zeros((1, config.inputSize), dtype=np.float32))  # warm up
+    log.info("loaded artifact %s (%s) as %s version %s", path, digest, name, version)
+    return model

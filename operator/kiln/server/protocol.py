@@ -1,0 +1,319 @@
+"""Open Inference Protocol (KServe "V2 inference protocol") REST request parsing and encoding.
+
+Pure functions over bytes and numpy arrays: no torch, no aiohttp. Every malformed request is
+turned into a :class:`ProtocolError` carrying the HTTP status (4xx) and a message naming the
+problem; :func:`parse_infer_request` raises nothing else (this is fuzzed with hypothesis).
+
+Supported:
+
+- JSON tensors, ``data`` flat (row-major) or nested, as in the spec.
+- The *binary tensor data* extension (Triton's ``binary_tensor_data``, used by default by
+  ``tritonclient.http`` and optionally by KServe's ``InferenceRESTClient``): the body is a JSON
+  header of ``Inference-Header-Content-Length`` bytes followed by raw little-endian tensors; an input
+  names its byte count in ``parameters.binary_data_size``. Outputs are returned in binary when the
+  request asks with ``outputs[].parameters.binary_data`` or ``parameters.binary_data_output``.
+- Input datatypes ``FP16/FP32/FP64/INT8..64/UINT8..64`` (converted to float32); ``BOOL`` and
+  ``BYTES`` are rejected with 400.
+
+Unknown top-level and ``parameters`` keys are ignored (KServe's client sends ``model_name``,
+MLServer's codecs send ``parameters.content_type``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: Header giving the length of the JSON part of a binary-extension request or response.
+HEADER_LENGTH = "Inference-Header-Content-Length"
+#: Name of the optional INT64 output holding the arg-max class of each row.
+PREDICTED_CLASS = "predicted_class"
+
+#: Input datatypes we accept (converted to float32); values are little-endian numpy dtypes.
+NUMERIC_DATATYPES: dict[str, np.dtype[Any]] = {
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "UINT8": np.dtype("u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+}
+#: Valid Open Inference Protocol datatypes we refuse, with the reason given to the client.
+REJECTED_DATATYPES = {"BOOL": "boolean", "BYTES": "string/bytes"}
+
+
+class ProtocolError(Exception):
+    """A request the server refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class TensorMetadata:
+    """``$metadata_tensor`` of the model metadata response."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of the spec."""
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    """One output the client wants, and whether it wants it in binary."""
+
+    name: str
+    binary: bool = False
+
+
+@dataclass
+class InferRequest:
+    """A validated inference request: a float32 ``(rows, features)`` C-contiguous array."""
+
+    id: str | None
+    rows: np.ndarray
+    outputs: list[RequestedOutput] = field(default_factory=list)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed (JSON has no NaN or Infinity)")
+
+
+def _shape_str(shape: Any) -> str:
+    return json.dumps(shape) if isinstance(shape, list) else repr(shape)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_infer_request(
+    body: bytes,
+    *,
+    header_length: str | None,
+    input_name: str,
+    input_size: int,
+    output_names: tuple[str, ...],
+) -> InferRequest:
+    """Parse and validate an inference request body for a model with one ``[-1, input_size]`` input.
+
+    Args:
+        body: the raw request body.
+        header_length: value of the ``Inference-Header-Content-Length`` header, if any.
+        input_name: the model's input tensor name.
+        input_size: features per row.
+        output_names: outputs the client may request (the first is the logits tensor).
+    Returns:
+        The request with its rows as a float32 array (the rows are finite).
+    Raises:
+        ProtocolError: 400 with a message naming the problem, for anything malformed.
+    """
+    json_part, binary = _split_body(body, header_length)
+    try:
+        doc = json.loads(json_part, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ProtocolError(f"malformed JSON request body: {e}") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError(f"request body must be a JSON object, got {type(doc).__name__}")
+
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError(f"'id' must be a string, got {type(request_id).__name__}")
+    params = _parameters(doc, "request")
+    binary_default = params.get("binary_data_output") is True
+
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise ProtocolError(f"'inputs' must be a non-empty list of tensors (one named {input_name!r})")
+    for i, tensor in enumerate(inputs):
+        if not isinstance(tensor, dict):
+            raise ProtocolError(f"inputs[{i}] must be a JSON object, got {type(tensor).__name__}")
+        name = tensor.get("name")
+        if name != input_name:
+            raise ProtocolError(f"unknown input {name!r} (inputs[{i}]); the model has one input, {input_name!r}")
+    if len(inputs) != 1:
+        raise ProtocolError(f"expected exactly one input tensor {input_name!r}, got {len(inputs)}")
+    rows, used = _parse_input(inputs[0], binary, input_size)
+    if used != len(binary):
+        raise ProtocolError(
+            f"binary section has {len(binary)} bytes but inputs declare {used} (parameters.binary_data_size)"
+        )
+    outputs = _parse_outputs(doc.get("outputs"), output_names, binary_default)
+    return InferRequest(id=request_id, rows=rows, outputs=outputs)
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    text = header_length.strip()
+    if not text.isdigit() or not text.isascii():
+        raise ProtocolError(f"{HEADER_LENGTH} must be a non-negative integer, got {header_length!r}")
+    n = int(text)
+    if n > len(body):
+        raise ProtocolError(f"{HEADER_LENGTH} is {n} but the body has only {len(body)} bytes")
+    return body[:n], body[n:]
+
+
+def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ProtocolError(f"{where} 'parameters' must be a JSON object, got {type(params).__name__}")
+    return params
+
+
+def _parse_input(tensor: dict[str, Any], binary: bytes, input_size: int) -> tuple[np.ndarray, int]:
+    """Return (rows, bytes of the binary section consumed)."""
+    name = tensor["name"]
+    datatype = tensor.get("datatype")
+    if not isinstance(datatype, str):
+        raise ProtocolError(f"input {name!r} needs a string 'datatype' (e.g. \"FP32\"), got {datatype!r}")
+    if datatype in REJECTED_DATATYPES:
+        raise ProtocolError(
+            f"input {name!r} has datatype {datatype} ({REJECTED_DATATYPES[datatype]}); "
+            "expected a numeric datatype such as FP32"
+        )
+    dtype = NUMERIC_DATATYPES.get(datatype)
+    if dtype is None:
+        raise ProtocolError(f"input {name!r} has unknown datatype {datatype!r}; expected FP32 (or another number type)")
+
+    shape = tensor.get("shape")
+    expected = f"[-1, {input_size}]"
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ProtocolError(
+            f"input {name!r} has invalid shape {_shape_str(shape)}; expected a list of non-negative integers "
+            f"matching {expected}"
+        )
+    if len(shape) != 2 or shape[1] != input_size or shape[0] < 1:
+        raise ProtocolError(
+            f"input {name!r} has wrong shape {_shape_str(shape)}; expected {expected} "
+            f"(at least one row of {input_size} features)"
+        )
+    count = shape[0] * shape[1]
+    params = _parameters(tensor, f"input {name!r}")
+    size = params.get("binary_data_size")
+    used = 0
+    if size is not None:
+        if "data" in tensor:
+            raise ProtocolError(f"input {name!r} has both 'data' and parameters.binary_data_size")
+        if not _is_int(size) or size < 0:
+            raise ProtocolError(f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}")
+        if size != count * dtype.itemsize:
+            raise ProtocolError(
+                f"input {name!r}: binary_data_size is {size} bytes but shape {_shape_str(shape)} of {datatype} "
+                f"needs {count * dtype.itemsize}"
+            )
+        if size > len(binary):
+            raise ProtocolError(
+                f"input {name!r}: binary_data_size is {size} bytes but only {len(binary)} follow the JSON header"
+            )
+        arr = np.frombuffer(binary, dtype=dtype, count=count)
+        used = size
+    else:
+        if "data" not in tensor:
+            raise ProtocolError(f"input {name!r} has no 'data' (nor parameters.binary_data_size)")
+        arr = _json_data_to_array(name, tensor["data"])
+        if arr.size != count:
+            raise ProtocolError(
+                f"input {name!r} has {arr.size} values in 'data' but shape {_shape_str(shape)} needs {count}"
+            )
+    with np.errstate(over="ignore", invalid="ignore"):
+        rows = np.ascontiguousarray(arr.reshape(shape[0], shape[1]), dtype=np.float32)
+    if not np.isfinite(rows).all():
+        raise ProtocolError(f"input {name!r} has values that are not finite in float32 (NaN, inf or out of range)")
+    return rows, used
+
+
+def _json_data_to_array(name: str, data: Any) -> np.ndarray:
+    if not isinstance(data, list):
+        raise ProtocolError(f"input {name!r}: 'data' must be a JSON array of numbers, got {type(data).__name__}")
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError):
+        raise ProtocolError(
+            f"input {name!r}: 'data' must be a flat or regularly nested array of numbers (it is ragged or mixed)"
+        ) from None
+    if arr.dtype.kind not in "iuf" or (arr.dtype.kind == "f" and arr.dtype.itemsize > 8):
+        raise ProtocolError(f"input {name!r}: 'data' must contain only numbers (got {arr.dtype.kind!r} values)")
+    return arr
+
+
+def _parse_outputs(outputs: Any, output_names: tuple[str, ...], binary_default: bool) -> list[RequestedOutput]:
+    if outputs is None or outputs == []:
+        return [RequestedOutput(n, binary_default) for n in output_names]
+    if not isinstance(outputs, list):
+        raise ProtocolError(f"'outputs' must be a list, got {type(outputs).__name__}")
+    result: list[RequestedOutput] = []
+    for i, out in enumerate(outputs):
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise ProtocolError(f"outputs[{i}] must be an object with a string 'name'")
+        if out["name"] not in output_names:
+            known = ", ".join(repr(n) for n in output_names)
+            raise ProtocolError(f"unknown output {out['name']!r}; the model's outputs are {known}")
+        binary = _parameters(out, f"output {out['name']!r}").get("binary_data", binary_default)
+        result.append(RequestedOutput(out["name"], binary is True))
+    return result
+
+
+def encode_infer_response(
+    *,
+    model_name: str,
+    model_version: str,
+    request_id: str,
+    outputs: list[tuple[RequestedOutput, str, np.ndarray]],
+) -> tuple[bytes, int | None]:
+    """Encode an inference response.
+
+    Args:
+        outputs: (requested output, OIP datatype, array) in the order to return them.
+    Returns:
+        (body, json_length): ``json_length`` is None for a pure JSON body, else the length of the
+        JSON header for the ``Inference-Header-Content-Length`` response header.
+    """
+    tensors: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for requested, datatype, arr in outputs:
+        t: dict[str, Any] = {"name": requested.name, "datatype": datatype, "shape": list(arr.shape)}
+        if requested.binary:
+            raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            t["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            t["data"] = arr.ravel().tolist()
+        tensors.append(t)
+    doc = {"model_name": model_name, "model_version": model_version, "id": request_id, "outputs": tensors}
+    header = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def error_body(message: str) -> bytes:
+    """The spec's error object ``{"error": "<message>"}`` as bytes."""
+    return json.dumps({"error": message}).encode()
+
+
+def json_body(doc: Any) -> bytes:
+    """Compact JSON bytes of ``doc``."""
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def is_finite_number(v: Any) -> bool:
+    """True for an int or a finite float (not bool)."""
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))

@@ -1,0 +1,239 @@
+"""Per-epoch checkpoints: safetensors for tensors, JSON for everything else (never pickle).
+
+Layout (default root ``<output>/<model>/.checkpoints/<job>/``; a sibling of the artifact
+directory, because the artifact directory itself appears atomically, by rename, at the end)::
+
+    <root>/epoch-000007/
+        model.safetensors       state_dict of the un-wrapped module (names as in the artifact)
+        optimizer.safetensors   optimizer tensor state, keys ``state.<param index>.<name>``
+        state.json              epoch, configuration fingerprint, optimizer param_groups and
+                                scalar state, GradScaler state, epoch history
+
+A checkpoint directory is written under a temporary name and renamed into place, so a directory
+named ``epoch-NNNNNN`` is always complete; a crash mid-write leaves only a ``.tmp-*`` directory,
+which the next save removes. Only the newest ``keep`` checkpoints are kept.
+
+RNG state is deliberately not stored: every epoch reseeds all generators from
+``(seed, epoch, rank)`` (see ``loop.epoch_seed``) and the sampler shuffles with ``seed + epoch``,
+so the random streams of a resumed epoch are the same as in an uninterrupted run, on every rank
+(a stored generator state would only cover the rank that wrote it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_FORMAT_VERSION = 1
+_EPOCH_DIR_RE = re.compile(r"^epoch-(\d{6,})$")
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+
+log = logging.getLogger("kiln.trainer")
+
+
+class CheckpointError(Exception):
+    """A checkpoint is unreadable or does not fit the model/optimizer being trained."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint (tensors on CPU)."""
+
+    epoch: int
+    path: Path
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    scaler_state: dict[str, Any] | None
+    history: list[dict[str, Any]]
+    fingerprint: str
+
+
+def epoch_dir_name(epoch: int) -> str:
+    """Directory name of the checkpoint taken after (1-based) ``epoch``."""
+    return f"epoch-{epoch:06d}"
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root`` as ``(epoch, path)``, newest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _EPOCH_DIR_RE.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and JSON-able rest.
+
+    Raises:
+        CheckpointError: a non-tensor value is not JSON-serialisable.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in state_dict["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{int(idx)}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(int(idx)), {})[name] = value
+    rest = {"param_groups": state_dict["param_groups"], "scalar_state": scalars}
+    try:
+        json.dumps(rest)
+    except TypeError as e:
+        raise CheckpointError(f"optimizer state is not JSON-serialisable: {e}") from e
+    return tensors, rest
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of ``split_optimizer_state``: a dict for ``optimizer.load_state_dict``."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in rest.get("scalar_state", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def save_checkpoint(
+    root: Path,
+    *,
+    epoch: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    scaler_state: dict[str, Any] | None,
+    history: list[dict[str, Any]],
+    fingerprint: str,
+    keep: int = 2,
+) -> Path:
+    """Atomically write the checkpoint of (1-based) ``epoch`` and prune older ones.
+
+    Returns:
+        The checkpoint directory.
+    Raises:
+        CheckpointError: the optimizer state cannot be stored without pickle.
+        OSError: the directory cannot be written.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / epoch_dir_name(epoch)
+    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    opt_tensors, opt_rest = split_optimizer_state(optimizer_state)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
+    save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+    state = {
+        "formatVersion": CHECKPOINT_FORMAT_VERSION,
+        "epoch": epoch,
+        "fingerprint": fingerprint,
+        "optimizer": opt_rest,
+        "scaler": scaler_state,
+        "history": history,
+    }
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+    for f in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
+        _fsync_file(tmp / f)
+    _fsync_dir(tmp)
+    if final.exists():  # the same epoch again (e.g. a resumed run re-taking it): replace
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for _, old in list_checkpoints(root)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint_state(path: Path) -> dict[str, Any]:
+    """Read ``state.json`` of a checkpoint directory.
+
+    Raises:
+        CheckpointError: missing, unreadable or of an unknown format version.
+    """
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read {STATE_FILE}: {e}") from e
+    if not isinstance(state, dict) or state.get("formatVersion") != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: unknown format version")
+    return state
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Load a checkpoint directory to CPU.
+
+    Raises:
+        CheckpointError: a file is missing or unreadable.
+    """
+    state = read_checkpoint_state(path)
+    try:
+        model_state = load_file(str(path / MODEL_FILE), device="cpu")
+        opt_tensors = load_file(str(path / OPTIMIZER_FILE), device="cpu")
+    except Exception as e:  # OSError, or safetensors' own SafetensorError
+        raise CheckpointError(f"checkpoint {path}: cannot read tensors: {e}") from e
+    return Checkpoint(
+        epoch=int(state["epoch"]),
+        path=path,
+        model_state=model_state,
+        optimizer_state=join_optimizer_state(opt_tensors, state["optimizer"]),
+        scaler_state=state.get("scaler"),
+        history=list(state.get("history", [])),
+        fingerprint=str(state.get("fingerprint", "")),
+    )
+
+
+def find_resumable(root: Path, fingerprint: str) -> tuple[int, Path] | None:
+    """The newest complete checkpoint written for this configuration, if any.
+
+    Checkpoints with a different fingerprint (another configuration reusing the job name) are
+    removed with a warning so they cannot be picked up later; unreadable ones are skipped.
+    """
+    for epoch, path in list_checkpoints(root):
+        try:
+            state = read_checkpoint_state(path)
+        except CheckpointError as e:
+            log.warning("skipping unreadable checkpoint: %s", e)
+            continue
+        if state.get("fingerprint") != fingerprint:
+            log.warning(
+                "removing checkpoint %s: it was written for a different configuration "
+                "(hyperparameters or dataset changed)",
+                path,
+            )
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        return epoch, path
+    return None
