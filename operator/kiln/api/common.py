@@ -148,5 +148,6 @@ class Toleration(KilnModel):
 class EnvVar(KilnModel):
     """A plain environment variable (name and literal value)."""
 
-    name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
-    value: str = Field(default="", max_length=32768)
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$",
+                      description="Variable name.")
+    value: str = Field(default="", max_length=32768, description="Literal value.")

@@ -27,9 +27,9 @@ class DType(StrEnum):
 class Entity(KilnModel):
     """A join key (e.g. customer_id)."""
 
-    name: str = Field(min_length=1, max_length=63, pattern=IDENT)
-    dtype: DType = DType.INT64
-    description: str | None = Field(default=None, max_length=1024)
+    name: str = Field(min_length=1, max_length=63, pattern=IDENT, description="Column name of the join key.")
+    dtype: DType = Field(default=DType.INT64, description="Type of the key: float32, float64, int32, int64, string, bool.")
+    description: str | None = Field(default=None, max_length=1024, description="What the entity is.")
 
 
 class TransformationType(StrEnum):
@@ -42,15 +42,18 @@ class TransformationType(StrEnum):
 class Transformation(KilnModel):
     """A named, stateless-or-fitted transformation of one source column."""
 
-    type: TransformationType = TransformationType.IDENTITY
+    type: TransformationType = Field(
+        default=TransformationType.IDENTITY,
+        description="Identity, Log1p, Standardize (fitted mean/std) or MinMaxScale (fitted min/max).",
+    )
     column: str | None = Field(default=None, max_length=128, pattern=IDENT, description="Source column (default: the feature name).")
 
 
 class Feature(KilnModel):
-    name: str = Field(min_length=1, max_length=63, pattern=IDENT)
-    dtype: DType
-    description: str | None = Field(default=None, max_length=1024)
-    transformation: Transformation | None = None
+    name: str = Field(min_length=1, max_length=63, pattern=IDENT, description="Feature name, unique in the group.")
+    dtype: DType = Field(description="Value type: float32, float64, int32, int64, string, bool.")
+    description: str | None = Field(default=None, max_length=1024, description="What the feature means.")
+    transformation: Transformation | None = Field(default=None, description="How the value is derived from the source.")
 
 
 class SourceFormat(StrEnum):
@@ -59,13 +62,17 @@ class SourceFormat(StrEnum):
 
 
 class Source(KilnModel):
+    """The event table features are read from."""
+
     uri: str = Field(min_length=1, max_length=2048, description="Path or file:// URI of the event table.")
-    format: SourceFormat = SourceFormat.PARQUET
+    format: SourceFormat = Field(default=SourceFormat.PARQUET, description="csv or parquet.")
     timestamp_field: str = Field(default="event_timestamp", max_length=128, pattern=IDENT,
                                  description="Event time column used for point-in-time joins.")
 
 
 class Offline(KilnModel):
+    """Offline (training) retrieval."""
+
     lookback_seconds: int = Field(
         default=86400, ge=1, description="A training row sees feature values at most this old (point-in-time join window)."
     )
@@ -76,11 +83,15 @@ class OnlineStoreType(StrEnum):
 
 
 class OnlineStore(KilnModel):
-    type: OnlineStoreType = OnlineStoreType.REDIS
+    """The key-value store serving online lookups."""
+
+    type: OnlineStoreType = Field(default=OnlineStoreType.REDIS, description="Store type; Redis today.")
     address: str = Field(min_length=1, max_length=1024, description="host:port of the store.")
 
 
 class Online(KilnModel):
+    """Online (serving) lookup."""
+
     model_config = KilnModel.model_config | {
         "json_schema_extra": {
             "x-kubernetes-validations": [cel("!self.enabled || has(self.store)", "online.enabled needs online.store",
@@ -88,14 +99,16 @@ class Online(KilnModel):
         }
     }
 
-    enabled: bool = False
-    store: OnlineStore | None = None
+    enabled: bool = Field(default=False, description="Materialize into the online store.")
+    store: OnlineStore | None = Field(default=None, description="Where online values live.")
     max_age_seconds: int = Field(
         default=86400, ge=1, description="Values older than this are not served (enforced at read time)."
     )
 
 
 class FeatureGroupSpec(KilnModel):
+    """Desired state of a FeatureGroup."""
+
     model_config = KilnModel.model_config | {
         "json_schema_extra": {
             "x-kubernetes-validations": [
@@ -107,11 +120,11 @@ class FeatureGroupSpec(KilnModel):
         }
     }
 
-    entities: list[Entity] = Field(min_length=1, max_length=8)
-    features: list[Feature] = Field(min_length=1, max_length=256)
-    source: Source
-    offline: Offline = Field(default_factory=Offline)
-    online: Online = Field(default_factory=Online)
+    entities: list[Entity] = Field(min_length=1, max_length=8, description="Join keys of every row.")
+    features: list[Feature] = Field(min_length=1, max_length=256, description="Feature definitions.")
+    source: Source = Field(description="Where raw values come from.")
+    offline: Offline = Field(default_factory=Offline, description="Training-time retrieval.")
+    online: Online = Field(default_factory=Online, description="Serving-time retrieval.")
     schedule: str | None = Field(
         default=None, max_length=128, pattern=r"^(@(hourly|daily|weekly|monthly|yearly)|(\S+\s+){4}\S+)$",
         description="Cron schedule of materialization (a CronJob).",

@@ -23,6 +23,8 @@ from kiln.api.model import ALIAS_PATTERN, VersionNumber
 
 SERVER_PORT = 8080
 METRICS_PORT = 9090
+#: Default artifact root, the TrainingJob's default output (``file:///var/lib/kiln/artifacts``).
+ARTIFACT_ROOT = "/var/lib/kiln/artifacts"
 
 
 class ModelSelector(KilnModel):
@@ -62,7 +64,11 @@ class Runtime(KilnModel):
     env: list[EnvVar] | None = Field(default=None, max_length=64, description="Extra environment variables.")
     artifact_volume: dict[str, Any] | None = Field(
         default=None, json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-        description="core/v1 VolumeSource holding the artifacts, mounted read-only at the artifact root.",
+        description="core/v1 VolumeSource holding the artifacts, mounted read-only at artifactMountPath.",
+    )
+    artifact_mount_path: str = Field(
+        default=ARTIFACT_ROOT, min_length=2, max_length=1024, pattern=r"^/",
+        description="Where artifactVolume is mounted; the served version's artifactUri must point below it.",
     )
 
 
@@ -172,7 +178,14 @@ class Rollout(KilnModel):
     )
     gateway_api: GatewayAPIRouting | None = Field(default=None, alias="gatewayAPI")
     paused: bool = Field(default=False, description="Hold the rollout at its current step.")
-    abort: bool = Field(default=False, description="Roll the canary back now.")
+    abort: bool = Field(
+        default=False,
+        description="Roll the canary back now; while true, every new canary is rolled back as soon as it starts.",
+    )
+    progress_deadline_seconds: int = Field(
+        default=600, ge=30, le=86400,
+        description="A canary whose pods are not Ready this long (the Deployment's progressDeadlineSeconds) rolls back.",
+    )
 
 
 class ServiceMonitorSpec(KilnModel):
@@ -214,11 +227,18 @@ class MetricResult(KilnModel):
 
 
 class AnalysisStatus(KilnModel):
+    """Measurements of the current (or last) rollout."""
+
     last_run_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
-    successes: int = 0
-    failures: int = 0
-    inconclusive: int = 0
-    results: list[MetricResult] | None = None
+    phase: Literal["Successful", "Failed", "Inconclusive"] | None = Field(
+        default=None, description="Outcome of the last measurement (all its metrics together).",
+    )
+    successes: int = Field(default=0, description="Successful measurements in this rollout.")
+    failures: int = Field(default=0, description="Failed measurements in this rollout (rollback when > failureLimit).")
+    inconclusive: int = Field(
+        default=0, description="Inconclusive measurements in a row (pause when > inconclusiveLimit).",
+    )
+    results: list[MetricResult] | None = Field(default=None, description="Per-metric results of the last measurement.")
 
 
 class RolloutHistoryEntry(KilnModel):
@@ -240,7 +260,11 @@ class InferenceServiceStatus(KilnModel):
     current_step: int | None = None
     step_start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     analysis: AnalysisStatus | None = None
-    history: list[RolloutHistoryEntry] | None = None
+    rolled_back_version: int | None = Field(
+        default=None,
+        description="Version whose canary was rolled back; not retried until the resolved version changes.",
+    )
+    history: list[RolloutHistoryEntry] | None = Field(default=None, description="Rollout outcomes, newest last, bounded.")
 
 
 class InferenceService(KilnModel):

@@ -17,6 +17,13 @@ from kiln.api.common import Conditions, FreeForm, KilnModel, cel
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 VersionNumber = Annotated[int, Field(ge=1, le=1_000_000)]
+#: Most metrics / hyperparameters kept per version in status (the artifact's metadata.json has all).
+MAX_VERSION_MAP_KEYS = 64
+#: Most audit entries kept in status.history (oldest dropped first).
+HISTORY_LIMIT = 100
+#: Most versions status.versions can hold: versionHistoryLimit (<= 200) plus every pinned version
+#: (3 stages + 100 archived + 64 aliases + 3 policy picks = 170).
+MAX_KEPT_VERSIONS = 400
 
 
 class Stage(StrEnum):
@@ -162,15 +169,38 @@ class Lineage(KilnModel):
 
 
 class ModelVersion(KilnModel):
-    """One immutable registered version."""
+    """One immutable registered version.
 
-    version: VersionNumber
-    artifact_uri: str
-    digest: str = Field(pattern=DIGEST_PATTERN)
-    metrics: dict[str, float] | None = None
-    hyperparameters: dict[str, FreeForm] | None = None
-    lineage: Lineage | None = None
-    created_at: str = Field(json_schema_extra={"format": "date-time"})
+    The API server enforces immutability: ``status.versions`` is a list-map keyed by
+    ``version``, and a transition rule refuses any write that changes a kept version's
+    artifact, digest or creation time (versions may only be added or pruned).
+    """
+
+    model_config = KilnModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel(
+                    "self.artifactUri == oldSelf.artifactUri && self.digest == oldSelf.digest && "
+                    "self.createdAt == oldSelf.createdAt",
+                    "a registered version is immutable",
+                )
+            ]
+        }
+    }
+
+    version: VersionNumber = Field(description="Version number: 1, 2, 3, ... never reused.")
+    artifact_uri: str = Field(max_length=2048, description="Artifact directory (file:// URI).")
+    digest: str = Field(pattern=DIGEST_PATTERN, max_length=71, description="sha256 of the weights file.")
+    metrics: dict[str, float] | None = Field(
+        default=None, max_length=MAX_VERSION_MAP_KEYS, description="Evaluation metrics."
+    )
+    hyperparameters: dict[str, FreeForm] | None = Field(
+        default=None, max_length=MAX_VERSION_MAP_KEYS, description="Hyperparameters of the run."
+    )
+    lineage: Lineage | None = Field(default=None, description="Where the version came from.")
+    created_at: str = Field(
+        max_length=64, json_schema_extra={"format": "date-time"}, description="When the artifact was written."
+    )
 
 
 class HistoryCause(StrEnum):
@@ -178,19 +208,20 @@ class HistoryCause(StrEnum):
     SPEC_CHANGE = "SpecChange"
     POLICY = "Policy"
     ROLLBACK = "Rollback"
-    PRUNE = "Prune"
 
 
 class HistoryEntry(KilnModel):
     """One change of a stage or alias (the audit trail)."""
 
-    time: str = Field(json_schema_extra={"format": "date-time"})
-    stage: str | None = Field(default=None, description="Stage changed (or None for alias changes).")
-    alias: str | None = Field(default=None, description="Alias changed.")
-    from_version: int | None = Field(default=None, description="Version that held it before.")
-    to_version: int | None = Field(default=None, description="Version that holds it now.")
-    cause: HistoryCause
-    message: str | None = Field(default=None, max_length=1024)
+    time: str = Field(json_schema_extra={"format": "date-time"}, description="When the change took effect.")
+    stage: Annotated[
+        str | None, Field(json_schema_extra={"enum": ["Development", "Staging", "Production", "Archived"]})
+    ] = Field(default=None, description="Stage changed (absent for alias changes).")
+    alias: str | None = Field(default=None, max_length=63, description="Alias changed (absent for stage changes).")
+    from_version: int | None = Field(default=None, description="Version that held it before (absent: none).")
+    to_version: int | None = Field(default=None, description="Version that holds it now (absent: none).")
+    cause: HistoryCause = Field(description="SpecChange, Policy, Rollback or Registration.")
+    message: str | None = Field(default=None, max_length=1024, description="Details, e.g. the policy rule.")
 
 
 class ModelStatus(KilnModel):
@@ -199,10 +230,20 @@ class ModelStatus(KilnModel):
     observed_generation: int | None = None
     conditions: Conditions | None = None
     latest_version: int = Field(default=0, description="Highest version number ever issued (never reused).")
-    versions: list[ModelVersion] | None = Field(default=None, description="Kept versions, oldest first.")
+    versions: list[ModelVersion] | None = Field(
+        default=None, max_length=MAX_KEPT_VERSIONS,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["version"]},
+        description="Kept versions, oldest first.",
+    )
     stages: StageAssignments | None = Field(default=None, description="Stages in force (spec, policy, rollbacks).")
+    policy_stages: StageAssignments | None = Field(
+        default=None,
+        description="Latest version promotionPolicy picked per stage; in force for each stage spec.stages does not declare.",
+    )
     aliases: dict[str, int] | None = Field(default=None, description="Aliases in force.")
-    history: list[HistoryEntry] | None = Field(default=None, description="Stage and alias changes, newest last, bounded.")
+    history: list[HistoryEntry] | None = Field(
+        default=None, max_length=HISTORY_LIMIT, description="Stage and alias changes, newest last, bounded."
+    )
     imported: int = Field(default=0, description="How many spec.import entries are registered.")
 
 

@@ -96,7 +96,9 @@ class InferenceServer:
         metrics: defaults to a new :class:`ServerMetrics` with its own registry.
     """
 
-    def __init__(self, model: Predictor, settings: ServerSettings, *, metrics: ServerMetrics | None = None) -> None:
+    def __init__(
+        self, model: Predictor, settings: ServerSettings, *, metrics: ServerMetrics | None = None
+    ) -> None:
         self.model = model
         self.settings = settings
         cfg = model.config
@@ -121,6 +123,7 @@ class InferenceServer:
         self._random = random.Random()
         self._ready = False
         self._draining = False
+        self._stopped = False
         self._active = 0  # HTTP requests being handled, any route
         self._idle = asyncio.Event()
         self._idle.set()
@@ -140,15 +143,15 @@ class InferenceServer:
         """Bind both ports, start the batcher and turn ready."""
         self.batcher.start()
         s = self.settings
-        for app, port, attr in ((self.metrics_app, s.metrics_port, "metrics_port"), (self.app, s.port, "port")):
+        for app, port, attr in (
+            (self.metrics_app, s.metrics_port, "metrics_port"),
+            (self.app, s.port, "port"),
+        ):
             runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
             await runner.setup()
-            site = web.TCPSite(runner, s.host, port)
-            await site.start()
+            await web.TCPSite(runner, s.host, port).start()
             self._runners.append(runner)
-            server = site._server
-            sockets = getattr(server, "sockets", None) or []
-            setattr(self, attr, sockets[0].getsockname()[1] if sockets else port)
+            setattr(self, attr, runner.addresses[0][1] if runner.addresses else port)
         self._ready = True
         log.info(
             "serving model %s version %s on %s:%s (metrics on :%s), max batch %d rows / %.1f ms, cache %d",
@@ -175,13 +178,24 @@ class InferenceServer:
             self._draining = True
             log.info("shutting down: readiness is now false")
 
-    async def shutdown(self) -> bool:
-        """Drain and stop. Returns True when every in-flight request finished within the timeout."""
+    async def shutdown(self, *, delay: float | None = None) -> bool:
+        """Drain and stop (idempotent).
+
+        Args:
+            delay: seconds to keep serving, not ready, before closing the listener
+                (default: ``settings.shutdown_delay_seconds``).
+        Returns:
+            True when every in-flight request finished within ``drain_timeout_seconds``.
+        """
         self.begin_shutdown()
+        if self._stopped:
+            return True
+        self._stopped = True
         s = self.settings
-        if s.shutdown_delay_seconds > 0:
-            log.info("still serving for %.1fs so endpoints can drop this pod", s.shutdown_delay_seconds)
-            await asyncio.sleep(s.shutdown_delay_seconds)
+        delay = s.shutdown_delay_seconds if delay is None else delay
+        if delay > 0:
+            log.info("still serving for %.1fs so endpoints can drop this pod", delay)
+            await asyncio.sleep(delay)
         inference = self._runners[-1] if self._runners else None
         if inference is not None:
             for site in list(inference.sites):
@@ -195,7 +209,9 @@ class InferenceServer:
         except TimeoutError:
             drained = False
             log.warning(
-                "drain timeout (%.1fs): %d request(s) still in flight are cut off", s.drain_timeout_seconds, self._active
+                "drain timeout (%.1fs): %d request(s) still in flight are cut off",
+                s.drain_timeout_seconds,
+                self._active,
             )
         for runner in reversed(self._runners):
             await runner.cleanup()
@@ -258,7 +274,8 @@ class InferenceServer:
         version = request.match_info.get("version")
         if version is not None and version != self.model.version:
             raise ProtocolError(
-                f"unknown version {version!r} of model {name!r}; this server serves version {self.model.version!r}",
+                f"unknown version {version!r} of model {name!r}; "
+                f"this server serves version {self.model.version!r}",
                 404,
             )
 
@@ -313,8 +330,6 @@ class InferenceServer:
                     log.exception("inference failed")
                     response = _error(500, f"inference failed: {type(e).__name__}: {e}")
             code = response.status
-            if code >= 500 and code != 503:
-                log.debug("infer answered %d", code)
             return response
         finally:
             self.metrics.inflight.dec()
@@ -326,7 +341,9 @@ class InferenceServer:
         self._check_model(request)
         limit = self.settings.max_request_bytes
         if request.content_length is not None and request.content_length > limit:
-            raise ProtocolError(f"request body of {request.content_length} bytes exceeds the limit of {limit}", 413)
+            raise ProtocolError(
+                f"request body of {request.content_length} bytes exceeds the limit of {limit}", 413
+            )
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -342,7 +359,9 @@ class InferenceServer:
         if self.settings.fail_rate > 0 and self._random.random() < self.settings.fail_rate:
             self.metrics.injected_failures.inc()
             log.info("injected failure (fault injection, --fail-rate %s)", self.settings.fail_rate)
-            return _error(500, f"injected failure: fault injection is on (--fail-rate {self.settings.fail_rate})")
+            return _error(
+                500, f"injected failure: fault injection is on (--fail-rate {self.settings.fail_rate})"
+            )
         logits: np.ndarray | None = None
         key = ""
         if self.cache.enabled:

@@ -57,7 +57,10 @@ class ServerMetrics:
         mv = ("model", "version")
         self._labels = (model, version)
         self._requests = Counter(
-            "kiln_inference_requests_total", "Inference requests by HTTP status code.", [*mv, "code"], registry=r
+            "kiln_inference_requests_total",
+            "Inference requests by HTTP status code.",
+            [*mv, "code"],
+            registry=r,
         )
         self.duration = Histogram(
             "kiln_inference_request_duration_seconds",
@@ -73,7 +76,10 @@ class ServerMetrics:
             "kiln_inference_inflight_requests", "Inference requests being handled.", mv, registry=r
         ).labels(model, version)
         cache = Counter(
-            "kiln_inference_cache_requests_total", "Response cache look-ups by result.", [*mv, "result"], registry=r
+            "kiln_inference_cache_requests_total",
+            "Response cache look-ups by result.",
+            [*mv, "result"],
+            registry=r,
         )
         self.cache_hits = cache.labels(model, version, "hit")
         self.cache_misses = cache.labels(model, version, "miss")
@@ -89,9 +95,9 @@ class ServerMetrics:
             mv,
             registry=r,
         ).labels(model, version).set(fail_rate)
-        Gauge("kiln_model_info", "The model artifact being served (always 1).", [*mv, "digest"], registry=r).labels(
-            model, version, digest
-        ).set(1)
+        Gauge(
+            "kiln_model_info", "The model artifact being served (always 1).", [*mv, "digest"], registry=r
+        ).labels(model, version, digest).set(1)
         self._by_code: dict[int, Counter] = {}
 
     def request_done(self, code: int, seconds: float) -> None:

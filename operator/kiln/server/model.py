@@ -8,6 +8,7 @@ read with ``safetensors.torch.load_file`` (never pickle) into the network rebuil
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from kiln.artifact import WEIGHTS_FILE, ArtifactError, ArtifactMetadata, ModelConfig, read_config, uri_to_path, verify_artifact
+from kiln.artifact import (
+    WEIGHTS_FILE,
+    ArtifactError,
+    ArtifactMetadata,
+    ModelConfig,
+    read_config,
+    uri_to_path,
+    verify_artifact,
+)
 from kiln.nn import build_model
 
 log = logging.getLogger(__name__)
@@ -43,10 +52,9 @@ class LoadedModel:
 def configure_torch(threads: int) -> None:
     """Set torch's intra-op (and, if still possible, inter-op) thread counts."""
     torch.set_num_threads(threads)
-    try:
+    # RuntimeError: already set, or parallel work has started in this process.
+    with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set, or parallel work has started in this process
-        pass
 
 
 def load_model(artifact: str | Path, digest: str, *, name: str, version: str) -> LoadedModel:

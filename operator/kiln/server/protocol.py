@@ -22,7 +22,6 @@ MLServer's codecs send ``parameters.content_type``).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,7 +144,9 @@ def parse_infer_request(
             raise ProtocolError(f"inputs[{i}] must be a JSON object, got {type(tensor).__name__}")
         name = tensor.get("name")
         if name != input_name:
-            raise ProtocolError(f"unknown input {name!r} (inputs[{i}]); the model has one input, {input_name!r}")
+            raise ProtocolError(
+                f"unknown input {name!r} (inputs[{i}]); the model has one input, {input_name!r}"
+            )
     if len(inputs) != 1:
         raise ProtocolError(f"expected exactly one input tensor {input_name!r}, got {len(inputs)}")
     rows, used = _parse_input(inputs[0], binary, input_size)
@@ -191,7 +192,9 @@ def _parse_input(tensor: dict[str, Any], binary: bytes, input_size: int) -> tupl
         )
     dtype = NUMERIC_DATATYPES.get(datatype)
     if dtype is None:
-        raise ProtocolError(f"input {name!r} has unknown datatype {datatype!r}; expected FP32 (or another number type)")
+        raise ProtocolError(
+            f"input {name!r} has unknown datatype {datatype!r}; expected FP32 (or another number type)"
+        )
 
     shape = tensor.get("shape")
     expected = f"[-1, {input_size}]"
@@ -213,15 +216,18 @@ def _parse_input(tensor: dict[str, Any], binary: bytes, input_size: int) -> tupl
         if "data" in tensor:
             raise ProtocolError(f"input {name!r} has both 'data' and parameters.binary_data_size")
         if not _is_int(size) or size < 0:
-            raise ProtocolError(f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}")
+            raise ProtocolError(
+                f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}"
+            )
         if size != count * dtype.itemsize:
             raise ProtocolError(
-                f"input {name!r}: binary_data_size is {size} bytes but shape {_shape_str(shape)} of {datatype} "
-                f"needs {count * dtype.itemsize}"
+                f"input {name!r}: binary_data_size is {size} bytes but shape {_shape_str(shape)} "
+                f"of {datatype} needs {count * dtype.itemsize}"
             )
         if size > len(binary):
             raise ProtocolError(
-                f"input {name!r}: binary_data_size is {size} bytes but only {len(binary)} follow the JSON header"
+                f"input {name!r}: binary_data_size is {size} bytes "
+                f"but only {len(binary)} follow the JSON header"
             )
         arr = np.frombuffer(binary, dtype=dtype, count=count)
         used = size
@@ -236,25 +242,34 @@ def _parse_input(tensor: dict[str, Any], binary: bytes, input_size: int) -> tupl
     with np.errstate(over="ignore", invalid="ignore"):
         rows = np.ascontiguousarray(arr.reshape(shape[0], shape[1]), dtype=np.float32)
     if not np.isfinite(rows).all():
-        raise ProtocolError(f"input {name!r} has values that are not finite in float32 (NaN, inf or out of range)")
+        raise ProtocolError(
+            f"input {name!r} has values that are not finite in float32 (NaN, inf or out of range)"
+        )
     return rows, used
 
 
 def _json_data_to_array(name: str, data: Any) -> np.ndarray:
     if not isinstance(data, list):
-        raise ProtocolError(f"input {name!r}: 'data' must be a JSON array of numbers, got {type(data).__name__}")
+        raise ProtocolError(
+            f"input {name!r}: 'data' must be a JSON array of numbers, got {type(data).__name__}"
+        )
     try:
         arr = np.asarray(data)
     except (ValueError, TypeError, OverflowError, RecursionError, MemoryError):
         raise ProtocolError(
-            f"input {name!r}: 'data' must be a flat or regularly nested array of numbers (it is ragged or mixed)"
+            f"input {name!r}: 'data' must be a flat or regularly nested array of numbers "
+            "(it is ragged or mixed)"
         ) from None
-    if arr.dtype.kind not in "iuf" or (arr.dtype.kind == "f" and arr.dtype.itemsize > 8):
-        raise ProtocolError(f"input {name!r}: 'data' must contain only numbers (got {arr.dtype.kind!r} values)")
+    if arr.dtype.kind not in "iuf":
+        raise ProtocolError(
+            f"input {name!r}: 'data' must contain only numbers (got {arr.dtype.kind!r} values)"
+        )
     return arr
 
 
-def _parse_outputs(outputs: Any, output_names: tuple[str, ...], binary_default: bool) -> list[RequestedOutput]:
+def _parse_outputs(
+    outputs: Any, output_names: tuple[str, ...], binary_default: bool
+) -> list[RequestedOutput]:
     if outputs is None or outputs == []:
         return [RequestedOutput(n, binary_default) for n in output_names]
     if not isinstance(outputs, list):
@@ -312,8 +327,3 @@ def error_body(message: str) -> bytes:
 def json_body(doc: Any) -> bytes:
     """Compact JSON bytes of ``doc``."""
     return json.dumps(doc, separators=(",", ":")).encode()
-
-
-def is_finite_number(v: Any) -> bool:
-    """True for an int or a finite float (not bool)."""
-    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))

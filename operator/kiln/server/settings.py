@@ -52,7 +52,8 @@ def validate(s: ServerSettings) -> list[str]:
         problems.append("artifact is required (--artifact or KILN_ARTIFACT_URI)")
     if not DIGEST_RE.match(s.digest or ""):
         problems.append(
-            f"digest must look like 'sha256:<64 lowercase hex>' (--digest or KILN_ARTIFACT_DIGEST), got {s.digest!r}"
+            "digest must look like 'sha256:<64 lowercase hex>' (--digest or KILN_ARTIFACT_DIGEST), "
+            f"got {s.digest!r}"
         )
     if not s.model_name or "/" in s.model_name:
         problems.append(f"model name must be a non-empty string without '/', got {s.model_name!r}")
@@ -98,7 +99,9 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("host", "--host", "KILN_HOST", str, "address to listen on"),
     _Option("port", "--port", "KILN_PORT", int, "inference (Open Inference Protocol) port"),
     _Option("metrics_port", "--metrics-port", "KILN_METRICS_PORT", int, "Prometheus /metrics port"),
-    _Option("max_batch_size", "--max-batch-size", "KILN_MAX_BATCH_SIZE", int, "most rows in one forward pass"),
+    _Option(
+        "max_batch_size", "--max-batch-size", "KILN_MAX_BATCH_SIZE", int, "most rows in one forward pass"
+    ),
     _Option(
         "max_batch_delay_ms",
         "--max-batch-delay-ms",
@@ -114,7 +117,9 @@ OPTIONS: tuple[_Option, ...] = (
         float,
         "FAULT INJECTION for canary demos: fraction of infer requests answered 500 on purpose",
     ),
-    _Option("max_request_bytes", "--max-request-bytes", "KILN_MAX_REQUEST_BYTES", int, "larger bodies get 413"),
+    _Option(
+        "max_request_bytes", "--max-request-bytes", "KILN_MAX_REQUEST_BYTES", int, "larger bodies get 413"
+    ),
     _Option(
         "drain_timeout_seconds",
         "--drain-timeout-seconds",
@@ -149,11 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     for o in OPTIONS:
         d = defaults.get(o.field)
         shown = "required" if d is None or o.field in ("artifact", "digest", "model_name") else f"default {d}"
-        p.add_argument(o.flag, dest=o.field, type=o.type, default=None, help=f"{o.help} (env {o.env}; {shown})")
+        p.add_argument(
+            o.flag, dest=o.field, type=o.type, default=None, help=f"{o.help} (env {o.env}; {shown})"
+        )
     return p
 
 
-def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerSettings:
+def parse_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ServerSettings:
     """Resolve settings from ``argv`` (flags), then ``environ``, then defaults.
 
     Exits with status 2 and a usage message (argparse's convention) on invalid values.

@@ -1,0 +1,124 @@
+"""TrainingJob controller: read -> :func:`kiln.gang.plan` -> apply -> status.
+
+Watches TrainingJobs and their pods (labelled ``kiln.dev/trainingjob``); every event enqueues
+one level-based reconcile of the job (see :mod:`kiln.controllers.runtime`).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
+
+from kiln import API_VERSION, kube
+from kiln.api.trainingjob import TrainingJobSpec
+from kiln.artifact import ArtifactError, read_metadata, uri_to_path
+from kiln.conditions import FALSE, TRUE, set_condition
+from kiln.controllers import events
+from kiln.controllers.runtime import ReconcileFn, Result, watch, watch_children
+from kiln.gang import plan
+from kiln.resources import trainingjob as build
+
+log = logging.getLogger("kiln.trainingjob")
+KIND = "TrainingJob"
+watch(KIND, API_VERSION, "trainingjobs")
+watch_children(KIND, "v1", "pods", build.LABEL_JOB)
+
+#: Retry interval when the Model to register in is missing or the registration failed.
+REGISTRATION_RETRY_SECONDS = 15.0
+_creators = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kiln-pod-create")
+
+
+def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | None = None) -> Result | None:
+    """Reconcile one TrainingJob. Returns when to look again (back-off, deadline, TTL)."""
+    job = kube.get(api, API_VERSION, KIND, namespace, name)
+    if job is None or job["metadata"].get("deletionTimestamp"):
+        return None
+    now = now or datetime.now(UTC)
+    old_status = job.get("status") or {}
+    try:
+        spec = TrainingJobSpec.model_validate(job.get("spec") or {})
+    except ValidationError as e:
+        # The schema admits it but the model does not (e.g. a rule only pydantic states).
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        st = dict(old_status)
+        st["conditions"] = set_condition(st.get("conditions"), "Ready", FALSE, "InvalidSpec",
+                                         f"spec.{where}: {err['msg']}", generation=job["metadata"].get("generation"))
+        st["observedGeneration"] = job["metadata"].get("generation")
+        if st != old_status:
+            kube.patch_status(api, job, st)
+        return None
+
+    pods = kube.list_objects(api, "v1", "Pod", namespace, f"{build.LABEL_JOB}={name}")
+    p = plan(job, spec, pods, now)
+
+    for pod_name, uid in p.delete_pods:
+        kube.delete(api, "v1", "Pod", namespace, pod_name, uid=uid)
+    if p.create_gang:
+        kube.apply(api, build.service(job))
+        manifests = build.pods(job, spec, int(p.status["gang"]))
+        # Create the gang's pods concurrently: the gang is only as fast as its slowest pod.
+        list(_creators.map(lambda m: kube.create(api, m), manifests))
+    if p.register is not None:
+        _register(api, job, spec, p.status, now)
+        if p.status.get("registeredVersion") is None:
+            p.requeue(REGISTRATION_RETRY_SECONDS)
+    if p.status != old_status:
+        try:
+            job = kube.patch_status(api, job, p.status, resource_version=job["metadata"]["resourceVersion"])
+        except kube.Conflict:
+            return Result(requeue_after=0.0)  # the job changed under us: decide again
+    for type_, reason, message in p.events:
+        events.record(api, job, type_, reason, message)
+    if p.delete_job:
+        kube.delete(api, API_VERSION, KIND, namespace, name, uid=job["metadata"]["uid"])
+        return None
+    return Result(requeue_after=p.requeue_after) if p.requeue_after is not None else None
+
+
+def _register(api: k8s.ApiClient, job: dict[str, Any], spec: TrainingJobSpec, status: dict[str, Any],
+              now: datetime) -> None:
+    """Register the job's result as a new Model version; records the outcome in ``status``."""
+    from kiln.controllers.model import register_version  # the registry's one entry point
+
+    assert spec.model_ref is not None
+    result = status["result"]
+    lineage: dict[str, Any] = {"source": "TrainingJob", "trainingJob": job["metadata"]["name"], "image": spec.image}
+    try:
+        meta = read_metadata(uri_to_path(result["artifactUri"]))
+    except ArtifactError:
+        meta = None  # the operator may not mount the artifact store; lineage stays partial
+    if meta and meta.dataset:
+        lineage["dataset"] = meta.dataset.name
+        lineage["datasetDigest"] = meta.dataset.digest
+    elif spec.dataset.builtin or spec.dataset.uri:
+        lineage["dataset"] = spec.dataset.builtin or spec.dataset.uri
+    gen = job["metadata"].get("generation")
+    try:
+        version = register_version(
+            api, job["metadata"]["namespace"], spec.model_ref.name,
+            artifact_uri=result["artifactUri"], digest=result["digest"], metrics=result.get("metrics") or {},
+            hyperparameters=spec.hyperparameters or {}, lineage=lineage,
+        )
+    except (ApiException, LookupError, ValueError) as e:
+        reason = "ModelNotFound" if isinstance(e, LookupError) else "RegistrationFailed"
+        msg = f"could not register in Model {spec.model_ref.name}: {getattr(e, 'reason', None) or e}"
+        log.warning("%s/%s: %s", job["metadata"]["namespace"], job["metadata"]["name"], msg)
+        status["conditions"] = set_condition(status.get("conditions"), "Ready", FALSE, reason, msg,
+                                             generation=gen, now=now)
+        return
+    status["registeredVersion"] = version
+    status["conditions"] = set_condition(status.get("conditions"), "Ready", TRUE, "Registered",
+                                         f"registered as version {version} of Model {spec.model_ref.name}",
+                                         generation=gen, now=now)
+    events.record(api, job, events.NORMAL, "Registered", f"registered as version {version} of Model {spec.model_ref.name}")
+
+
+def reconciler(api: k8s.ApiClient) -> ReconcileFn:
+    return lambda ns, name: reconcile(api, ns, name)

@@ -1,0 +1,235 @@
+"""Pure builders for a TrainingJob's children: one headless Service and one Pod per node.
+
+Every pod runs torchrun (the trainer image's entrypoint) with torchrun's environment-variable
+form of its arguments (``PET_<FLAG>``; see torch.distributed.run / torchrun's ``--help``):
+``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` (node 0's DNS
+name through the headless Service) and ``PET_MASTER_PORT`` (29500), the same variables Kubeflow
+Trainer sets, so plain torchrun works unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Any
+
+from kiln.api.common import Quantity
+from kiln.api.trainingjob import MASTER_PORT, TrainingJobSpec
+from kiln.artifact import TERMINATION_LOG, uri_to_path
+from kiln.resources.common import owner_reference, standard_labels
+
+LABEL_JOB = "kiln.dev/trainingjob"
+LABEL_RANK = "kiln.dev/node-rank"
+LABEL_GANG = "kiln.dev/gang"
+CONTAINER = "trainer"
+GPU_TAINT_KEY = "nvidia.com/gpu"
+DEFAULT_OUTPUT_URI = "file:///var/lib/kiln/artifacts"
+
+
+def pod_name(job: str, rank: int) -> str:
+    """``<job>-node-<rank>``: the pod (and hostname) of one torchrun node."""
+    return f"{job}-node-{rank}"
+
+
+def service_name(job: str) -> str:
+    """The headless Service giving each pod a DNS name: ``<job>``."""
+    return job
+
+
+def master_addr(job: str, namespace: str) -> str:
+    """DNS name of node 0 through the headless Service: ``<job>-node-0.<job>.<ns>.svc``."""
+    return f"{pod_name(job, 0)}.{service_name(job)}.{namespace}.svc"
+
+
+def _quantity_to_int(q: Quantity) -> int:
+    if isinstance(q, int):
+        return q
+    return int(float(q))
+
+
+def gpus_per_node(spec: TrainingJobSpec) -> int:
+    """GPUs each pod asks for: the limit (else request) of any resource whose name ends in 'gpu'.
+
+    Returns 0 when none is requested. Fractional or non-numeric quantities count as 0.
+    """
+    res = spec.resources_per_node
+    if res is None:
+        return 0
+    for source in (res.limits or {}, res.requests or {}):
+        for name, q in source.items():
+            if name.endswith("gpu"):
+                try:
+                    return _quantity_to_int(q)
+                except ValueError:
+                    return 0
+    return 0
+
+
+def resolve_nproc_per_node(spec: TrainingJobSpec) -> int:
+    """``numProcPerNode`` as a number: 'auto' means the GPU count per node, else 1."""
+    if spec.num_proc_per_node == "auto":
+        return max(1, gpus_per_node(spec))
+    return int(spec.num_proc_per_node)
+
+
+def _tolerations(spec: TrainingJobSpec) -> list[dict[str, Any]]:
+    tols = [t.to_api() for t in spec.tolerations or []]
+    # An empty key with Exists tolerates every taint, so it covers the GPU taint too.
+    covered = any(t.get("key") == GPU_TAINT_KEY or (not t.get("key") and t.get("operator") == "Exists") for t in tols)
+    if gpus_per_node(spec) > 0 and not covered:
+        tols.append({"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"})
+    return tols
+
+
+def _dir_of(uri: str) -> str:
+    return str(uri_to_path(uri))
+
+
+def service(job: dict[str, Any]) -> dict[str, Any]:
+    """The headless Service (``clusterIP: None``) that gives ``<job>-node-<i>`` DNS records.
+
+    ``publishNotReadyAddresses`` lets node 0's name resolve before any readiness, so torchrun's
+    rendezvous on the other nodes does not wait for it.
+    """
+    name = job["metadata"]["name"]
+    labels = standard_labels(job, "trainer") | {LABEL_JOB: name}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name(name),
+            "namespace": job["metadata"]["namespace"],
+            "labels": labels,
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB: name},
+            "ports": [{"name": "c10d", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def pod(job: dict[str, Any], spec: TrainingJobSpec, rank: int, gang: int) -> dict[str, Any]:
+    """Pod of node ``rank`` (0-based) of gang ``gang`` (bumped at every whole-gang restart).
+
+    The pod has ``restartPolicy: Never``: a failure is handled by the operator restarting the
+    whole gang, never by the kubelet restarting one member (a lone restarted rank cannot rejoin
+    a DDP group). Its termination message (``/dev/termination-log``) carries the trainer's
+    result; ``FallbackToLogsOnError`` puts the log tail there when a failing trainer wrote none.
+    """
+    meta = job["metadata"]
+    name, ns = meta["name"], meta["namespace"]
+    output_uri = spec.output.uri if spec.output else DEFAULT_OUTPUT_URI
+    output_dir = _dir_of(output_uri)
+    dataset = spec.dataset
+    dataset_env: dict[str, Any] = {}
+    if dataset.builtin:
+        dataset_env = {"builtin": dataset.builtin}
+    elif dataset.uri:
+        dataset_env = {"uri": dataset.uri, "labelColumn": dataset.label_column}
+        if dataset.format:
+            dataset_env["format"] = dataset.format
+    elif dataset.feature_group_ref:
+        dataset_env = {"featureGroup": dataset.feature_group_ref.name}
+
+    env: list[dict[str, Any]] = [
+        {"name": "PET_NNODES", "value": str(spec.num_nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(resolve_nproc_per_node(spec))},
+        {"name": "PET_NODE_RANK", "value": str(rank)},
+        {"name": "PET_MASTER_ADDR", "value": master_addr(name, ns)},
+        {"name": "PET_MASTER_PORT", "value": str(MASTER_PORT)},
+        # Restarts are the operator's (whole gang); torchrun must not restart workers in place.
+        {"name": "PET_MAX_RESTARTS", "value": "0"},
+        {"name": "KILN_HYPERPARAMETERS", "value": json.dumps(spec.hyperparameters or {}, sort_keys=True)},
+        {"name": "KILN_DATASET", "value": json.dumps(dataset_env, sort_keys=True)},
+        {"name": "KILN_OUTPUT_URI", "value": output_uri},
+        {"name": "KILN_MODEL_NAME", "value": spec.model_ref.name if spec.model_ref else name},
+        {"name": "KILN_TRAININGJOB", "value": name},
+        {"name": "KILN_IMAGE", "value": spec.image},
+        {"name": "KILN_TERMINATION_LOG", "value": TERMINATION_LOG},
+    ]
+    env += [e.to_api() for e in spec.env or []]
+
+    volumes: list[dict[str, Any]] = [
+        {"name": "tmp", "emptyDir": {}},
+        # DDP's gloo/NCCL and DataLoader workers use shared memory; the runtime default is 64 MiB.
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "output", **(spec.output.volume if spec.output and spec.output.volume else {"emptyDir": {}})},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "output", "mountPath": output_dir},
+    ]
+    if dataset.uri and dataset.volume:
+        volumes.append({"name": "dataset", **dataset.volume})
+        mounts.append({"name": "dataset", "mountPath": posixpath.dirname(_dir_of(dataset.uri)), "readOnly": True})
+
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image,
+        "env": env,
+        "ports": [{"name": "c10d", "containerPort": MASTER_PORT, "protocol": "TCP"}],
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    if spec.command:
+        container["command"] = list(spec.command)
+    if spec.args:
+        container["args"] = list(spec.args)
+    if spec.resources_per_node:
+        container["resources"] = spec.resources_per_node.to_api()
+
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "hostname": pod_name(name, rank),
+        "subdomain": service_name(name),
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    tols = _tolerations(spec)
+    if tols:
+        pod_spec["tolerations"] = tols
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+
+    labels = standard_labels(job, "trainer") | {
+        LABEL_JOB: name,
+        LABEL_RANK: str(rank),
+        LABEL_GANG: str(gang),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(name, rank),
+            "namespace": ns,
+            "labels": labels,
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": pod_spec,
+    }
+
+
+def pods(job: dict[str, Any], spec: TrainingJobSpec, gang: int) -> list[dict[str, Any]]:
+    """All ``numNodes`` pods of gang ``gang``, rank 0 first."""
+    return [pod(job, spec, rank, gang) for rank in range(spec.num_nodes)]

@@ -1,0 +1,222 @@
+"""Helpers for integration tests against the kwok-backed local cluster (hack/cluster).
+
+kwok plays the kubelet for the fake nodes: it moves scheduled pods to Running and deletes pods
+marked for deletion, but it never ends a pod by itself (hack/cluster leaves kwok's auto-complete
+stage out on purpose, see hack/cluster.d/README.md). Tests decide how each pod ends with
+`finish_pod`, the way a real kubelet would report it: terminated container states with exit
+codes and a termination message, phase Succeeded or Failed. kwok's Running stage only matches
+Pending pods, so it never reverts a finished pod.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kubernetes import client
+
+T = TypeVar("T")
+
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 60, interval: float = 0.2,
+             message: str = "condition") -> T:
+    """Poll `predicate` until it returns something truthy; fail with `message` at the deadline.
+
+    Exceptions raised by the predicate count as "not yet" (e.g. a 404 before an object exists);
+    the last one is reported on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while True:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except Exception as exc:  # noqa: BLE001 - retried; reported on timeout
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_exc!r})" if last_exc else ""
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {message}{detail}")
+        time.sleep(interval)
+
+
+def _core(api: Any) -> client.CoreV1Api:
+    return api if isinstance(api, client.CoreV1Api) else client.CoreV1Api(api)
+
+
+def _batch(api: Any) -> client.BatchV1Api:
+    if isinstance(api, client.BatchV1Api):
+        return api
+    return client.BatchV1Api(api.api_client if hasattr(api, "api_client") else api)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def finish_pod(api: Any, namespace: str, name: str, exit_code: int = 0, message: str = "",
+               reason: str | None = None, *, container: str | None = None,
+               timeout: float = 60) -> client.V1Pod:
+    """End a Running pod as a kubelet would: every container terminated, phase set.
+
+    `exit_code`, `message` (the termination message, what a container writes to
+    /dev/termination-log) and `reason` go to `container` (default: every container); other
+    containers exit 0. Phase is Succeeded when all exit codes are 0, else Failed. `reason`
+    defaults to the kubelet's: Completed for 0, Error otherwise.
+
+    Waits first until kwok has made the pod Running, so kwok's own status write cannot land after
+    ours. Patches the status subresource with a strategic merge patch: conditions merge by type,
+    containerStatuses by name, and `running: null` drops the running state (a container has one).
+    `api` is an ApiClient or a CoreV1Api. Returns the patched pod.
+    """
+    core = _core(api)
+
+    def running() -> client.V1Pod | None:
+        pod = core.read_namespaced_pod(name, namespace)
+        if pod.status.phase in TERMINAL_PHASES:
+            raise AssertionError(f"pod {namespace}/{name} already finished ({pod.status.phase})")
+        return pod if pod.status.phase == "Running" else None
+
+    pod = wait_for(running, timeout, message=f"pod {namespace}/{name} to be Running")
+    previous = {s.name: s for s in pod.status.container_statuses or []}
+    now = _now()
+    statuses, codes = [], []
+    for c in pod.spec.containers:
+        mine = container is None or c.name == container
+        code = exit_code if mine else 0
+        codes.append(code)
+        prev = previous.get(c.name)
+        started = (prev.state.running.started_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+                   if prev and prev.state and prev.state.running and prev.state.running.started_at else now)
+        terminated = {"exitCode": code, "reason": (reason if mine and reason else
+                                                   ("Completed" if code == 0 else "Error")),
+                      "startedAt": started, "finishedAt": now}
+        if mine and message:
+            terminated["message"] = message
+        statuses.append({"name": c.name, "image": c.image, "ready": False, "started": False,
+                         "restartCount": prev.restart_count if prev else 0,
+                         "state": {"running": None, "waiting": None, "terminated": terminated}})
+    phase = "Succeeded" if all(code == 0 for code in codes) else "Failed"
+    conditions = [{"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": now}
+                  for t in ("Ready", "ContainersReady")]
+    body = {"status": {"phase": phase, "conditions": conditions, "containerStatuses": statuses}}
+    return core.patch_namespaced_pod_status(name, namespace, body,
+                                            _content_type="application/strategic-merge-patch+json")
+
+
+def job_condition(job: client.V1Job, type_: str) -> bool:
+    return any(c.type == type_ and c.status == "True" for c in (job.status.conditions or []))
+
+
+def finish_job(api: Any, namespace: str, name: str, exit_code: int = 0, message: str = "",
+               timeout: float = 90) -> client.V1Job:
+    """Finish every pod of a Job (as they come) until the Job is Complete or Failed.
+
+    With exit_code 0 this drives the Job to Complete; non-zero exit codes make pods Failed and the
+    Job controller retries up to backoffLimit, so the Job ends Failed. Returns the final Job.
+    """
+    core, batch = _core(api), _batch(api)
+    selector = f"batch.kubernetes.io/job-name={name}"
+
+    def step() -> client.V1Job | None:
+        job = batch.read_namespaced_job(name, namespace)
+        if job_condition(job, "Complete") or job_condition(job, "Failed"):
+            return job
+        for pod in core.list_namespaced_pod(namespace, label_selector=selector).items:
+            if pod.status.phase == "Running" and pod.metadata.deletion_timestamp is None:
+                finish_pod(core, namespace, pod.metadata.name, exit_code, message)
+        return None
+
+    return wait_for(step, timeout, interval=0.3, message=f"job {namespace}/{name} to finish")
+
+
+def complete_job(api: Any, namespace: str, name: str, timeout: float = 90) -> client.V1Job:
+    """Drive a Job to its Complete condition by succeeding its pods."""
+    job = finish_job(api, namespace, name, 0, timeout=timeout)
+    assert job_condition(job, "Complete"), f"job {namespace}/{name} ended {job.status.conditions}"
+    return job
+
+
+def wait_pods_running(api: Any, namespace: str, selector: str, count: int,
+                      timeout: float = 60) -> list[client.V1Pod]:
+    """Wait until exactly `count` pods matching `selector` exist and all are Running."""
+    core = _core(api)
+
+    def check() -> list[client.V1Pod] | None:
+        pods = [p for p in core.list_namespaced_pod(namespace, label_selector=selector).items
+                if p.metadata.deletion_timestamp is None]
+        return pods if len(pods) == count and all(p.status.phase == "Running" for p in pods) else None
+
+    return wait_for(check, timeout, message=f"{count} Running pods matching {selector!r} in {namespace}")
+
+
+def serviceaccount_kubeconfig(api: client.ApiClient, namespace: str, name: str,
+                              path: str | os.PathLike | None = None,
+                              expiration_seconds: int = 3600) -> Path:
+    """Write a kubeconfig that authenticates as ServiceAccount namespace/name.
+
+    The token comes from the TokenRequest API (what a pod's projected token is), so the holder
+    has exactly the RBAC of that ServiceAccount, e.g. the chart's ClusterRole for the operator.
+    Server and CA come from `api` (the admin client). Returns the path (a temp file by default).
+    """
+    core = _core(api)
+    request = client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=expiration_seconds))
+    token = core.create_namespaced_service_account_token(name, namespace, request).status.token
+    cfg = api.configuration
+    ca = Path(cfg.ssl_ca_cert).read_text() if cfg.ssl_ca_cert else None
+    user = f"system:serviceaccount:{namespace}:{name}"
+    cluster: dict[str, Any] = {"server": cfg.host}
+    if ca:
+        cluster["certificate-authority-data"] = base64.b64encode(ca.encode()).decode()
+    kubeconfig = {
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "kiln", "cluster": cluster}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": user, "context": {"cluster": "kiln", "user": user, "namespace": namespace}}],
+        "current-context": user,
+    }
+    if path is None:
+        fd, tmp = tempfile.mkstemp(prefix=f"kubeconfig-{namespace}-{name}-", suffix=".json")
+        os.close(fd)
+        path = tmp
+    out = Path(path)
+    out.write_text(json.dumps(kubeconfig, indent=2))  # JSON is valid YAML, so a valid kubeconfig
+    out.chmod(0o600)
+    return out
+
+
+@contextlib.contextmanager
+def run_operator(kubeconfig: str | os.PathLike, *extra_args: str,
+                 module: str = "kiln.controllers") -> Iterator[Any]:
+    """Run the Kiln operator in-process (kopf's KopfRunner) against `kubeconfig`.
+
+    KUBECONFIG is process-wide, and both kopf's login and kiln's own client read it at startup,
+    so it is set for the operator's lifetime and restored afterwards. Pass a ServiceAccount
+    kubeconfig (serviceaccount_kubeconfig) to prove the operator works with that account's RBAC.
+    Yields the KopfRunner (its .output holds the operator's log); kopf re-raises operator
+    exceptions when the block exits.
+    """
+    from kopf.testing import KopfRunner
+
+    old = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(kubeconfig)
+    try:
+        with KopfRunner(["run", "--standalone", "--all-namespaces", "-m", module, *extra_args],
+                        timeout=60) as runner:
+            yield runner
+    finally:
+        if old is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = old

@@ -1,0 +1,49 @@
+"""Import-direction rules of the package (see README "Layout")."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[2] / "operator" / "kiln"
+
+
+def test_operator_never_imports_torch():
+    """The operator and its image must work without torch (only trainer/server extras have it)."""
+    code = (
+        "import sys, kiln.controllers, kiln.cli, kiln.cli.crds, kiln.cli.operator, kiln.api.crd, kiln.gang;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'safetensors', 'numpy'));"
+        "print(','.join(bad)); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, f"operator imported: {r.stdout} {r.stderr[-2000:]}"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+def test_pure_layers_do_no_io():
+    """api, resources, registry and rollout never talk to the API server or import controllers."""
+    for layer in ("api", "resources", "registry", "rollout"):
+        for f in (PKG / layer).rglob("*.py"):
+            if layer == "rollout" and f.name.startswith("prometheus"):
+                continue  # the Prometheus HTTP client lives beside the pure analysis
+            bad = {m for m in _imports(f) if m.startswith(("kubernetes", "kopf", "kiln.controllers", "kiln.kube"))}
+            assert not bad, f"{f.relative_to(PKG)} imports {bad}"
+
+
+def test_api_depends_on_nothing_above_it():
+    for f in (PKG / "api").rglob("*.py"):
+        bad = {m for m in _imports(f) if m.startswith("kiln.") and not m.startswith(("kiln.api", "kiln.artifact"))
+               and m != "kiln"}
+        assert not bad, f"{f.name} imports {bad}"

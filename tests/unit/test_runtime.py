@@ -1,0 +1,96 @@
+"""The keyed work queue: one run per key at a time, coalescing, requeue and error back-off."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from kiln.controllers.runtime import Result, WorkQueue
+
+
+async def _until(cond, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.005)
+
+
+def test_events_during_a_run_coalesce_into_one_more_run():
+    async def main():
+        calls: list[str] = []
+        gate = threading.Event()
+        active = {"n": 0, "max": 0}
+
+        def reconcile(ns, name):
+            active["n"] += 1
+            active["max"] = max(active["max"], active["n"])
+            calls.append(name)
+            if len(calls) == 1:
+                gate.wait(5)
+            active["n"] -= 1
+            return None
+
+        q = WorkQueue("T", reconcile, workers=4)
+        q.enqueue(("ns", "a"))
+        await _until(lambda: len(calls) == 1)
+        for _ in range(10):
+            q.enqueue(("ns", "a"))
+        gate.set()
+        await _until(lambda: not q.keys_in_flight())
+        await q.close()
+        assert calls == ["a", "a"] and active["max"] == 1
+
+    asyncio.run(main())
+
+
+def test_requeue_after_runs_again():
+    async def main():
+        calls: list[float] = []
+        loop = asyncio.get_running_loop()
+
+        def reconcile(ns, name):
+            calls.append(loop.time())
+            return Result(requeue_after=0.05) if len(calls) < 3 else None
+
+        q = WorkQueue("T", reconcile)
+        q.enqueue(("ns", "a"))
+        await _until(lambda: len(calls) == 3)
+        await q.close()
+        assert calls[1] - calls[0] >= 0.04 and calls[2] - calls[1] >= 0.04
+
+    asyncio.run(main())
+
+
+def test_errors_retry_with_backoff_and_reset_on_success():
+    async def main():
+        calls: list[float] = []
+        loop = asyncio.get_running_loop()
+
+        def reconcile(ns, name):
+            calls.append(loop.time())
+            if len(calls) <= 2:
+                raise RuntimeError("API down")
+            return None
+
+        q = WorkQueue("T", reconcile)
+        q.enqueue(("ns", "a"))
+        await _until(lambda: len(calls) == 3, timeout=10)
+        await q.close()
+        # back-off of 1 s then 2 s (2^(n-1))
+        assert calls[1] - calls[0] >= 0.9 and calls[2] - calls[1] >= 1.9
+        assert ("ns", "a") not in q._failures
+
+    asyncio.run(main())
+
+
+def test_earlier_delayed_request_wins():
+    async def main():
+        calls: list[str] = []
+        q = WorkQueue("T", lambda ns, name: calls.append(name))
+        q.enqueue(("ns", "a"), delay=10)
+        q.enqueue(("ns", "a"), delay=0.02)
+        await _until(lambda: calls == ["a"])
+        await q.close()
+
+    asyncio.run(main())

@@ -1,0 +1,279 @@
+"""TrainingJob builders and the pure gang logic (no cluster)."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kiln.api.trainingjob import TrainingJobSpec
+from kiln.artifact import format_termination_message, TrainingResult
+from kiln.conditions import get_condition, is_true, rfc3339
+from kiln.gang import backoff_seconds, plan, view
+from kiln.resources import trainingjob as build
+
+GOLDEN = Path(__file__).parent / "golden"
+T0 = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC)
+DIGEST = "sha256:" + "ab" * 32
+
+
+def job(spec: dict | None = None, status: dict | None = None) -> dict:
+    return {
+        "apiVersion": "kiln.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": "digits", "namespace": "ml", "uid": "uid-1", "generation": 1, "resourceVersion": "1"},
+        "spec": spec or SPEC,
+        "status": status or {},
+    }
+
+
+SPEC = {
+    "modelRef": {"name": "digits"},
+    "image": "kiln/trainer:dev",
+    "dataset": {"builtin": "sklearn-digits"},
+    "hyperparameters": {"epochs": 30, "learningRate": 0.001},
+    "numNodes": 2,
+    "resourcesPerNode": {"limits": {"nvidia.com/gpu": 8, "cpu": "16", "memory": "64Gi"}},
+    "nodeSelector": {"kiln.dev/pool": "gpu"},
+    "maxRestarts": 2,
+}
+
+
+def golden(name: str, obj: dict) -> None:
+    """Compare with tests/unit/golden/<name>.yaml; KILN_UPDATE_GOLDEN=1 rewrites it."""
+    text = yaml.safe_dump(obj, sort_keys=True)
+    f = GOLDEN / f"{name}.yaml"
+    if os.environ.get("KILN_UPDATE_GOLDEN"):
+        f.write_text(text)
+    assert f.exists(), f"{f} missing: run with KILN_UPDATE_GOLDEN=1 and review it"
+    assert text == f.read_text()
+
+
+def spec(**over) -> TrainingJobSpec:
+    return TrainingJobSpec.model_validate({**SPEC, **over})
+
+
+# --- builders ---------------------------------------------------------------------------------
+
+
+def test_pod_golden():
+    golden("trainingjob-pod-rank1", build.pod(job(), spec(), rank=1, gang=0))
+
+
+def test_service_golden():
+    golden("trainingjob-service", build.service(job()))
+
+
+def test_pod_env_is_torchrun_env():
+    env = {e["name"]: e["value"] for e in build.pod(job(), spec(), rank=1, gang=3)["spec"]["containers"][0]["env"]}
+    assert env["PET_NNODES"] == "2"
+    assert env["PET_NPROC_PER_NODE"] == "8"
+    assert env["PET_NODE_RANK"] == "1"
+    assert env["PET_MASTER_ADDR"] == "digits-node-0.digits.ml.svc"
+    assert env["PET_MASTER_PORT"] == "29500"
+
+
+def test_pods_are_named_per_node_and_owned():
+    pods = build.pods(job(), spec(), gang=0)
+    assert [p["metadata"]["name"] for p in pods] == ["digits-node-0", "digits-node-1"]
+    for p in pods:
+        ref = p["metadata"]["ownerReferences"][0]
+        assert ref["controller"] and ref["uid"] == "uid-1" and ref["kind"] == "TrainingJob"
+        assert p["spec"]["restartPolicy"] == "Never"
+        assert p["spec"]["subdomain"] == "digits"
+
+
+@pytest.mark.parametrize(
+    ("resources", "nproc", "expected"),
+    [
+        (None, "auto", 1),
+        ({"limits": {"nvidia.com/gpu": 4}}, "auto", 4),
+        ({"requests": {"amd.com/gpu": "2"}, "limits": {"amd.com/gpu": "2"}}, "auto", 2),
+        ({"limits": {"cpu": "8"}}, "auto", 1),
+        ({"limits": {"nvidia.com/gpu": 4}}, 2, 2),
+    ],
+)
+def test_num_proc_per_node(resources, nproc, expected):
+    s = spec(resourcesPerNode=resources, numProcPerNode=nproc)
+    assert build.resolve_nproc_per_node(s) == expected
+
+
+def test_gpu_toleration_added_once():
+    tols = build.pod(job(), spec(), 0, 0)["spec"]["tolerations"]
+    assert tols == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    own = [{"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}]
+    assert build.pod(job(), spec(tolerations=own), 0, 0)["spec"]["tolerations"] == own
+    cpu = spec(resourcesPerNode={"limits": {"cpu": "4"}})
+    assert "tolerations" not in build.pod(job(), cpu, 0, 0)["spec"]
+
+
+def test_output_volume_is_mounted_at_uri_path():
+    s = spec(output={"uri": "file:///mnt/artifacts", "volume": {"persistentVolumeClaim": {"claimName": "art"}}})
+    p = build.pod(job(), s, 0, 0)
+    mounts = {m["name"]: m["mountPath"] for m in p["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["output"] == "/mnt/artifacts"
+    vol = next(v for v in p["spec"]["volumes"] if v["name"] == "output")
+    assert vol["persistentVolumeClaim"] == {"claimName": "art"}
+
+
+# --- gang logic -------------------------------------------------------------------------------
+
+
+def pod(rank: int, phase: str = "Running", gang: int = 0, exit_code: int | None = None, message: str = "",
+        reason: str | None = None, conditions: list | None = None, deleting: bool = False) -> dict:
+    p = build.pod(job(), spec(), rank, gang)
+    p["metadata"]["uid"] = f"pod-{gang}-{rank}"
+    status: dict = {"phase": phase, "conditions": conditions or []}
+    if exit_code is not None:
+        status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {
+            "exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0 else "Error"), "message": message}}}]
+    elif reason:
+        status["reason"] = reason
+    p["status"] = status
+    if deleting:
+        p["metadata"]["deletionTimestamp"] = rfc3339(T0)
+    return p
+
+
+RESULT = format_termination_message(TrainingResult(artifactUri="file:///a/digits/digits", digest=DIGEST,
+                                                   metrics={"accuracy": 0.97}))
+
+
+def test_new_job_creates_gang():
+    p = plan(job(), spec(), [], T0)
+    assert p.create_gang and not p.delete_pods
+    assert p.status["startTime"] == rfc3339(T0)
+    assert is_true(p.status["conditions"], "Created")
+    assert get_condition(p.status["conditions"], "Ready")["status"] == "False"
+
+
+def test_all_running_sets_running():
+    p = plan(job(status={"gang": 0, "startTime": rfc3339(T0)}), spec(), [pod(0), pod(1)], T0)
+    assert not p.create_gang and p.status["phase"] == "Running"
+    assert is_true(p.status["conditions"], "Running")
+    assert p.status["nodes"] == {"pending": 0, "running": 2, "succeeded": 0, "failed": 0}
+
+
+def test_pod_failure_restarts_whole_gang_with_backoff():
+    st = {"gang": 0, "startTime": rfc3339(T0), "restartCount": 0}
+    p = plan(job(status=st), spec(), [pod(0), pod(1, "Failed", exit_code=1, message="boom")], T0)
+    assert sorted(n for n, _ in p.delete_pods) == ["digits-node-0", "digits-node-1"]
+    assert p.status["gang"] == 1 and p.status["restartCount"] == 1
+    assert p.status["lastFailure"]["exitCode"] == 1 and p.status["lastFailure"]["pod"] == "digits-node-1"
+    assert p.status["nextRestartTime"] == rfc3339(T0 + timedelta(seconds=10))
+    assert is_true(p.status["conditions"], "Restarting") and p.requeue_after == 10
+    # old pods still terminating: wait, do not create
+    p2 = plan(job(status=p.status), spec(), [pod(0, deleting=True), pod(1, "Failed", exit_code=1)], T0)
+    assert not p2.create_gang and p2.requeue_after == 1.0
+    # gone, but back-off not over
+    p3 = plan(job(status=p.status), spec(), [], T0 + timedelta(seconds=5))
+    assert not p3.create_gang and p3.requeue_after == 5
+    # back-off over: the new gang is created
+    p4 = plan(job(status=p.status), spec(), [], T0 + timedelta(seconds=10))
+    assert p4.create_gang and p4.status["gang"] == 1
+    assert not is_true(p4.status["conditions"], "Restarting")
+
+
+def test_backoff_is_exponential_and_capped():
+    s = spec(restartBackoff={"initialSeconds": 10, "maxSeconds": 60})
+    assert [backoff_seconds(s, n) for n in (1, 2, 3, 4, 5)] == [10, 20, 40, 60, 60]
+
+
+def test_max_restarts_fails_job_and_frees_gpus():
+    st = {"gang": 2, "startTime": rfc3339(T0), "restartCount": 2}
+    p = plan(job(status=st), spec(), [pod(0, gang=2), pod(1, "Failed", gang=2, exit_code=137, reason="OOMKilled")], T0)
+    assert is_true(p.status["conditions"], "Failed")
+    assert get_condition(p.status["conditions"], "Failed")["reason"] == "BackoffLimitExceeded"
+    assert p.status["lastFailure"]["reason"] == "OOMKilled"
+    assert [n for n, _ in p.delete_pods] == ["digits-node-0"]  # the running one is deleted
+    assert p.status["phase"] == "Failed" and p.status["completionTime"]
+
+
+def test_disruption_restarts_without_counting():
+    st = {"gang": 0, "startTime": rfc3339(T0), "restartCount": 0}
+    disrupted = pod(1, "Failed", reason="Evicted",
+                    conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}])
+    p = plan(job(status=st), spec(), [pod(0), disrupted], T0)
+    assert p.status["restartCount"] == 0 and p.status["disruptionCount"] == 1
+    assert p.status["gang"] == 1 and p.requeue_after == 1.0
+
+
+def test_vanished_pod_of_running_gang_is_a_disruption():
+    st = {"gang": 0, "startTime": rfc3339(T0)}
+    p = plan(job(status=st), spec(), [pod(0)], T0)
+    assert p.status["disruptionCount"] == 1 and p.status["gang"] == 1
+
+
+def test_success_records_result_and_registers():
+    st = {"gang": 0, "startTime": rfc3339(T0)}
+    p = plan(job(status=st), spec(), [pod(0, "Succeeded", exit_code=0, message=RESULT), pod(1)], T0)
+    assert p.status["result"]["digest"] == DIGEST and p.status["result"]["metrics"] == {"accuracy": 0.97}
+    assert p.register is not None and p.register.digest == DIGEST
+    assert [n for n, _ in p.delete_pods] == ["digits-node-1"]
+    assert get_condition(p.status["conditions"], "Ready")["reason"] == "Registering"
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [("", "ResultMissing"), ("not json", "ResultMalformed"), ("{" + "x" * 5000 + "}", "ResultTooLarge"),
+     ('{"artifactUri": "file:///a", "digest": "md5:1"}', "ResultMalformed")],
+)
+def test_bad_result_fails_with_clear_reason(message, reason):
+    st = {"gang": 0, "startTime": rfc3339(T0)}
+    p = plan(job(status=st), spec(), [pod(0, "Succeeded", exit_code=0, message=message)], T0)
+    assert get_condition(p.status["conditions"], "Failed")["reason"] == reason
+    assert p.register is None
+
+
+def test_terminal_job_never_recreates_and_deletes_running_pods():
+    st = {"gang": 0, "completionTime": rfc3339(T0),
+          "conditions": [{"type": "Succeeded", "status": "True", "reason": "Succeeded", "message": ""}],
+          "registeredVersion": 1, "result": {"artifactUri": "file:///a", "digest": DIGEST, "metrics": {}}}
+    p = plan(job(status=st), spec(), [], T0)
+    assert not p.create_gang and p.register is None
+    p2 = plan(job(status=st), spec(), [pod(1)], T0)
+    assert [n for n, _ in p2.delete_pods] == ["digits-node-1"] and not p2.create_gang
+
+
+def test_ttl_after_finished():
+    st = {"gang": 0, "completionTime": rfc3339(T0),
+          "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": ""}]}
+    s = spec(ttlSecondsAfterFinished=60)
+    assert plan(job(status=st), s, [], T0 + timedelta(seconds=30)).requeue_after == 30
+    assert plan(job(status=st), s, [], T0 + timedelta(seconds=60)).delete_job
+
+
+def test_deadline_exceeded():
+    st = {"gang": 0, "startTime": rfc3339(T0)}
+    s = spec(activeDeadlineSeconds=100)
+    p = plan(job(status=st), s, [pod(0), pod(1)], T0 + timedelta(seconds=40))
+    assert p.requeue_after == 60
+    p = plan(job(status=st), s, [pod(0), pod(1)], T0 + timedelta(seconds=100))
+    assert get_condition(p.status["conditions"], "Failed")["reason"] == "DeadlineExceeded"
+    assert len(p.delete_pods) == 2
+
+
+def test_suspend_and_resume():
+    st = {"gang": 0, "startTime": rfc3339(T0)}
+    p = plan(job(status=st), spec(suspend=True), [pod(0), pod(1)], T0)
+    assert len(p.delete_pods) == 2 and is_true(p.status["conditions"], "Suspended")
+    assert p.status["phase"] == "Suspended" and "startTime" not in p.status
+    resumed = plan(job(status=p.status), spec(), [], T0 + timedelta(seconds=5))
+    assert resumed.create_gang and resumed.status["gang"] == 1
+    assert not is_true(resumed.status["conditions"], "Suspended")
+    assert resumed.status["startTime"] == rfc3339(T0 + timedelta(seconds=5))
+
+
+def test_idempotent_when_nothing_changes():
+    st = {"gang": 0, "startTime": rfc3339(T0)}
+    first = plan(job(status=st), spec(), [pod(0), pod(1)], T0)
+    again = plan(job(status=first.status), spec(), [pod(0), pod(1)], T0 + timedelta(seconds=30))
+    assert again.status == first.status and not again.events and not again.create_gang and not again.delete_pods
+
+
+def test_view_handles_unlabelled_pod():
+    v = view({"metadata": {"name": "x"}, "status": {}})
+    assert v.rank == -1 and v.gang == -1 and v.phase == "Pending"
