@@ -246,4 +246,6 @@ def parse_termination_message(text: str | None) -> TrainingResult:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "document"
-        raise TerminationMessageError("ResultMalformed", f"termination message {where}: {first['msg']}") from e
+        raise TerminationMessageError(
+            "ResultMalformed", f"termination message {where}: {first['msg']}"
+        ) from e

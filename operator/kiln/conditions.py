@@ -54,7 +54,9 @@ def set_condition(
     return out
 
 
-def _cond(type_: str, status: str, reason: str, message: str, generation: int | None, ltt: str) -> dict[str, Any]:
+def _cond(
+    type_: str, status: str, reason: str, message: str, generation: int | None, ltt: str
+) -> dict[str, Any]:
     c: dict[str, Any] = {
         "type": type_,
         "status": status,

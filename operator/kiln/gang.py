@@ -143,8 +143,9 @@ def plan(job: dict[str, Any], spec: TrainingJobSpec, pods: list[dict[str, Any]],
     status["observedGeneration"] = gen
 
     def cond(type_: str, value: str, reason: str, message: str = "") -> None:
-        status["conditions"] = set_condition(status.get("conditions"), type_, value, reason, message,
-                                             generation=gen, now=now)
+        status["conditions"] = set_condition(
+            status.get("conditions"), type_, value, reason, message, generation=gen, now=now
+        )
 
     def event(type_: str, reason: str, message: str) -> None:
         p.events.append((type_, reason, message))
@@ -191,7 +192,11 @@ def plan(job: dict[str, Any], spec: TrainingJobSpec, pods: list[dict[str, Any]],
         left = (start + timedelta(seconds=spec.active_deadline_seconds) - now).total_seconds()
         if left <= 0:
             delete([v for v in views if not v.finished])
-            finish(False, "DeadlineExceeded", f"job ran longer than activeDeadlineSeconds={spec.active_deadline_seconds}")
+            finish(
+                False,
+                "DeadlineExceeded",
+                f"job ran longer than activeDeadlineSeconds={spec.active_deadline_seconds}",
+            )
             _terminal_tail(job, spec, p, now)
             return p
         p.requeue(left)
@@ -206,7 +211,11 @@ def plan(job: dict[str, Any], spec: TrainingJobSpec, pods: list[dict[str, Any]],
             status["lastFailure"] = _failure(rank0, now, e.reason, str(e))
             finish(False, e.reason, f"rank 0 exited 0 but its result is unusable: {e}")
         else:
-            status["result"] = {"artifactUri": result.artifactUri, "digest": result.digest, "metrics": result.metrics}
+            status["result"] = {
+                "artifactUri": result.artifactUri,
+                "digest": result.digest,
+                "metrics": result.metrics,
+            }
             finish(True, "Succeeded", f"rank 0 finished; artifact {result.artifactUri}")
             if spec.model_ref and status.get("registeredVersion") is None:
                 p.register = result
@@ -220,8 +229,11 @@ def plan(job: dict[str, Any], spec: TrainingJobSpec, pods: list[dict[str, Any]],
     disrupted = [v for v in current if v.disrupted or (v.deleting and not v.finished)]
     if disrupted or vanished:
         first = disrupted[0] if disrupted else None
-        msg = (f"pod {first.name} disrupted ({first.reason or 'deleted'})" if first
-               else f"{spec.num_nodes - len(current)} pod(s) of a running gang vanished")
+        msg = (
+            f"pod {first.name} disrupted ({first.reason or 'deleted'})"
+            if first
+            else f"{spec.num_nodes - len(current)} pod(s) of a running gang vanished"
+        )
         status["disruptionCount"] = int(status["disruptionCount"]) + 1
         if first:
             status["lastFailure"] = _failure(first, now, first.reason or "Disrupted", msg)
@@ -234,8 +246,11 @@ def plan(job: dict[str, Any], spec: TrainingJobSpec, pods: list[dict[str, Any]],
         code = f"exit code {first.exit_code}" if first.exit_code is not None else "no exit code"
         if int(status["restartCount"]) >= spec.max_restarts:
             delete([v for v in views if not v.finished])  # finished pods keep their logs
-            finish(False, "BackoffLimitExceeded",
-                   f"pod {first.name} failed ({code}) after {status['restartCount']} gang restart(s); maxRestarts={spec.max_restarts}")
+            finish(
+                False,
+                "BackoffLimitExceeded",
+                f"pod {first.name} failed ({code}) after {status['restartCount']} gang restart(s); maxRestarts={spec.max_restarts}",
+            )
             _terminal_tail(job, spec, p, now)
             return p
         status["restartCount"] = int(status["restartCount"]) + 1
@@ -251,7 +266,9 @@ def plan(job: dict[str, Any], spec: TrainingJobSpec, pods: list[dict[str, Any]],
         if stale:
             delete(stale)
             p.requeue(TERMINATING_POLL_SECONDS)
-            status["phase"] = "Restarting" if status.get("restartCount") or status.get("disruptionCount") else "Pending"
+            status["phase"] = (
+                "Restarting" if status.get("restartCount") or status.get("disruptionCount") else "Pending"
+            )
             _ready(p, now, gen)
             return p
         if next_restart and next_restart > now:
@@ -294,14 +311,30 @@ def _failure(v: PodView, now: datetime, reason: str, message: str) -> dict[str, 
     return out
 
 
-def _restart(p: Plan, spec: TrainingJobSpec, current: list[PodView], status: dict[str, Any], now: datetime,
-             *, delay: float, reason: str, message: str) -> None:
+def _restart(
+    p: Plan,
+    spec: TrainingJobSpec,
+    current: list[PodView],
+    status: dict[str, Any],
+    now: datetime,
+    *,
+    delay: float,
+    reason: str,
+    message: str,
+) -> None:
     p.delete_pods.extend((v.name, v.uid) for v in current if not v.deleting)
     status["gang"] = int(status["gang"]) + 1
     status["nextRestartTime"] = rfc3339(now + timedelta(seconds=delay))
     status["phase"] = "Restarting"
-    status["conditions"] = set_condition(status.get("conditions"), "Running", FALSE, reason, message,
-                                         generation=status.get("observedGeneration"), now=now)
+    status["conditions"] = set_condition(
+        status.get("conditions"),
+        "Running",
+        FALSE,
+        reason,
+        message,
+        generation=status.get("observedGeneration"),
+        now=now,
+    )
     p.events.append((WARNING, "GangRestart", message))
     p.requeue(max(delay, TERMINATING_POLL_SECONDS))
     _ready(p, now, status.get("observedGeneration"))
@@ -315,8 +348,16 @@ def _ready(p: Plan, now: datetime, gen: int | None) -> None:
         if p.register is not None:
             value, reason, msg = FALSE, "Registering", "registering the result in the Model"
         else:
-            value, reason, msg = TRUE, "Succeeded", "training finished" + (
-                f"; registered as version {st['registeredVersion']}" if st.get("registeredVersion") else "")
+            value, reason, msg = (
+                TRUE,
+                "Succeeded",
+                "training finished"
+                + (
+                    f"; registered as version {st['registeredVersion']}"
+                    if st.get("registeredVersion")
+                    else ""
+                ),
+            )
     elif is_true(c, "Failed"):
         failed = next(x for x in c or [] if x["type"] == "Failed")
         value, reason, msg = FALSE, failed["reason"], failed["message"]
@@ -327,8 +368,13 @@ def _ready(p: Plan, now: datetime, gen: int | None) -> None:
 
 def _terminal_tail(job: dict[str, Any], spec: TrainingJobSpec, p: Plan, now: datetime) -> None:
     st = p.status
-    if spec.model_ref and is_true(st.get("conditions"), "Succeeded") and st.get("registeredVersion") is None \
-            and st.get("result") and p.register is None:
+    if (
+        spec.model_ref
+        and is_true(st.get("conditions"), "Succeeded")
+        and st.get("registeredVersion") is None
+        and st.get("result")
+        and p.register is None
+    ):
         p.register = TrainingResult.model_validate(st["result"])
     _ready(p, now, job.get("metadata", {}).get("generation"))
     done = parse_time(st.get("completionTime"))

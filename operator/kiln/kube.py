@@ -43,8 +43,13 @@ class Conflict(Exception):
     """The object changed since it was read (HTTP 409); re-read and retry."""
 
 
-def path(api_version: str, kind: str, namespace: str | None, name: str | None = None,
-         subresource: str | None = None) -> str:
+def path(
+    api_version: str,
+    kind: str,
+    namespace: str | None,
+    name: str | None = None,
+    subresource: str | None = None,
+) -> str:
     """REST path of a collection or object, e.g. ``/api/v1/namespaces/ns/pods/p``.
 
     Raises:
@@ -60,16 +65,33 @@ def path(api_version: str, kind: str, namespace: str | None, name: str | None = 
     return p
 
 
-def _call(api: k8s.ApiClient, method: str, url: str, *, body: Any = None, query: list[tuple[str, Any]] | None = None,
-          content_type: str | None = None) -> Any:
+def request(
+    api: k8s.ApiClient,
+    method: str,
+    url: str,
+    *,
+    body: Any = None,
+    query: list[tuple[str, Any]] | None = None,
+    content_type: str | None = None,
+) -> Any:
+    """One REST call; returns the decoded JSON body (None when empty).
+
+    Uses the generated client's own request pipeline (``param_serialize`` -> ``call_api``), so
+    authentication, TLS and retries are the client's.
+
+    Raises:
+        kubernetes.client.rest.ApiException: for any non-2xx answer.
+    """
     headers = {"Accept": "application/json"}
     if content_type:
         headers["Content-Type"] = content_type
-    resp = api.call_api(
-        url, method, header_params=headers, body=body, query_params=query or [],
-        auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
+    method, full_url, headers, body, post = api.param_serialize(
+        method, url, query_params=query or [], header_params=headers, body=body, auth_settings=["BearerToken"]
     )
-    data = resp.data if hasattr(resp, "data") else resp.read()
+    resp = api.call_api(method, full_url, header_params=headers, body=body, post_params=post)
+    data = resp.read()
+    if not 200 <= resp.status < 300:
+        raise ApiException(http_resp=resp)
     return json.loads(data) if data else None
 
 
@@ -77,21 +99,24 @@ def _status(e: ApiException) -> int:
     return int(e.status or 0)
 
 
-def get(api: k8s.ApiClient, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+def get(
+    api: k8s.ApiClient, api_version: str, kind: str, namespace: str | None, name: str
+) -> dict[str, Any] | None:
     """The object, or None when it does not exist."""
     try:
-        return _call(api, "GET", path(api_version, kind, namespace, name))
+        return request(api, "GET", path(api_version, kind, namespace, name))
     except ApiException as e:
         if _status(e) == 404:
             return None
         raise
 
 
-def list_objects(api: k8s.ApiClient, api_version: str, kind: str, namespace: str | None,
-                 label_selector: str | None = None) -> list[dict[str, Any]]:
+def list_objects(
+    api: k8s.ApiClient, api_version: str, kind: str, namespace: str | None, label_selector: str | None = None
+) -> list[dict[str, Any]]:
     """Every object of a kind in ``namespace`` (all namespaces when None) matching the selector."""
     query = [("labelSelector", label_selector)] if label_selector else []
-    out = _call(api, "GET", path(api_version, kind, namespace), query=query)
+    out = request(api, "GET", path(api_version, kind, namespace), query=query)
     items: list[dict[str, Any]] = out.get("items", [])
     for it in items:  # list items carry no apiVersion/kind
         it.setdefault("apiVersion", api_version)
@@ -104,23 +129,37 @@ def apply(api: k8s.ApiClient, manifest: dict[str, Any], *, force: bool = True) -
     meta = manifest["metadata"]
     url = path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
     query = [("fieldManager", FIELD_MANAGER)] + ([("force", "true")] if force else [])
-    return _call(api, "PATCH", url, body=manifest, query=query, content_type="application/apply-patch+yaml")
+    return request(api, "PATCH", url, body=manifest, query=query, content_type="application/apply-patch+yaml")
 
 
 def create(api: k8s.ApiClient, manifest: dict[str, Any]) -> dict[str, Any] | None:
     """Create ``manifest``; None when an object of that name already exists (409)."""
     meta = manifest["metadata"]
     try:
-        return _call(api, "POST", path(manifest["apiVersion"], manifest["kind"], meta.get("namespace")),
-                     body=manifest, query=[("fieldManager", FIELD_MANAGER)])
+        return request(
+            api,
+            "POST",
+            path(manifest["apiVersion"], manifest["kind"], meta.get("namespace")),
+            body=manifest,
+            query=[("fieldManager", FIELD_MANAGER)],
+        )
     except ApiException as e:
         if _status(e) == 409:
             return None
         raise
 
 
-def delete(api: k8s.ApiClient, api_version: str, kind: str, namespace: str | None, name: str, *,
-           uid: str | None = None, propagation: str = "Background", grace_period_seconds: int | None = None) -> bool:
+def delete(
+    api: k8s.ApiClient,
+    api_version: str,
+    kind: str,
+    namespace: str | None,
+    name: str,
+    *,
+    uid: str | None = None,
+    propagation: str = "Background",
+    grace_period_seconds: int | None = None,
+) -> bool:
     """Delete an object; with ``uid`` only that incarnation. Returns False when already gone."""
     body: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
     if uid:
@@ -128,7 +167,7 @@ def delete(api: k8s.ApiClient, api_version: str, kind: str, namespace: str | Non
     if grace_period_seconds is not None:
         body["gracePeriodSeconds"] = grace_period_seconds
     try:
-        _call(api, "DELETE", path(api_version, kind, namespace, name), body=body)
+        request(api, "DELETE", path(api_version, kind, namespace, name), body=body)
         return True
     except ApiException as e:
         if _status(e) in (404, 409):  # gone, or a different incarnation (uid precondition)
@@ -136,8 +175,9 @@ def delete(api: k8s.ApiClient, api_version: str, kind: str, namespace: str | Non
         raise
 
 
-def patch_status(api: k8s.ApiClient, obj: dict[str, Any], status: dict[str, Any], *,
-                 resource_version: str | None = None) -> dict[str, Any]:
+def patch_status(
+    api: k8s.ApiClient, obj: dict[str, Any], status: dict[str, Any], *, resource_version: str | None = None
+) -> dict[str, Any]:
     """JSON-merge-patch ``status`` into ``obj``'s status subresource.
 
     With ``resource_version`` the patch applies only if the object is unchanged since then.
@@ -150,19 +190,30 @@ def patch_status(api: k8s.ApiClient, obj: dict[str, Any], status: dict[str, Any]
     if resource_version:
         body["metadata"] = {"resourceVersion": resource_version}
     try:
-        return _call(api, "PATCH", path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"], "status"),
-                     body=body, content_type="application/merge-patch+json")
+        return request(
+            api,
+            "PATCH",
+            path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"], "status"),
+            body=body,
+            content_type="application/merge-patch+json",
+        )
     except ApiException as e:
         if _status(e) == 409:
             raise Conflict(str(e.reason)) from e
         raise
 
 
-def patch(api: k8s.ApiClient, api_version: str, kind: str, namespace: str | None, name: str,
-          body: dict[str, Any]) -> dict[str, Any]:
+def patch(
+    api: k8s.ApiClient, api_version: str, kind: str, namespace: str | None, name: str, body: dict[str, Any]
+) -> dict[str, Any]:
     """JSON-merge-patch an object's main resource (e.g. spec of a kiln.dev object)."""
-    return _call(api, "PATCH", path(api_version, kind, namespace, name), body=body,
-                 content_type="application/merge-patch+json")
+    return request(
+        api,
+        "PATCH",
+        path(api_version, kind, namespace, name),
+        body=body,
+        content_type="application/merge-patch+json",
+    )
 
 
 def iter_errors(e: ApiException) -> Iterator[str]:

@@ -5,11 +5,15 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 RECONCILE_TOTAL = Counter(
-    "kiln_reconcile_total", "Reconciles run, by kind and result (success, requeue, error).", ["kind", "result"]
+    "kiln_reconcile_total",
+    "Reconciles run, by kind and result (success, requeue, error).",
+    ["kind", "result"],
 )
 RECONCILE_ERRORS = Counter("kiln_reconcile_errors_total", "Reconciles that raised, by kind.", ["kind"])
 RECONCILE_DURATION = Histogram(
-    "kiln_reconcile_duration_seconds", "Wall time of one reconcile, by kind.", ["kind"],
+    "kiln_reconcile_duration_seconds",
+    "Wall time of one reconcile, by kind.",
+    ["kind"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 QUEUE_DEPTH = Gauge("kiln_workqueue_depth", "Objects waiting to be reconciled, by kind.", ["kind"])

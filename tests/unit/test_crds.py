@@ -37,8 +37,11 @@ def test_schema_is_structural(kind):
         assert "title" not in node, path
         assert node.get("additionalProperties") is not False, path
         assert "uniqueItems" not in node, path
-        assert "type" in node or node.get("x-kubernetes-int-or-string") or node.get(
-            "x-kubernetes-preserve-unknown-fields"), f"{path} has no type"
+        assert (
+            "type" in node
+            or node.get("x-kubernetes-int-or-string")
+            or node.get("x-kubernetes-preserve-unknown-fields")
+        ), f"{path} has no type"
         for sub in node.get("anyOf", []):
             assert sub.get("type") != "null", path
         if "properties" in node:
@@ -49,7 +52,11 @@ def test_schema_is_structural(kind):
 def test_every_spec_field_is_documented(kind):
     """Field descriptions become `kubectl explain` text: every spec field needs one."""
     schema = crd_for(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    missing = [p for p, node in _walk(schema, "spec") if p and not p.endswith(("[]", "{}")) and not node.get("description")]
+    missing = [
+        p
+        for p, node in _walk(schema, "spec")
+        if p and not p.endswith(("[]", "{}")) and not node.get("description")
+    ]
     assert not missing, f"undocumented fields: {missing}"
 
 
@@ -81,6 +88,7 @@ def test_verify_fails_on_hand_edit(tmp_path):
     problems = check(tmp_path)
     assert len(problems) == 2
     assert "maximum: 512" in problems[0]
-    rc = subprocess.run([sys.executable, "-m", "kiln", "crds", "--check", "-o", str(tmp_path)],
-                        capture_output=True, text=True)
+    rc = subprocess.run(
+        [sys.executable, "-m", "kiln", "crds", "--check", "-o", str(tmp_path)], capture_output=True, text=True
+    )
     assert rc.returncode == 1 and "hack/gen-crds" in rc.stderr

@@ -38,12 +38,19 @@ def test_pure_layers_do_no_io():
         for f in (PKG / layer).rglob("*.py"):
             if layer == "rollout" and f.name.startswith("prometheus"):
                 continue  # the Prometheus HTTP client lives beside the pure analysis
-            bad = {m for m in _imports(f) if m.startswith(("kubernetes", "kopf", "kiln.controllers", "kiln.kube"))}
+            bad = {
+                m
+                for m in _imports(f)
+                if m.startswith(("kubernetes", "kopf", "kiln.controllers", "kiln.kube"))
+            }
             assert not bad, f"{f.relative_to(PKG)} imports {bad}"
 
 
 def test_api_depends_on_nothing_above_it():
     for f in (PKG / "api").rglob("*.py"):
-        bad = {m for m in _imports(f) if m.startswith("kiln.") and not m.startswith(("kiln.api", "kiln.artifact"))
-               and m != "kiln"}
+        bad = {
+            m
+            for m in _imports(f)
+            if m.startswith("kiln.") and not m.startswith(("kiln.api", "kiln.artifact")) and m != "kiln"
+        }
         assert not bad, f"{f.name} imports {bad}"

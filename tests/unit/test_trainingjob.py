@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from kiln.api.trainingjob import TrainingJobSpec
-from kiln.artifact import format_termination_message, TrainingResult
+from kiln.artifact import TrainingResult, format_termination_message
 from kiln.conditions import get_condition, is_true, rfc3339
 from kiln.gang import backoff_seconds, plan, view
 from kiln.resources import trainingjob as build
@@ -24,7 +24,13 @@ def job(spec: dict | None = None, status: dict | None = None) -> dict:
     return {
         "apiVersion": "kiln.dev/v1alpha1",
         "kind": "TrainingJob",
-        "metadata": {"name": "digits", "namespace": "ml", "uid": "uid-1", "generation": 1, "resourceVersion": "1"},
+        "metadata": {
+            "name": "digits",
+            "namespace": "ml",
+            "uid": "uid-1",
+            "generation": 1,
+            "resourceVersion": "1",
+        },
         "spec": spec or SPEC,
         "status": status or {},
     }
@@ -68,7 +74,10 @@ def test_service_golden():
 
 
 def test_pod_env_is_torchrun_env():
-    env = {e["name"]: e["value"] for e in build.pod(job(), spec(), rank=1, gang=3)["spec"]["containers"][0]["env"]}
+    env = {
+        e["name"]: e["value"]
+        for e in build.pod(job(), spec(), rank=1, gang=3)["spec"]["containers"][0]["env"]
+    }
     assert env["PET_NNODES"] == "2"
     assert env["PET_NPROC_PER_NODE"] == "8"
     assert env["PET_NODE_RANK"] == "1"
@@ -111,7 +120,9 @@ def test_gpu_toleration_added_once():
 
 
 def test_output_volume_is_mounted_at_uri_path():
-    s = spec(output={"uri": "file:///mnt/artifacts", "volume": {"persistentVolumeClaim": {"claimName": "art"}}})
+    s = spec(
+        output={"uri": "file:///mnt/artifacts", "volume": {"persistentVolumeClaim": {"claimName": "art"}}}
+    )
     p = build.pod(job(), s, 0, 0)
     mounts = {m["name"]: m["mountPath"] for m in p["spec"]["containers"][0]["volumeMounts"]}
     assert mounts["output"] == "/mnt/artifacts"
@@ -122,14 +133,32 @@ def test_output_volume_is_mounted_at_uri_path():
 # --- gang logic -------------------------------------------------------------------------------
 
 
-def pod(rank: int, phase: str = "Running", gang: int = 0, exit_code: int | None = None, message: str = "",
-        reason: str | None = None, conditions: list | None = None, deleting: bool = False) -> dict:
+def pod(
+    rank: int,
+    phase: str = "Running",
+    gang: int = 0,
+    exit_code: int | None = None,
+    message: str = "",
+    reason: str | None = None,
+    conditions: list | None = None,
+    deleting: bool = False,
+) -> dict:
     p = build.pod(job(), spec(), rank, gang)
     p["metadata"]["uid"] = f"pod-{gang}-{rank}"
     status: dict = {"phase": phase, "conditions": conditions or []}
     if exit_code is not None:
-        status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {
-            "exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0 else "Error"), "message": message}}}]
+        status["containerStatuses"] = [
+            {
+                "name": "trainer",
+                "state": {
+                    "terminated": {
+                        "exitCode": exit_code,
+                        "reason": reason or ("Completed" if exit_code == 0 else "Error"),
+                        "message": message,
+                    }
+                },
+            }
+        ]
     elif reason:
         status["reason"] = reason
     p["status"] = status
@@ -138,8 +167,9 @@ def pod(rank: int, phase: str = "Running", gang: int = 0, exit_code: int | None 
     return p
 
 
-RESULT = format_termination_message(TrainingResult(artifactUri="file:///a/digits/digits", digest=DIGEST,
-                                                   metrics={"accuracy": 0.97}))
+RESULT = format_termination_message(
+    TrainingResult(artifactUri="file:///a/digits/digits", digest=DIGEST, metrics={"accuracy": 0.97})
+)
 
 
 def test_new_job_creates_gang():
@@ -184,7 +214,12 @@ def test_backoff_is_exponential_and_capped():
 
 def test_max_restarts_fails_job_and_frees_gpus():
     st = {"gang": 2, "startTime": rfc3339(T0), "restartCount": 2}
-    p = plan(job(status=st), spec(), [pod(0, gang=2), pod(1, "Failed", gang=2, exit_code=137, reason="OOMKilled")], T0)
+    p = plan(
+        job(status=st),
+        spec(),
+        [pod(0, gang=2), pod(1, "Failed", gang=2, exit_code=137, reason="OOMKilled")],
+        T0,
+    )
     assert is_true(p.status["conditions"], "Failed")
     assert get_condition(p.status["conditions"], "Failed")["reason"] == "BackoffLimitExceeded"
     assert p.status["lastFailure"]["reason"] == "OOMKilled"
@@ -194,8 +229,12 @@ def test_max_restarts_fails_job_and_frees_gpus():
 
 def test_disruption_restarts_without_counting():
     st = {"gang": 0, "startTime": rfc3339(T0), "restartCount": 0}
-    disrupted = pod(1, "Failed", reason="Evicted",
-                    conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}])
+    disrupted = pod(
+        1,
+        "Failed",
+        reason="Evicted",
+        conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}],
+    )
     p = plan(job(status=st), spec(), [pod(0), disrupted], T0)
     assert p.status["restartCount"] == 0 and p.status["disruptionCount"] == 1
     assert p.status["gang"] == 1 and p.requeue_after == 1.0
@@ -218,8 +257,12 @@ def test_success_records_result_and_registers():
 
 @pytest.mark.parametrize(
     ("message", "reason"),
-    [("", "ResultMissing"), ("not json", "ResultMalformed"), ("{" + "x" * 5000 + "}", "ResultTooLarge"),
-     ('{"artifactUri": "file:///a", "digest": "md5:1"}', "ResultMalformed")],
+    [
+        ("", "ResultMissing"),
+        ("not json", "ResultMalformed"),
+        ("{" + "x" * 5000 + "}", "ResultTooLarge"),
+        ('{"artifactUri": "file:///a", "digest": "md5:1"}', "ResultMalformed"),
+    ],
 )
 def test_bad_result_fails_with_clear_reason(message, reason):
     st = {"gang": 0, "startTime": rfc3339(T0)}
@@ -229,9 +272,13 @@ def test_bad_result_fails_with_clear_reason(message, reason):
 
 
 def test_terminal_job_never_recreates_and_deletes_running_pods():
-    st = {"gang": 0, "completionTime": rfc3339(T0),
-          "conditions": [{"type": "Succeeded", "status": "True", "reason": "Succeeded", "message": ""}],
-          "registeredVersion": 1, "result": {"artifactUri": "file:///a", "digest": DIGEST, "metrics": {}}}
+    st = {
+        "gang": 0,
+        "completionTime": rfc3339(T0),
+        "conditions": [{"type": "Succeeded", "status": "True", "reason": "Succeeded", "message": ""}],
+        "registeredVersion": 1,
+        "result": {"artifactUri": "file:///a", "digest": DIGEST, "metrics": {}},
+    }
     p = plan(job(status=st), spec(), [], T0)
     assert not p.create_gang and p.register is None
     p2 = plan(job(status=st), spec(), [pod(1)], T0)
@@ -239,8 +286,11 @@ def test_terminal_job_never_recreates_and_deletes_running_pods():
 
 
 def test_ttl_after_finished():
-    st = {"gang": 0, "completionTime": rfc3339(T0),
-          "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": ""}]}
+    st = {
+        "gang": 0,
+        "completionTime": rfc3339(T0),
+        "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": ""}],
+    }
     s = spec(ttlSecondsAfterFinished=60)
     assert plan(job(status=st), s, [], T0 + timedelta(seconds=30)).requeue_after == 30
     assert plan(job(status=st), s, [], T0 + timedelta(seconds=60)).delete_job
@@ -271,7 +321,9 @@ def test_idempotent_when_nothing_changes():
     st = {"gang": 0, "startTime": rfc3339(T0)}
     first = plan(job(status=st), spec(), [pod(0), pod(1)], T0)
     again = plan(job(status=first.status), spec(), [pod(0), pod(1)], T0 + timedelta(seconds=30))
-    assert again.status == first.status and not again.events and not again.create_gang and not again.delete_pods
+    assert (
+        again.status == first.status and not again.events and not again.create_gang and not again.delete_pods
+    )
 
 
 def test_view_handles_unlabelled_pod():

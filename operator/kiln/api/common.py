@@ -13,9 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
 #: Kubernetes resource quantity (e.g. ``500m``, ``2Gi``, ``8``): an int or a quantity string.
-QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
+QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 Quantity = Annotated[
     int | str,
     WithJsonSchema(
@@ -41,7 +39,9 @@ DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-
 RFC3339 = "date-time"
 
 
-def cel(rule: str, message: str, *, field_path: str | None = None, reason: str | None = None) -> dict[str, str]:
+def cel(
+    rule: str, message: str, *, field_path: str | None = None, reason: str | None = None
+) -> dict[str, str]:
     """One ``x-kubernetes-validations`` entry (a CEL rule evaluated by the API server).
 
     See https://kubernetes.io/docs/tasks/extend-kubernetes/custom-resources/custom-resource-definitions/#validation-rules
@@ -75,6 +75,12 @@ class KilnModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+def with_rules(*rules: dict[str, str]) -> ConfigDict:
+    """A model config adding CEL ``x-kubernetes-validations`` to the model's schema."""
+    validations: Any = list(rules)  # JSON values; pydantic's JsonValue type is invariant
+    return ConfigDict(**KilnModel.model_config, json_schema_extra={"x-kubernetes-validations": validations})
+
+
 class ConditionStatus(StrEnum):
     TRUE = "True"
     FALSE = "False"
@@ -84,14 +90,18 @@ class ConditionStatus(StrEnum):
 class Condition(KilnModel):
     """A status condition, shaped like ``metav1.Condition``."""
 
-    type: str = Field(max_length=316, pattern=r"^([a-z0-9.-]+/)?[A-Za-z][A-Za-z0-9_]*$",
-                      description="Condition type, e.g. Ready, Running, Succeeded.")
+    type: str = Field(
+        max_length=316,
+        pattern=r"^([a-z0-9.-]+/)?[A-Za-z][A-Za-z0-9_]*$",
+        description="Condition type, e.g. Ready, Running, Succeeded.",
+    )
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(default="", max_length=1024, description="CamelCase reason for the last transition.")
     message: str = Field(default="", max_length=32768, description="Human-readable details.")
     last_transition_time: str | None = Field(
-        default=None, json_schema_extra={"format": RFC3339},
-        description="When the status last changed (RFC 3339)."
+        default=None,
+        json_schema_extra={"format": RFC3339},
+        description="When the status last changed (RFC 3339).",
     )
     observed_generation: int | None = Field(
         default=None, ge=0, description="metadata.generation the condition was computed for."
@@ -118,7 +128,8 @@ class ResourceRequirements(KilnModel):
 
     requests: dict[str, Quantity] | None = Field(default=None, description="Minimum resources per pod.")
     limits: dict[str, Quantity] | None = Field(
-        default=None, description="Maximum resources per pod; extended resources (GPUs) need requests == limits."
+        default=None,
+        description="Maximum resources per pod; extended resources (GPUs) need requests == limits.",
     )
 
 
@@ -136,7 +147,9 @@ class TaintEffect(StrEnum):
 class Toleration(KilnModel):
     """A core/v1 Toleration."""
 
-    key: str | None = Field(default=None, max_length=316, description="Taint key; empty with Exists matches all.")
+    key: str | None = Field(
+        default=None, max_length=316, description="Taint key; empty with Exists matches all."
+    )
     operator: TolerationOperator | None = Field(default=None, description="Exists or Equal (default Equal).")
     value: str | None = Field(default=None, max_length=63, description="Taint value for Equal.")
     effect: TaintEffect | None = Field(default=None, description="Effect to match; empty matches all.")
@@ -148,6 +161,7 @@ class Toleration(KilnModel):
 class EnvVar(KilnModel):
     """A plain environment variable (name and literal value)."""
 
-    name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$",
-                      description="Variable name.")
+    name: str = Field(
+        min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name."
+    )
     value: str = Field(default="", max_length=32768, description="Literal value.")

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from kiln.api.common import Conditions, KilnModel, cel
+from kiln.api.common import Conditions, KilnModel, cel, with_rules
 
 IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
@@ -28,7 +28,9 @@ class Entity(KilnModel):
     """A join key (e.g. customer_id)."""
 
     name: str = Field(min_length=1, max_length=63, pattern=IDENT, description="Column name of the join key.")
-    dtype: DType = Field(default=DType.INT64, description="Type of the key: float32, float64, int32, int64, string, bool.")
+    dtype: DType = Field(
+        default=DType.INT64, description="Type of the key: float32, float64, int32, int64, string, bool."
+    )
     description: str | None = Field(default=None, max_length=1024, description="What the entity is.")
 
 
@@ -46,14 +48,20 @@ class Transformation(KilnModel):
         default=TransformationType.IDENTITY,
         description="Identity, Log1p, Standardize (fitted mean/std) or MinMaxScale (fitted min/max).",
     )
-    column: str | None = Field(default=None, max_length=128, pattern=IDENT, description="Source column (default: the feature name).")
+    column: str | None = Field(
+        default=None, max_length=128, pattern=IDENT, description="Source column (default: the feature name)."
+    )
 
 
 class Feature(KilnModel):
-    name: str = Field(min_length=1, max_length=63, pattern=IDENT, description="Feature name, unique in the group.")
+    name: str = Field(
+        min_length=1, max_length=63, pattern=IDENT, description="Feature name, unique in the group."
+    )
     dtype: DType = Field(description="Value type: float32, float64, int32, int64, string, bool.")
     description: str | None = Field(default=None, max_length=1024, description="What the feature means.")
-    transformation: Transformation | None = Field(default=None, description="How the value is derived from the source.")
+    transformation: Transformation | None = Field(
+        default=None, description="How the value is derived from the source."
+    )
 
 
 class SourceFormat(StrEnum):
@@ -66,15 +74,21 @@ class Source(KilnModel):
 
     uri: str = Field(min_length=1, max_length=2048, description="Path or file:// URI of the event table.")
     format: SourceFormat = Field(default=SourceFormat.PARQUET, description="csv or parquet.")
-    timestamp_field: str = Field(default="event_timestamp", max_length=128, pattern=IDENT,
-                                 description="Event time column used for point-in-time joins.")
+    timestamp_field: str = Field(
+        default="event_timestamp",
+        max_length=128,
+        pattern=IDENT,
+        description="Event time column used for point-in-time joins.",
+    )
 
 
 class Offline(KilnModel):
     """Offline (training) retrieval."""
 
     lookback_seconds: int = Field(
-        default=86400, ge=1, description="A training row sees feature values at most this old (point-in-time join window)."
+        default=86400,
+        ge=1,
+        description="A training row sees feature values at most this old (point-in-time join window).",
     )
 
 
@@ -92,12 +106,13 @@ class OnlineStore(KilnModel):
 class Online(KilnModel):
     """Online (serving) lookup."""
 
-    model_config = KilnModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [cel("!self.enabled || has(self.store)", "online.enabled needs online.store",
-                                             field_path=".store")]
-        }
-    }
+    model_config = with_rules(
+        cel(
+            "!self.enabled || has(self.store)",
+            "online.enabled needs online.store",
+            field_path=".store",
+        )
+    )
 
     enabled: bool = Field(default=False, description="Materialize into the online store.")
     store: OnlineStore | None = Field(default=None, description="Where online values live.")
@@ -109,16 +124,18 @@ class Online(KilnModel):
 class FeatureGroupSpec(KilnModel):
     """Desired state of a FeatureGroup."""
 
-    model_config = KilnModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                cel("self.features.all(f, self.features.filter(g, g.name == f.name).size() == 1)",
-                    "feature names must be unique", field_path=".features"),
-                cel("self.features.all(f, !self.entities.exists(e, e.name == f.name))",
-                    "a feature cannot be named like an entity", field_path=".features"),
-            ]
-        }
-    }
+    model_config = with_rules(
+        cel(
+            "self.features.all(f, self.features.filter(g, g.name == f.name).size() == 1)",
+            "feature names must be unique",
+            field_path=".features",
+        ),
+        cel(
+            "self.features.all(f, !self.entities.exists(e, e.name == f.name))",
+            "a feature cannot be named like an entity",
+            field_path=".features",
+        ),
+    )
 
     entities: list[Entity] = Field(min_length=1, max_length=8, description="Join keys of every row.")
     features: list[Feature] = Field(min_length=1, max_length=256, description="Feature definitions.")
@@ -126,7 +143,9 @@ class FeatureGroupSpec(KilnModel):
     offline: Offline = Field(default_factory=Offline, description="Training-time retrieval.")
     online: Online = Field(default_factory=Online, description="Serving-time retrieval.")
     schedule: str | None = Field(
-        default=None, max_length=128, pattern=r"^(@(hourly|daily|weekly|monthly|yearly)|(\S+\s+){4}\S+)$",
+        default=None,
+        max_length=128,
+        pattern=r"^(@(hourly|daily|weekly|monthly|yearly)|(\S+\s+){4}\S+)$",
         description="Cron schedule of materialization (a CronJob).",
     )
 

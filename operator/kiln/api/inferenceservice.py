@@ -18,6 +18,7 @@ from kiln.api.common import (
     KilnModel,
     ResourceRequirements,
     cel,
+    with_rules,
 )
 from kiln.api.model import ALIAS_PATTERN, VersionNumber
 
@@ -30,21 +31,21 @@ ARTIFACT_ROOT = "/var/lib/kiln/artifacts"
 class ModelSelector(KilnModel):
     """Which version of which Model to serve: exactly one of stage, version, alias."""
 
-    model_config = KilnModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                cel("[has(self.stage), has(self.version), has(self.alias)].filter(x, x).size() == 1",
-                    "modelRef needs exactly one of stage, version, alias"),
-            ]
-        }
-    }
+    model_config = with_rules(
+        cel(
+            "[has(self.stage), has(self.version), has(self.alias)].filter(x, x).size() == 1",
+            "modelRef needs exactly one of stage, version, alias",
+        )
+    )
 
     name: str = Field(min_length=1, max_length=253, description="Model name (same namespace).")
     stage: Literal["Development", "Staging", "Production"] | None = Field(
         default=None, description="Serve whichever version holds this stage."
     )
     version: VersionNumber | None = Field(default=None, description="Serve this exact version.")
-    alias: str | None = Field(default=None, pattern=ALIAS_PATTERN, description="Serve the version this alias names.")
+    alias: str | None = Field(
+        default=None, pattern=ALIAS_PATTERN, description="Serve the version this alias names."
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSelector:
@@ -58,16 +59,26 @@ class Runtime(KilnModel):
 
     image: str = Field(min_length=1, max_length=1024, description="Server image (kiln server image).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(default=None)
-    max_batch_size: int = Field(default=32, ge=1, le=4096, description="Rows per forward pass (dynamic batching).")
-    max_batch_delay_milliseconds: int = Field(default=2, ge=0, le=1000, description="Longest wait to fill a batch.")
-    cache_size: int = Field(default=0, ge=0, le=1_000_000, description="Entries in the response cache; 0 turns it off.")
+    max_batch_size: int = Field(
+        default=32, ge=1, le=4096, description="Rows per forward pass (dynamic batching)."
+    )
+    max_batch_delay_milliseconds: int = Field(
+        default=2, ge=0, le=1000, description="Longest wait to fill a batch."
+    )
+    cache_size: int = Field(
+        default=0, ge=0, le=1_000_000, description="Entries in the response cache; 0 turns it off."
+    )
     env: list[EnvVar] | None = Field(default=None, max_length=64, description="Extra environment variables.")
     artifact_volume: dict[str, Any] | None = Field(
-        default=None, json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        default=None,
+        json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
         description="core/v1 VolumeSource holding the artifacts, mounted read-only at artifactMountPath.",
     )
     artifact_mount_path: str = Field(
-        default=ARTIFACT_ROOT, min_length=2, max_length=1024, pattern=r"^/",
+        default=ARTIFACT_ROOT,
+        min_length=2,
+        max_length=1024,
+        pattern=r"^/",
         description="Where artifactVolume is mounted; the served version's artifactUri must point below it.",
     )
 
@@ -75,22 +86,24 @@ class Runtime(KilnModel):
 class Autoscaling(KilnModel):
     """A HorizontalPodAutoscaler (autoscaling/v2) for the stable Deployment."""
 
-    model_config = KilnModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [cel("self.maxReplicas >= self.minReplicas", "maxReplicas must be >= minReplicas")]
-        }
-    }
+    model_config = with_rules(
+        cel("self.maxReplicas >= self.minReplicas", "maxReplicas must be >= minReplicas")
+    )
 
     min_replicas: int = Field(default=1, ge=1, le=1000)
     max_replicas: int = Field(ge=1, le=1000)
-    target_cpu_utilization_percentage: int = Field(default=80, ge=1, le=100, alias="targetCPUUtilizationPercentage")
+    target_cpu_utilization_percentage: int = Field(
+        default=80, ge=1, le=100, alias="targetCPUUtilizationPercentage"
+    )
 
 
 class RolloutStep(KilnModel):
     """Shift ``weight`` percent of traffic to the canary, then wait ``pauseSeconds``."""
 
     weight: int = Field(ge=0, le=100, description="Canary traffic percentage.")
-    pause_seconds: int = Field(default=0, ge=0, le=86400, description="Time to hold this weight, analysing, before the next step.")
+    pause_seconds: int = Field(
+        default=0, ge=0, le=86400, description="Time to hold this weight, analysing, before the next step."
+    )
 
 
 class NoDataPolicy(StrEnum):
@@ -102,15 +115,12 @@ class NoDataPolicy(StrEnum):
 class AnalysisMetric(KilnModel):
     """A PromQL query returning one number and its bound."""
 
-    model_config = KilnModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [cel("has(self.min) || has(self.max)", "a metric needs min or max")]
-        }
-    }
+    model_config = with_rules(cel("has(self.min) || has(self.max)", "a metric needs min or max"))
 
     name: str = Field(min_length=1, max_length=63, pattern=DNS1123_LABEL)
     query: str = Field(
-        min_length=1, max_length=4096,
+        min_length=1,
+        max_length=4096,
         description="PromQL; {{version}}, {{namespace}} and {{service}} are substituted. Must return one sample.",
     )
     max: float | None = Field(default=None, description="Fails when the value is above.")
@@ -118,7 +128,12 @@ class AnalysisMetric(KilnModel):
 
 
 class PrometheusProvider(KilnModel):
-    address: str = Field(min_length=1, max_length=2048, pattern=r"^https?://", description="e.g. http://prometheus.monitoring:9090")
+    address: str = Field(
+        min_length=1,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="e.g. http://prometheus.monitoring:9090",
+    )
 
 
 class Analysis(KilnModel):
@@ -126,9 +141,14 @@ class Analysis(KilnModel):
 
     prometheus: PrometheusProvider
     interval_seconds: int = Field(default=30, ge=1, le=3600, description="Time between two measurements.")
-    failure_limit: int = Field(default=0, ge=0, le=100, description="Failed measurements tolerated; one more rolls back.")
+    failure_limit: int = Field(
+        default=0, ge=0, le=100, description="Failed measurements tolerated; one more rolls back."
+    )
     inconclusive_limit: int = Field(
-        default=3, ge=0, le=100, description="Inconclusive measurements tolerated in a row before the rollout pauses.",
+        default=3,
+        ge=0,
+        le=100,
+        description="Inconclusive measurements tolerated in a row before the rollout pauses.",
     )
     no_data_policy: NoDataPolicy = Field(
         default=NoDataPolicy.INCONCLUSIVE,
@@ -158,18 +178,21 @@ class GatewayAPIRouting(KilnModel):
 class Rollout(KilnModel):
     """How a new version replaces the old one."""
 
-    model_config = KilnModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                cel("self.trafficRouting != 'GatewayAPI' || has(self.gatewayAPI)",
-                    "trafficRouting GatewayAPI needs gatewayAPI.parentRefs", field_path=".gatewayAPI"),
-            ]
-        }
-    }
+    model_config = with_rules(
+        cel(
+            "self.trafficRouting != 'GatewayAPI' || has(self.gatewayAPI)",
+            "trafficRouting GatewayAPI needs gatewayAPI.parentRefs",
+            field_path=".gatewayAPI",
+        )
+    )
 
     steps: list[RolloutStep] = Field(
-        default_factory=lambda: [RolloutStep(weight=20, pause_seconds=60), RolloutStep(weight=50, pause_seconds=60)],
-        max_length=20, description="Canary steps; after the last the canary is promoted.",
+        default_factory=lambda: [
+            RolloutStep(weight=20, pause_seconds=60),
+            RolloutStep(weight=50, pause_seconds=60),
+        ],
+        max_length=20,
+        description="Canary steps; after the last the canary is promoted.",
     )
     analysis: Analysis | None = Field(default=None, description="Without analysis, steps only wait.")
     traffic_routing: TrafficRouting = Field(
@@ -183,14 +206,18 @@ class Rollout(KilnModel):
         description="Roll the canary back now; while true, every new canary is rolled back as soon as it starts.",
     )
     progress_deadline_seconds: int = Field(
-        default=600, ge=30, le=86400,
+        default=600,
+        ge=30,
+        le=86400,
         description="A canary whose pods are not Ready this long (the Deployment's progressDeadlineSeconds) rolls back.",
     )
 
 
 class ServiceMonitorSpec(KilnModel):
     enabled: bool = True
-    labels: dict[str, str] | None = Field(default=None, description="Labels a Prometheus selects ServiceMonitors by.")
+    labels: dict[str, str] | None = Field(
+        default=None, description="Labels a Prometheus selects ServiceMonitors by."
+    )
     interval_seconds: int = Field(default=15, ge=1, le=3600)
 
 
@@ -231,14 +258,20 @@ class AnalysisStatus(KilnModel):
 
     last_run_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     phase: Literal["Successful", "Failed", "Inconclusive"] | None = Field(
-        default=None, description="Outcome of the last measurement (all its metrics together).",
+        default=None,
+        description="Outcome of the last measurement (all its metrics together).",
     )
     successes: int = Field(default=0, description="Successful measurements in this rollout.")
-    failures: int = Field(default=0, description="Failed measurements in this rollout (rollback when > failureLimit).")
-    inconclusive: int = Field(
-        default=0, description="Inconclusive measurements in a row (pause when > inconclusiveLimit).",
+    failures: int = Field(
+        default=0, description="Failed measurements in this rollout (rollback when > failureLimit)."
     )
-    results: list[MetricResult] | None = Field(default=None, description="Per-metric results of the last measurement.")
+    inconclusive: int = Field(
+        default=0,
+        description="Inconclusive measurements in a row (pause when > inconclusiveLimit).",
+    )
+    results: list[MetricResult] | None = Field(
+        default=None, description="Per-metric results of the last measurement."
+    )
 
 
 class RolloutHistoryEntry(KilnModel):
@@ -251,7 +284,9 @@ class RolloutHistoryEntry(KilnModel):
 
 class InferenceServiceStatus(KilnModel):
     observed_generation: int | None = None
-    conditions: Conditions | None = Field(default=None, description="Ready, ModelLoaded, CanaryReady, RolloutHealthy.")
+    conditions: Conditions | None = Field(
+        default=None, description="Ready, ModelLoaded, CanaryReady, RolloutHealthy."
+    )
     url: str | None = None
     stable_version: int | None = None
     canary_version: int | None = None
@@ -264,7 +299,9 @@ class InferenceServiceStatus(KilnModel):
         default=None,
         description="Version whose canary was rolled back; not retried until the resolved version changes.",
     )
-    history: list[RolloutHistoryEntry] | None = Field(default=None, description="Rollout outcomes, newest last, bounded.")
+    history: list[RolloutHistoryEntry] | None = Field(
+        default=None, description="Rollout outcomes, newest last, bounded."
+    )
 
 
 class InferenceService(KilnModel):

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
-from kiln.api.common import Conditions, FreeForm, KilnModel, cel
+from kiln.api.common import Conditions, FreeForm, KilnModel, cel, with_rules
 
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
@@ -37,30 +37,28 @@ class Stage(StrEnum):
 class StageAssignments(KilnModel):
     """At most one version per stage (the map shape enforces it); a version holds one stage."""
 
-    model_config = KilnModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                cel(
-                    "!(has(self.development) && has(self.staging) && self.development == self.staging) && "
-                    "!(has(self.staging) && has(self.production) && self.staging == self.production) && "
-                    "!(has(self.development) && has(self.production) && self.development == self.production)",
-                    "a version can hold only one stage",
-                ),
-                cel(
-                    "!has(self.archived) || self.archived.all(a, (!has(self.development) || a != self.development) && "
-                    "(!has(self.staging) || a != self.staging) && (!has(self.production) || a != self.production))",
-                    "an archived version cannot also hold a stage",
-                    field_path=".archived",
-                ),
-            ]
-        }
-    }
+    model_config = with_rules(
+        cel(
+            "!(has(self.development) && has(self.staging) && self.development == self.staging) && "
+            "!(has(self.staging) && has(self.production) && self.staging == self.production) && "
+            "!(has(self.development) && has(self.production) && self.development == self.production)",
+            "a version can hold only one stage",
+        ),
+        cel(
+            "!has(self.archived) || self.archived.all(a, (!has(self.development) || a != self.development) && "
+            "(!has(self.staging) || a != self.staging) && (!has(self.production) || a != self.production))",
+            "an archived version cannot also hold a stage",
+            field_path=".archived",
+        ),
+    )
 
     development: VersionNumber | None = Field(default=None, description="Version in Development.")
     staging: VersionNumber | None = Field(default=None, description="Version in Staging.")
     production: VersionNumber | None = Field(default=None, description="Version in Production (at most one).")
     archived: list[VersionNumber] | None = Field(
-        default=None, max_length=100, json_schema_extra={"x-kubernetes-list-type": "set"},
+        default=None,
+        max_length=100,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
         description="Versions retired from service.",
     )
 
@@ -90,16 +88,14 @@ class StageAssignments(KilnModel):
 class PromotionRule(KilnModel):
     """Promote a newly registered version to ``stage`` when ``metric`` is within bounds."""
 
-    model_config = KilnModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [cel("has(self.min) || has(self.max)", "a promotion rule needs min or max")]
-        }
-    }
+    model_config = with_rules(cel("has(self.min) || has(self.max)", "a promotion rule needs min or max"))
 
-    stage: Annotated[str, Field(json_schema_extra={"enum": ["Development", "Staging", "Production"]})] = Field(
-        description="Stage to promote to: Development, Staging or Production."
+    stage: Annotated[str, Field(json_schema_extra={"enum": ["Development", "Staging", "Production"]})] = (
+        Field(description="Stage to promote to: Development, Staging or Production.")
     )
-    metric: str = Field(min_length=1, max_length=128, description="Metric name in the version's metrics, e.g. accuracy.")
+    metric: str = Field(
+        min_length=1, max_length=128, description="Metric name in the version's metrics, e.g. accuracy."
+    )
     min: float | None = Field(default=None, description="Promote when metric >= min.")
     max: float | None = Field(default=None, description="Promote when metric <= max.")
 
@@ -115,10 +111,19 @@ class PromotionRule(KilnModel):
 class ImportedVersion(KilnModel):
     """A version trained elsewhere: its artifact and the digest it must have."""
 
-    artifact_uri: str = Field(min_length=1, max_length=2048, description="Artifact directory (file:// or path).")
+    artifact_uri: str = Field(
+        min_length=1, max_length=2048, description="Artifact directory (file:// or path)."
+    )
     digest: str = Field(pattern=DIGEST_PATTERN, description="Expected sha256 of the weights, 'sha256:<hex>'.")
     metrics: dict[str, float] | None = Field(default=None, description="Metrics known for it.")
     hyperparameters: dict[str, FreeForm] | None = Field(default=None, description="Hyperparameters used.")
+
+
+_ALIAS_RULES: dict[str, Any] = {
+    "x-kubernetes-validations": [
+        cel(f"self.all(k, k.matches('{ALIAS_PATTERN}'))", "alias names must match " + ALIAS_PATTERN)
+    ]
+}
 
 
 class ModelSpec(KilnModel):
@@ -126,7 +131,9 @@ class ModelSpec(KilnModel):
 
     description: str | None = Field(default=None, max_length=4096, description="What the model is for.")
     version_history_limit: int = Field(
-        default=20, ge=1, le=200,
+        default=20,
+        ge=1,
+        le=200,
         description="Newest versions kept in status; versions holding a stage or alias are always kept.",
     )
     stages: StageAssignments | None = Field(
@@ -134,20 +141,20 @@ class ModelSpec(KilnModel):
         description="Declared stage of each version, e.g. production: 3. A promotion is a reviewed change of this field.",
     )
     aliases: dict[str, VersionNumber] | None = Field(
-        default=None, max_length=64,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(f"self.all(k, k.matches('{ALIAS_PATTERN}'))", "alias names must match " + ALIAS_PATTERN)
-            ]
-        },
+        default=None,
+        max_length=64,
+        json_schema_extra=_ALIAS_RULES,
         description="Named pointers to versions (MLflow aliases), e.g. champion: 3.",
     )
     promotion_policy: list[PromotionRule] | None = Field(
-        default=None, max_length=8,
+        default=None,
+        max_length=8,
         description="Automatic promotion of new versions; results go to status, and spec.stages wins for a stage it declares.",
     )
     import_: list[ImportedVersion] | None = Field(
-        default=None, alias="import", max_length=100,
+        default=None,
+        alias="import",
+        max_length=100,
         description="Versions trained elsewhere, registered in list order.",
     )
 
@@ -169,24 +176,18 @@ class Lineage(KilnModel):
 
 
 class ModelVersion(KilnModel):
-    """One immutable registered version.
+    """One registered version; immutable (the API server refuses changes to a kept one)."""
 
-    The API server enforces immutability: ``status.versions`` is a list-map keyed by
-    ``version``, and a transition rule refuses any write that changes a kept version's
-    artifact, digest or creation time (versions may only be added or pruned).
-    """
+    # status.versions is a list-map keyed by version, so each item is correlated with its old
+    # self and this transition rule applies: versions may be added or pruned, never changed.
 
-    model_config = KilnModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                cel(
-                    "self.artifactUri == oldSelf.artifactUri && self.digest == oldSelf.digest && "
-                    "self.createdAt == oldSelf.createdAt",
-                    "a registered version is immutable",
-                )
-            ]
-        }
-    }
+    model_config = with_rules(
+        cel(
+            "self.artifactUri == oldSelf.artifactUri && self.digest == oldSelf.digest && "
+            "self.createdAt == oldSelf.createdAt",
+            "a registered version is immutable",
+        )
+    )
 
     version: VersionNumber = Field(description="Version number: 1, 2, 3, ... never reused.")
     artifact_uri: str = Field(max_length=2048, description="Artifact directory (file:// URI).")
@@ -217,7 +218,9 @@ class HistoryEntry(KilnModel):
     stage: Annotated[
         str | None, Field(json_schema_extra={"enum": ["Development", "Staging", "Production", "Archived"]})
     ] = Field(default=None, description="Stage changed (absent for alias changes).")
-    alias: str | None = Field(default=None, max_length=63, description="Alias changed (absent for stage changes).")
+    alias: str | None = Field(
+        default=None, max_length=63, description="Alias changed (absent for stage changes)."
+    )
     from_version: int | None = Field(default=None, description="Version that held it before (absent: none).")
     to_version: int | None = Field(default=None, description="Version that holds it now (absent: none).")
     cause: HistoryCause = Field(description="SpecChange, Policy, Rollback or Registration.")
@@ -231,11 +234,14 @@ class ModelStatus(KilnModel):
     conditions: Conditions | None = None
     latest_version: int = Field(default=0, description="Highest version number ever issued (never reused).")
     versions: list[ModelVersion] | None = Field(
-        default=None, max_length=MAX_KEPT_VERSIONS,
+        default=None,
+        max_length=MAX_KEPT_VERSIONS,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["version"]},
         description="Kept versions, oldest first.",
     )
-    stages: StageAssignments | None = Field(default=None, description="Stages in force (spec, policy, rollbacks).")
+    stages: StageAssignments | None = Field(
+        default=None, description="Stages in force (spec, policy, rollbacks)."
+    )
     policy_stages: StageAssignments | None = Field(
         default=None,
         description="Latest version promotionPolicy picked per stage; in force for each stage spec.stages does not declare.",

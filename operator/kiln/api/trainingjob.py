@@ -22,6 +22,7 @@ from kiln.api.common import (
     Toleration,
     cel,
     immutable,
+    with_rules,
 )
 
 BUILTIN_DATASETS = ("sklearn-digits",)
@@ -52,27 +53,33 @@ class DatasetFormat(StrEnum):
 class Dataset(KilnModel):
     """Where the training data comes from: exactly one of builtin, uri, featureGroupRef."""
 
-    model_config = KilnModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                cel(
-                    "[has(self.builtin), has(self.uri), has(self.featureGroupRef)].filter(x, x).size() == 1",
-                    "dataset needs exactly one of builtin, uri, featureGroupRef",
-                ),
-                cel("!has(self.uri) || has(self.labelColumn)", "dataset.uri needs labelColumn",
-                    field_path=".labelColumn"),
-            ]
-        }
-    }
+    model_config = with_rules(
+        cel(
+            "[has(self.builtin), has(self.uri), has(self.featureGroupRef)].filter(x, x).size() == 1",
+            "dataset needs exactly one of builtin, uri, featureGroupRef",
+        ),
+        cel(
+            "!has(self.uri) || has(self.labelColumn)",
+            "dataset.uri needs labelColumn",
+            field_path=".labelColumn",
+        ),
+    )
 
     builtin: Literal["sklearn-digits"] | None = Field(
-        default=None, description="A data set shipped inside the trainer image: 'sklearn-digits' (UCI digits, 1,797 8x8 images)."
+        default=None,
+        description="A data set shipped inside the trainer image: 'sklearn-digits' (UCI digits, 1,797 8x8 images).",
     )
     uri: str | None = Field(
-        default=None, max_length=2048, description="CSV or Parquet file: a path inside the pod (e.g. on a mounted volume) or file:// URI."
+        default=None,
+        max_length=2048,
+        description="CSV or Parquet file: a path inside the pod (e.g. on a mounted volume) or file:// URI.",
     )
-    format: DatasetFormat | None = Field(default=None, description="csv or parquet; guessed from the uri suffix when empty.")
-    label_column: str | None = Field(default=None, max_length=256, description="Column holding the class label (uri only).")
+    format: DatasetFormat | None = Field(
+        default=None, description="csv or parquet; guessed from the uri suffix when empty."
+    )
+    label_column: str | None = Field(
+        default=None, max_length=256, description="Column holding the class label (uri only)."
+    )
     feature_group_ref: LocalObjectReference | None = Field(
         default=None, description="A FeatureGroup whose point-in-time training data feeds the job."
     )
@@ -94,7 +101,9 @@ class Output(KilnModel):
     """Where the artifact (and the per-epoch checkpoints) are written."""
 
     uri: str = Field(
-        default="file:///var/lib/kiln/artifacts", min_length=1, max_length=2048,
+        default="file:///var/lib/kiln/artifacts",
+        min_length=1,
+        max_length=2048,
         pattern=r"^(file://)?/",
         description="Artifact root: an absolute path or file:// URI inside the pod; the artifact lands in <uri>/<model>/<job>/.",
     )
@@ -107,75 +116,103 @@ class Output(KilnModel):
 class RestartBackoff(KilnModel):
     """Exponential back-off between gang restarts: initialSeconds * 2^(restarts-1), capped."""
 
-    initial_seconds: int = Field(default=10, ge=0, le=3600, description="Delay before the first gang restart.")
+    initial_seconds: int = Field(
+        default=10, ge=0, le=3600, description="Delay before the first gang restart."
+    )
     max_seconds: int = Field(default=300, ge=0, le=86400, description="Upper bound of the delay.")
 
 
 class TrainingJobSpec(KilnModel):
     """Desired state of a TrainingJob."""
 
-    model_config = KilnModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                cel("!has(self.resourcesPerNode) || !has(self.resourcesPerNode.limits) || !has(self.resourcesPerNode.requests) || "
-                    "self.resourcesPerNode.requests.all(k, !k.endsWith('gpu') || !(k in self.resourcesPerNode.limits) || "
-                    "self.resourcesPerNode.limits[k] == self.resourcesPerNode.requests[k])",
-                    "GPU requests must equal GPU limits", field_path=".resourcesPerNode"),
-            ]
-        }
-    }
+    model_config = with_rules(
+        cel(
+            "!has(self.resourcesPerNode) || !has(self.resourcesPerNode.limits) || !has(self.resourcesPerNode.requests) || "
+            "self.resourcesPerNode.requests.all(k, !k.endsWith('gpu') || !(k in self.resourcesPerNode.limits) || "
+            "self.resourcesPerNode.limits[k] == self.resourcesPerNode.requests[k])",
+            "GPU requests must equal GPU limits",
+            field_path=".resourcesPerNode",
+        )
+    )
 
     model_ref: Annotated[LocalObjectReference | None, Field(json_schema_extra=immutable("modelRef"))] = Field(
         default=None, description="The Model a successful job registers a new version in. Immutable."
     )
     image: str = Field(
-        min_length=1, max_length=1024, json_schema_extra=immutable("image"),
+        min_length=1,
+        max_length=1024,
+        json_schema_extra=immutable("image"),
         description="Trainer container image (e.g. the kiln trainer image). Immutable.",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         default=None, description="core/v1 imagePullPolicy of the trainer container."
     )
     command: list[Annotated[str, Field(max_length=4096)]] | None = Field(
-        default=None, max_length=64,
+        default=None,
+        max_length=64,
         description="Entrypoint override. Default: the image's (torchrun ... kiln-train). torchrun reads PET_* from the environment.",
     )
-    args: list[Annotated[str, Field(max_length=4096)]] | None = Field(default=None, max_length=256, description="Arguments to the entrypoint.")
-    env: list[EnvVar] | None = Field(default=None, max_length=64, description="Extra environment variables for every node.")
+    args: list[Annotated[str, Field(max_length=4096)]] | None = Field(
+        default=None, max_length=256, description="Arguments to the entrypoint."
+    )
+    env: list[EnvVar] | None = Field(
+        default=None, max_length=64, description="Extra environment variables for every node."
+    )
     dataset: Annotated[Dataset, Field(json_schema_extra=immutable("dataset"))] = Field(
         description="Training data. Immutable."
     )
     hyperparameters: dict[str, FreeForm] | None = Field(
-        default=None, description="Passed to the trainer as JSON in KILN_HYPERPARAMETERS (e.g. epochs, learningRate, batchSize, seed). Immutable.",
+        default=None,
+        description="Passed to the trainer as JSON in KILN_HYPERPARAMETERS (e.g. epochs, learningRate, batchSize, seed). Immutable.",
         json_schema_extra=immutable("hyperparameters"),
     )
     num_nodes: int = Field(
-        default=1, ge=1, le=256, json_schema_extra=immutable("numNodes"),
+        default=1,
+        ge=1,
+        le=256,
+        json_schema_extra=immutable("numNodes"),
         description="Number of pods (torchrun nodes), one per Kubernetes node. Immutable.",
     )
     num_proc_per_node: NumProcPerNode = Field(
         default="auto",
         description="Processes per node: an integer, or 'auto' = the GPU count in resourcesPerNode (any resource ending in 'gpu'), else 1.",
     )
-    resources_per_node: ResourceRequirements | None = Field(default=None, description="Requests/limits of each pod's trainer container.")
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(default=None, description="Node labels each pod must match.")
+    resources_per_node: ResourceRequirements | None = Field(
+        default=None, description="Requests/limits of each pod's trainer container."
+    )
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        default=None, description="Node labels each pod must match."
+    )
     tolerations: list[Toleration] | None = Field(
-        default=None, max_length=32,
+        default=None,
+        max_length=32,
         description="Tolerations. When GPUs are requested, a toleration for the nvidia.com/gpu taint is added unless one exists.",
     )
-    priority_class_name: str | None = Field(default=None, max_length=253, description="PriorityClass of the pods.")
-    service_account_name: str | None = Field(default=None, max_length=253, description="ServiceAccount the pods run as.")
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, description="PriorityClass of the pods."
+    )
+    service_account_name: str | None = Field(
+        default=None, max_length=253, description="ServiceAccount the pods run as."
+    )
     max_restarts: int = Field(
-        default=3, ge=0, le=100,
+        default=3,
+        ge=0,
+        le=100,
         description="Whole-gang restarts after a pod failure before the job fails. Disruptions (eviction, node loss) do not count.",
     )
-    restart_backoff: RestartBackoff | None = Field(default=None, description="Back-off between gang restarts.")
+    restart_backoff: RestartBackoff | None = Field(
+        default=None, description="Back-off between gang restarts."
+    )
     active_deadline_seconds: int | None = Field(
         default=None, ge=1, description="Fail the job (reason DeadlineExceeded) this long after it started."
     )
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the job this long after it Succeeded or Failed."
     )
-    suspend: bool = Field(default=False, description="Delete the pods but keep the job; setting it back to false recreates them.")
+    suspend: bool = Field(
+        default=False,
+        description="Delete the pods but keep the job; setting it back to false recreates them.",
+    )
     output: Output | None = Field(default=None, description="Where the artifact goes.")
 
 
@@ -193,9 +230,13 @@ class LastFailure(KilnModel):
 
     pod: str = Field(default="", description="Pod that failed.")
     exit_code: int | None = Field(default=None, description="Container exit code, when it ran.")
-    reason: str = Field(default="", description="Kubernetes reason (Error, OOMKilled, Evicted, ...) or Kiln's.")
+    reason: str = Field(
+        default="", description="Kubernetes reason (Error, OOMKilled, Evicted, ...) or Kiln's."
+    )
     message: str = Field(default="", max_length=4096, description="Termination message or status message.")
-    time: str | None = Field(default=None, json_schema_extra={"format": "date-time"}, description="When it was observed.")
+    time: str | None = Field(
+        default=None, json_schema_extra={"format": "date-time"}, description="When it was observed."
+    )
 
 
 class TrainingResultStatus(KilnModel):
@@ -219,13 +260,20 @@ class TrainingJobStatus(KilnModel):
     """Observed state of a TrainingJob."""
 
     observed_generation: int | None = Field(default=None, description="metadata.generation last reconciled.")
-    conditions: Conditions | None = Field(default=None, description="Created, Running, Restarting, Succeeded, Failed, Suspended, Ready.")
+    conditions: Conditions | None = Field(
+        default=None, description="Created, Running, Restarting, Succeeded, Failed, Suspended, Ready."
+    )
     phase: TrainingJobPhase | None = Field(default=None, description="Summary of the conditions, for people.")
     restart_count: int = Field(default=0, description="Gang restarts counted against maxRestarts.")
     disruption_count: int = Field(default=0, description="Gang restarts caused by disruptions (not counted).")
-    gang: int = Field(default=0, description="Generation of the current set of pods; bumped at every gang restart.")
-    next_restart_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"},
-                                          description="When the gang will be recreated (back-off).")
+    gang: int = Field(
+        default=0, description="Generation of the current set of pods; bumped at every gang restart."
+    )
+    next_restart_time: str | None = Field(
+        default=None,
+        json_schema_extra={"format": "date-time"},
+        description="When the gang will be recreated (back-off).",
+    )
     last_failure: LastFailure | None = None
     start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})

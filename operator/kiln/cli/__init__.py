@@ -15,7 +15,9 @@ MODULES = ("operator", "crds", "registry")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kiln", description="Kiln: train, register and serve models on Kubernetes.")
+    parser = argparse.ArgumentParser(
+        prog="kiln", description="Kiln: train, register and serve models on Kubernetes."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in MODULES:
         try:

@@ -9,11 +9,18 @@ from typing import Any
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("operator", help="run the operator")
-    p.add_argument("--namespace", "-n", action="append", default=None,
-                   help="watch only these namespaces (repeatable); all namespaces by default")
+    p.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=None,
+        help="watch only these namespaces (repeatable); all namespaces by default",
+    )
     p.add_argument("--health-port", type=int, default=8080, help="port of /healthz (liveness and readiness)")
     p.add_argument("--metrics-port", type=int, default=9090, help="port of /metrics (Prometheus)")
-    p.add_argument("--standalone", action="store_true", help="no peering: do not coordinate with other replicas")
+    p.add_argument(
+        "--standalone", action="store_true", help="no peering: do not coordinate with other replicas"
+    )
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=run)
 
@@ -24,8 +31,10 @@ def run(args: argparse.Namespace) -> int:
 
     import kiln.controllers  # noqa: F401  (registers the handlers)
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     start_http_server(args.metrics_port)
     kopf.run(
         clusterwide=not args.namespace,

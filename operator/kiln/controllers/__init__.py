@@ -12,8 +12,8 @@ from typing import Any
 import kopf
 
 from kiln.controllers import featuregroup, inferenceservice, model, trainingjob
-from kiln.controllers.runtime import QUEUES, WorkQueue
 from kiln.controllers.client import api_client
+from kiln.controllers.runtime import QUEUES, WorkQueue
 
 CONTROLLERS = (trainingjob, model, inferenceservice, featuregroup)
 

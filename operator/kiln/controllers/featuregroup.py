@@ -37,9 +37,14 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
     else:
         canonical = json.dumps(spec.to_api()["features"], sort_keys=True).encode()
         digest = "sha256:" + hashlib.sha256(canonical).hexdigest()
-        reason, message = "MaterializationNotImplemented", "feature definitions are valid; materialization is not implemented yet"
+        reason, message = (
+            "MaterializationNotImplemented",
+            "feature definitions are valid; materialization is not implemented yet",
+        )
     new = dict(status)
-    new["conditions"] = set_condition(status.get("conditions"), "Ready", FALSE, reason, message, generation=gen)
+    new["conditions"] = set_condition(
+        status.get("conditions"), "Ready", FALSE, reason, message, generation=gen
+    )
     new["observedGeneration"] = gen
     if digest:
         new["schemaDigest"] = digest

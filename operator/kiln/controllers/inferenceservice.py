@@ -1,20 +1,522 @@
-"""InferenceService controller (skeleton; the full reconcile lands with issue 6)."""
+"""InferenceService controller: serve a Model version, roll new versions out as canaries.
+
+One level-based reconcile per InferenceService (see :mod:`kiln.controllers.runtime`):
+
+1. read the InferenceService and its Model; resolve ``spec.modelRef`` (stage, version or alias)
+   to a version with an artifact URI and digest. A missing Model or version is
+   ``Ready=False`` (``ModelNotFound`` / ``VersionNotResolved``) and leaves running children alone;
+2. observe the stable and canary Deployments (readiness, rolled-out version, progress deadline);
+3. when :func:`kiln.rollout.machine.analysis_due`, run the analysis queries against Prometheus;
+4. call the pure state machine :func:`kiln.rollout.machine.decide`;
+5. apply the children it plans with server-side apply, delete children no longer wanted;
+6. write status (a JSON merge patch guarded by resourceVersion), then post Events.
+
+Watches: InferenceServices, their Deployments and Services (label
+``kiln.dev/inferenceservice``), and Models: a Model event enqueues every InferenceService of
+that namespace that references it (an in-memory index fed by InferenceService events).
+"""
 
 from __future__ import annotations
 
-from kubernetes import client as k8s
+import logging
+import threading
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 
-from kiln import API_VERSION
-from kiln.controllers.runtime import ReconcileFn, Result, watch
+import kopf
+from kubernetes import client as k8s
+from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
+
+from kiln import API_VERSION, GROUP, VERSION, kube
+from kiln.api.inferenceservice import (
+    InferenceServiceSpec,
+    InferenceServiceStatus,
+    ModelSelector,
+    TrafficRouting,
+)
+from kiln.conditions import FALSE, TRUE, get_condition, set_condition
+from kiln.controllers import events
+from kiln.controllers.runtime import ReconcileFn, Result, enqueue, watch, watch_children
+from kiln.resources import inferenceservice as res
+from kiln.rollout.analysis import ERROR, evaluate_metric, render_query
+from kiln.rollout.machine import Action, Decision, Measurement, Observed, analysis_due, decide
+from kiln.rollout.prometheus import PrometheusClient, PrometheusError
+
+log = logging.getLogger("kiln.inferenceservice")
 
 KIND = "InferenceService"
-watch(KIND, API_VERSION, "inferenceservices")
+PLURAL = "inferenceservices"
+watch(KIND, API_VERSION, PLURAL)
+watch_children(KIND, "apps/v1", "deployments", res.LABEL_ISVC)
+watch_children(KIND, "v1", "services", res.LABEL_ISVC)
+
+#: Longest a single Prometheus query may take, in seconds.
+QUERY_TIMEOUT_SECONDS = 10.0
+
+
+class ModelIndex:
+    """Which InferenceServices reference which Model: ``(namespace, model) -> {isvc names}``.
+
+    Fed by InferenceService watch events (kopf lists every object at start-up, so the index is
+    complete once the operator has synced) and by each reconcile; thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._model_of: dict[tuple[str, str], str] = {}
+
+    def set(self, namespace: str, isvc: str, model: str | None) -> None:
+        with self._lock:
+            if model:
+                self._model_of[(namespace, isvc)] = model
+            else:
+                self._model_of.pop((namespace, isvc), None)
+
+    def users(self, namespace: str, model: str) -> list[str]:
+        """Names of the InferenceServices in ``namespace`` that reference Model ``model``."""
+        with self._lock:
+            return sorted(n for (ns, n), m in self._model_of.items() if ns == namespace and m == model)
+
+
+INDEX = ModelIndex()
+
+
+def _model_name(spec: Mapping[str, Any] | None) -> str | None:
+    ref = (spec or {}).get("modelRef") or {}
+    name = ref.get("name")
+    return str(name) if name else None
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, id="index-inferenceservices-by-model")
+async def _index_isvc(body: kopf.Body, type: str | None, **_: Any) -> None:
+    ns, name = body.metadata.namespace or "", body.metadata.name or ""
+    INDEX.set(ns, name, None if type == "DELETED" else _model_name(body.get("spec")))
+
+
+@kopf.on.event(GROUP, VERSION, "models", id="watch-models-for-inferenceservices")
+async def _on_model_event(body: kopf.Body, **_: Any) -> None:
+    ns = body.metadata.namespace or ""
+    for isvc in INDEX.users(ns, body.metadata.name or ""):
+        enqueue(KIND, ns, isvc)
+
+
+class Unresolved(Exception):
+    """``spec.modelRef`` does not resolve to a served version; ``reason`` is CamelCase."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def resolve_version(model: Mapping[str, Any] | None, ref: ModelSelector) -> dict[str, Any]:
+    """The Model status version entry (``version``, ``artifactUri``, ``digest``...) ``ref`` names.
+
+    Reads the Model's status as plain data (lenient: fields this kind does not know are fine).
+
+    Raises:
+        Unresolved: ``ModelNotFound`` when the Model does not exist, ``VersionNotResolved`` when
+            the stage/alias names no version, the version is not registered, or lacks an artifact.
+    """
+    if model is None:
+        raise Unresolved("ModelNotFound", f"Model {ref.name!r} not found in this namespace")
+    status = model.get("status") or {}
+    if ref.stage:
+        number = (status.get("stages") or {}).get(ref.stage.lower())
+        what = f"stage {ref.stage}"
+        if number is None:
+            raise Unresolved(
+                "VersionNotResolved", f"no version of Model {ref.name!r} holds stage {ref.stage}"
+            )
+    elif ref.alias:
+        number = (status.get("aliases") or {}).get(ref.alias)
+        what = f"alias {ref.alias!r}"
+        if number is None:
+            raise Unresolved("VersionNotResolved", f"Model {ref.name!r} has no alias {ref.alias!r}")
+    else:
+        number = ref.version
+        what = f"version {ref.version}"
+    for v in status.get("versions") or []:
+        if v.get("version") == number:
+            if not v.get("artifactUri") or not v.get("digest"):
+                raise Unresolved(
+                    "VersionNotResolved", f"version {number} of Model {ref.name!r} has no artifact"
+                )
+            return dict(v)
+    raise Unresolved(
+        "VersionNotResolved", f"{what} of Model {ref.name!r} names version {number}, which is not registered"
+    )
+
+
+def _artifact_of(
+    model: Mapping[str, Any] | None, number: int, dep: Mapping[str, Any] | None
+) -> tuple[int, str, str] | None:
+    """``(version, artifactUri, digest)`` of ``number``: from the Model, else from the live Deployment.
+
+    The fallback covers a stable version pruned from the Model's status since it was deployed.
+    """
+    for v in ((model or {}).get("status") or {}).get("versions") or []:
+        if v.get("version") == number and v.get("artifactUri") and v.get("digest"):
+            return number, str(v["artifactUri"]), str(v["digest"])
+    if dep is not None and _template_version(dep) == number:
+        env = {e.get("name"): e.get("value") for e in _container(dep).get("env") or []}
+        uri, digest = env.get(res.ENV_ARTIFACT_URI), env.get(res.ENV_ARTIFACT_DIGEST)
+        if uri and digest:
+            return number, str(uri), str(digest)
+    return None
+
+
+def _container(dep: Mapping[str, Any]) -> dict[str, Any]:
+    for c in dep.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []:
+        if c.get("name") == res.CONTAINER:
+            return dict(c)
+    return {}
+
+
+def _template_version(dep: Mapping[str, Any] | None) -> int | None:
+    if dep is None:
+        return None
+    raw = dep.get("spec", {}).get("template", {}).get("metadata", {}).get("labels", {}).get(res.LABEL_VERSION)
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _current(dep: Mapping[str, Any]) -> bool:
+    st = dep.get("status") or {}
+    return int(st.get("observedGeneration") or 0) >= int(dep.get("metadata", {}).get("generation") or 0)
+
+
+def ready_replicas(dep: Mapping[str, Any] | None, version: int | None) -> int:
+    """Ready pods of ``dep`` that run ``version`` (0 while it runs another version or is mid-update)."""
+    if dep is None or version is None or _template_version(dep) != version or not _current(dep):
+        return 0
+    st = dep.get("status") or {}
+    if int(st.get("replicas") or 0) != int(st.get("updatedReplicas") or 0):
+        return 0  # old pods still around: some Ready pods may run the previous version
+    return int(st.get("readyReplicas") or 0)
+
+
+def rolled_out_version(dep: Mapping[str, Any] | None) -> int | None:
+    """The version every pod of ``dep`` runs and is available with, or None while rolling."""
+    if dep is None or not _current(dep):
+        return None
+    want = int(dep.get("spec", {}).get("replicas") or 0)
+    st = dep.get("status") or {}
+    if (
+        int(st.get("replicas") or 0) == want
+        and int(st.get("updatedReplicas") or 0) == want
+        and int(st.get("availableReplicas") or 0) >= want
+    ):
+        return _template_version(dep)
+    return None
+
+
+def progress_failure(dep: Mapping[str, Any] | None, version: int | None) -> str | None:
+    """The Deployment's ``ProgressDeadlineExceeded`` message for ``version``, else None."""
+    if dep is None or version is None or _template_version(dep) != version:
+        return None
+    for c in (dep.get("status") or {}).get("conditions") or []:
+        if (
+            c.get("type") == "Progressing"
+            and c.get("status") == "False"
+            and c.get("reason") == "ProgressDeadlineExceeded"
+        ):
+            return str(c.get("message") or "canary pods did not become Ready within the progress deadline")
+    return None
+
+
+def measure(
+    spec: InferenceServiceSpec, status: InferenceServiceStatus, namespace: str, name: str
+) -> Measurement:
+    """Run every analysis query for the running canary; errors become ``Error`` results."""
+    analysis = spec.rollout.analysis
+    assert analysis is not None and status.canary_version is not None
+    prom = PrometheusClient(
+        analysis.prometheus.address, timeout=min(QUERY_TIMEOUT_SECONDS, analysis.interval_seconds)
+    )
+    variables = {
+        "version": str(status.canary_version),
+        "namespace": namespace,
+        "service": res.service_name(name),
+        "model": spec.model_ref.name,
+        "inferenceservice": name,
+    }
+    results = []
+    for metric in analysis.metrics:
+        try:
+            values = prom.query(render_query(metric.query, variables))
+        except (KeyError, PrometheusError) as e:
+            results.append(evaluate_metric(metric, None, analysis.no_data_policy, error=str(e).strip("'\"")))
+            continue
+        results.append(evaluate_metric(metric, values, analysis.no_data_policy))
+    errors = [r for r in results if r.phase == ERROR]
+    if errors:
+        log.warning(
+            "analysis of %s/%s: %s", namespace, name, "; ".join(f"{r.name}: {r.message}" for r in errors)
+        )
+    return Measurement(version=status.canary_version, results=tuple(results))
+
+
+def merge_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386 merge patch turning ``old`` into ``new`` (absent keys -> null; lists replaced)."""
+    old = old or {}
+    out: dict[str, Any] = {k: None for k in old if k not in new}
+    for k, v in new.items():
+        if k not in old:
+            out[k] = v
+        elif isinstance(v, Mapping) and isinstance(old[k], Mapping):
+            sub = merge_patch(old[k], v)
+            if sub:
+                out[k] = sub
+        elif old[k] != v:
+            out[k] = v
+    return out
+
+
+def _apply_children(
+    api: k8s.ApiClient, obj: dict[str, Any], manifests: list[dict[str, Any]], keep: set[tuple[str, str]]
+) -> list[str]:
+    """Apply ``manifests``; delete owned children not among them nor in ``keep``.
+
+    Returns problems for the Ready condition (a kind whose CRD is not installed: 404).
+    """
+    problems: list[str] = []
+    wanted = {(m["kind"], m["metadata"]["name"]) for m in manifests} | keep
+    for m in manifests:
+        try:
+            kube.apply(api, m)
+        except ApiException as e:
+            if e.status == 404:
+                group = m["apiVersion"].split("/")[0]
+                problems.append(f"{m['kind']} not created: the {group} CRDs are not installed")
+                continue
+            raise
+    ns, name, uid = obj["metadata"]["namespace"], obj["metadata"]["name"], obj["metadata"]["uid"]
+    for api_version, kind in res.CHILD_KINDS:
+        try:
+            items = kube.list_objects(api, api_version, kind, ns, f"{res.LABEL_ISVC}={name}")
+        except ApiException as e:
+            if e.status == 404:
+                continue
+            raise
+        for it in items:
+            meta = it["metadata"]
+            owned = any(r.get("uid") == uid for r in meta.get("ownerReferences") or [])
+            if owned and (kind, meta["name"]) not in wanted:
+                log.info("deleting %s %s/%s (no longer wanted)", kind, ns, meta["name"])
+                kube.delete(api, api_version, kind, ns, meta["name"], uid=meta.get("uid"))
+    return problems
+
+
+def _record_model_rollback(action: Action, namespace: str, model: str) -> None:
+    """Rollbacks are recorded in this InferenceService's status.history and a Warning Event.
+
+    The Model's audit trail (``status.history``) records stage and alias changes only; a canary
+    rollback changes neither (the stage still names the version), so nothing is written there.
+    """
+    log.info(
+        "canary of %s/%s version %s rolled back to %s (%s)",
+        namespace,
+        model,
+        action.version,
+        action.stable_version,
+        action.reason,
+    )
+
+
+def _set(
+    conds: list[dict[str, Any]] | None,
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    gen: int | None,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    return set_condition(conds, type_, status, reason, message, generation=gen, now=now)
 
 
 def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
-    """Placeholder reconcile: does nothing until the controller is complete."""
+    """Reconcile one InferenceService (see the module docstring for the steps)."""
+    obj = kube.get(api, API_VERSION, KIND, namespace, name)
+    if obj is None:
+        INDEX.set(namespace, name, None)
+        return None
+    meta = obj["metadata"]
+    gen = meta.get("generation")
+    old_status: dict[str, Any] = dict(obj.get("status") or {})
+    now = datetime.now(UTC)
+    INDEX.set(namespace, name, _model_name(obj.get("spec")))
+    try:
+        spec = InferenceServiceSpec.model_validate(obj.get("spec") or {})
+    except ValidationError as e:
+        return _not_ready(api, obj, old_status, "InvalidSpec", str(e.errors()[0]["msg"]), now)
+    try:
+        status = InferenceServiceStatus.model_validate(old_status)
+    except ValidationError as e:  # a hand-edited status: start over rather than crash-loop
+        log.warning("status of %s/%s is invalid (%s); starting from an empty status", namespace, name, e)
+        status = InferenceServiceStatus(conditions=None)
+    model = kube.get(api, API_VERSION, "Model", namespace, spec.model_ref.name)
+    try:
+        resolved = resolve_version(model, spec.model_ref)
+    except Unresolved as u:
+        return _not_ready(api, obj, old_status, u.reason, u.message, now, model_loaded=False)
+
+    deps = {
+        t: kube.get(api, "apps/v1", "Deployment", namespace, res.deployment_name(name, t))
+        for t in (res.STABLE, res.CANARY)
+    }
+    total = spec.replicas
+    if spec.autoscaling is not None:
+        current = int(((deps[res.STABLE] or {}).get("spec") or {}).get("replicas") or 0)
+        total = max(spec.autoscaling.min_replicas, current)
+    observed = Observed(
+        resolved_version=int(resolved["version"]),
+        total_replicas=total,
+        canary_ready_replicas=ready_replicas(deps[res.CANARY], status.canary_version),
+        canary_failure=progress_failure(deps[res.CANARY], status.canary_version),
+        stable_rolled_out_version=rolled_out_version(deps[res.STABLE]),
+    )
+    measurement = measure(spec, status, namespace, name) if analysis_due(spec, status, now) else None
+    d = decide(spec, status, observed, measurement, now)
+
+    plan = d.plan
+    stable = _artifact_of(model, plan.stable_version, deps[res.STABLE])
+    canary = (
+        _artifact_of(model, plan.canary_version, deps[res.CANARY])
+        if plan.canary_version is not None
+        else None
+    )
+    manifests = res.children(
+        obj,
+        spec,
+        stable=stable,
+        stable_replicas=plan.stable_replicas,
+        canary=canary,
+        canary_replicas=plan.canary_replicas,
+        canary_weight=plan.canary_weight,
+    )
+    keep = set() if stable is not None else {("Deployment", res.deployment_name(name, res.STABLE))}
+    problems = _apply_children(api, obj, manifests, keep)
+    if stable is None:
+        problems.append(
+            f"artifact of stable version {plan.stable_version} is unknown (pruned from the Model?)"
+        )
+
+    new_status = _status(obj, spec, d, deps, problems, gen, now)
+    patch = merge_patch(old_status, new_status)
+    if patch:
+        kube.patch_status(api, obj, patch, resource_version=meta.get("resourceVersion"))
+    for a in d.actions:
+        if a.kind == "Event":
+            events.record(api, obj, a.type, a.reason, a.message)
+        elif a.kind == "ModelRollback":
+            _record_model_rollback(a, namespace, spec.model_ref.name)
+    return Result(requeue_after=d.requeue_after) if d.requeue_after is not None else None
+
+
+def _status(
+    obj: dict[str, Any],
+    spec: InferenceServiceSpec,
+    d: Decision,
+    deps: dict[str, dict[str, Any] | None],
+    problems: list[str],
+    gen: int | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """The whole new status: the machine's rollout fields plus url, conditions, observedGeneration."""
+    st = d.status
+    name, ns = obj["metadata"]["name"], obj["metadata"]["namespace"]
+    conds = (obj.get("status") or {}).get("conditions")
+    stable_dep = deps[res.STABLE]
+    stable_ok = st.stable_version is not None and rolled_out_version(stable_dep) == st.stable_version
+    if stable_ok:
+        conds = _set(conds, "ModelLoaded", TRUE, "Loaded", f"version {st.stable_version} is served", gen, now)
+    else:
+        ready = int(((stable_dep or {}).get("status") or {}).get("readyReplicas") or 0)
+        conds = _set(
+            conds,
+            "ModelLoaded",
+            FALSE,
+            "Loading",
+            f"stable Deployment rolling out version {d.plan.stable_version} ({ready} pods Ready)",
+            gen,
+            now,
+        )
+    conds = _set(
+        conds, "CanaryReady", d.canary_ready.status, d.canary_ready.reason, d.canary_ready.message, gen, now
+    )
+    conds = _set(
+        conds,
+        "RolloutHealthy",
+        d.rollout_healthy.status,
+        d.rollout_healthy.reason,
+        d.rollout_healthy.message,
+        gen,
+        now,
+    )
+    gateway_missing = spec.rollout.traffic_routing == TrafficRouting.GATEWAY_API and any(
+        "HTTPRoute" in p for p in problems
+    )
+    if gateway_missing:
+        verdict = (FALSE, "GatewayAPINotInstalled", "; ".join(problems))
+    elif not stable_ok:
+        verdict = (
+            FALSE,
+            "Loading",
+            f"waiting for the stable Deployment to serve version {d.plan.stable_version}",
+        )
+    elif st.canary_version is not None:
+        reason = "RolloutPaused" if st.rollout_phase == "Paused" else "RolloutInProgress"
+        verdict = (FALSE, reason, f"canary version {st.canary_version}: {d.rollout_healthy.message}")
+    elif st.rolled_back_version is not None:
+        verdict = (
+            FALSE,
+            "RolledBack",
+            f"serving stable version {st.stable_version}; {d.rollout_healthy.message}",
+        )
+    else:
+        verdict = (TRUE, "Serving", f"serving version {st.stable_version}")
+    message = verdict[2] + ("" if gateway_missing or not problems else " (" + "; ".join(problems) + ")")
+    conds = _set(conds, "Ready", verdict[0], verdict[1], message, gen, now)
+    out = st.to_api()
+    out["conditions"] = conds
+    out["observedGeneration"] = gen
+    out["url"] = res.url(name, ns, spec.model_ref.name)
+    return out
+
+
+def _not_ready(
+    api: k8s.ApiClient,
+    obj: dict[str, Any],
+    old_status: dict[str, Any],
+    reason: str,
+    message: str,
+    now: datetime,
+    *,
+    model_loaded: bool | None = None,
+) -> Result | None:
+    """Write ``Ready=False`` (and ``ModelLoaded=False``) with ``reason``; children are left as they are."""
+    gen = obj["metadata"].get("generation")
+    before = get_condition(old_status.get("conditions"), "Ready")
+    conds = _set(old_status.get("conditions"), "Ready", FALSE, reason, message, gen, now)
+    if model_loaded is False:
+        conds = _set(conds, "ModelLoaded", FALSE, reason, message, gen, now)
+    new = dict(old_status)
+    new["conditions"] = conds
+    new["observedGeneration"] = gen
+    patch = merge_patch(old_status, new)
+    if patch:
+        kube.patch_status(api, obj, patch, resource_version=obj["metadata"].get("resourceVersion"))
+    if not before or before.get("reason") != reason:
+        events.record(api, obj, "Warning", reason, message)
     return None
 
 
 def reconciler(api: k8s.ApiClient) -> ReconcileFn:
+    """The work-queue reconcile function of the InferenceService kind."""
     return lambda ns, name: reconcile(api, ns, name)

@@ -1,18 +1,529 @@
-"""Model controller (work in progress: full registry logic lands with issue 5)."""
+"""Model controller: the model registry, kept in the Model's status.
+
+Two writers change a Model's status, and both use the same discipline, read -> pure step
+(:mod:`kiln.registry`) -> JSON merge patch of the status subresource guarded by the
+``resourceVersion`` that was read; on HTTP 409 they re-read and recompute. So no write is ever
+based on a stale read, and two registrations can never get the same number:
+
+- :func:`register_version`, called by the TrainingJob controller when a job succeeds (and by
+  this controller for ``spec.import`` entries), appends version ``latestVersion + 1``, applies
+  ``promotionPolicy`` and brings into force any spec declaration naming the new number.
+- :func:`reconcile` (level-based, on every watch event of the Model) registers pending
+  imports, brings ``spec.stages`` / ``spec.aliases`` into force after verifying the artifacts
+  they name, prunes old versions, and writes ``Ready`` and ``observedGeneration``.
+
+How spec and policy combine (also in docs/registry.md): ``spec.stages`` wins for every stage
+it declares; any other stage holds the version ``promotionPolicy`` last promoted to it
+(``status.policyStages``). A declaration naming a version that is not registered, whose artifact
+is missing, or whose digest does not match is refused: ``Ready=False`` names it (reason
+VersionNotFound / ArtifactMissing / DigestMismatch / ArtifactInvalid), a Warning event is
+posted, and the previous version stays in force. The operator never writes spec.
+
+Rollbacks: ``kiln rollback`` patches ``spec.stages`` like any promotion and sets the annotation
+``kiln.dev/change-cause: Rollback:<generation>``; the controller records the changes of exactly
+that generation with cause Rollback (a later edit of spec has another generation, so a stale
+annotation never mislabels it).
+
+Rebuildable status: after each registration the controller writes
+``<artifact>/kiln-registration.json`` (:mod:`kiln.registry.record`) and it backfills missing
+ones on reconcile, so ``kiln registry rebuild`` can restore every version under its original
+number from the artifact store alone.
+"""
 
 from __future__ import annotations
 
-from kubernetes import client as k8s
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
-from kiln import API_VERSION
+from kubernetes import client as k8s
+from pydantic import ValidationError
+
+from kiln import API_VERSION, kube, registry
+from kiln.api.model import (
+    HistoryCause,
+    HistoryEntry,
+    Lineage,
+    ModelSpec,
+    ModelStatus,
+    ModelVersion,
+    VersionSource,
+)
+from kiln.artifact import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ArtifactError,
+    ArtifactMetadata,
+    read_metadata,
+    uri_to_path,
+    verify_artifact,
+)
+from kiln.conditions import FALSE, TRUE, get_condition, rfc3339, set_condition
+from kiln.controllers import events
 from kiln.controllers.runtime import ReconcileFn, Result, watch
+from kiln.registry import history, record
+from kiln.registry.stages import (
+    ARTIFACT_INVALID,
+    ARTIFACT_MISSING,
+    DIGEST_MISMATCH,
+    Problem,
+    Refusal,
+)
+from kiln.registry.versions import find_by_artifact, find_by_training_job
 
 KIND = "Model"
 watch(KIND, API_VERSION, "models")
 
+log = logging.getLogger("kiln.model")
+
+#: Annotation ``kubectl``-style tools set next to a spec change: ``Rollback:<generation>``.
+CHANGE_CAUSE_ANNOTATION = "kiln.dev/change-cause"
+#: A refused declaration is re-checked this often (an artifact may be copied in later).
+REFUSAL_RETRY_SECONDS = 60.0
+#: Conflict retries of one registration before giving up (the caller retries later).
+REGISTER_ATTEMPTS = 50
+
+
+class ModelNotFound(LookupError):
+    """The Model a registration names does not exist."""
+
+
+class RegistrationConflict(RuntimeError):
+    """The Model kept changing under a registration for :data:`REGISTER_ATTEMPTS` attempts."""
+
+
+# --- artifacts ---------------------------------------------------------------------------
+
+
+def verify(artifact_uri: str, digest: str) -> tuple[ArtifactMetadata | None, Problem | None]:
+    """Verify the artifact at ``artifact_uri`` against ``digest`` on the mounted artifact store.
+
+    Returns:
+        ``(metadata, None)`` when it verifies, else ``(None, Problem)`` with reason
+        ArtifactMissing (no such directory, weights or config; or a non-file URI),
+        ArtifactInvalid (unreadable metadata.json) or DigestMismatch (weights differ from
+        ``digest`` or from the digest in metadata.json).
+    """
+    try:
+        d = uri_to_path(artifact_uri)
+    except ArtifactError as e:
+        return None, Problem(ARTIFACT_MISSING, str(e))
+    if not d.is_dir():
+        return None, Problem(ARTIFACT_MISSING, f"artifact directory {d} not found")
+    for f in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (d / f).is_file():
+            return None, Problem(ARTIFACT_MISSING, f"artifact {d} is missing {f}")
+    try:
+        read_metadata(d)
+    except ArtifactError as e:
+        return None, Problem(ARTIFACT_INVALID, str(e))
+    try:
+        return verify_artifact(d, digest), None
+    except ArtifactError as e:  # files and metadata are there: what is left is a digest mismatch
+        return None, Problem(DIGEST_MISMATCH, str(e))
+    except OSError as e:
+        return None, Problem(ARTIFACT_MISSING, f"artifact {d}: {e}")
+
+
+class _Checker:
+    """``registry.Check`` over :func:`verify`, caching results for one reconcile or registration."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str], tuple[ArtifactMetadata | None, Problem | None]] = {}
+
+    def verify(self, artifact_uri: str, digest: str) -> tuple[ArtifactMetadata | None, Problem | None]:
+        key = (artifact_uri, digest)
+        if key not in self._cache:
+            self._cache[key] = verify(artifact_uri, digest)
+        return self._cache[key]
+
+    def __call__(self, v: ModelVersion) -> Problem | None:
+        return self.verify(v.artifact_uri, v.digest)[1]
+
+
+# --- registration records ------------------------------------------------------------------
+
+_recorded: set[tuple[str, str, int, str]] = set()  # (namespace, model, version, digest) known on disk
+_record_lock = threading.Lock()
+
+
+def write_record(namespace: str, model: str, entry: ModelVersion, *, model_uid: str | None = None) -> bool:
+    """Write (or update) ``<artifact>/kiln-registration.json`` for this version.
+
+    Best effort: returns False, logging why, when the artifact directory is not on this
+    machine's artifact store or cannot be written; the version stays registered either way.
+    """
+    try:
+        d = uri_to_path(entry.artifact_uri)
+    except ArtifactError:
+        return False
+    if not d.is_dir():
+        log.info(
+            "artifact %s not mounted here; no registration record for %s/%s v%d",
+            d,
+            namespace,
+            model,
+            entry.version,
+        )
+        return False
+    path = d / record.RECORD_FILE
+    with _record_lock:
+        try:
+            current = record.parse(path.read_bytes()) if path.exists() else None
+        except (OSError, record.RecordError) as e:
+            log.warning("replacing unreadable registration record %s: %s", path, e)
+            current = None
+        reg = record.Registration(
+            namespace=namespace, model=model, model_uid=model_uid, registered_at=rfc3339(), version=entry
+        )
+        if current is not None and (old := current.find(namespace, model)) is not None:
+            if old.version == entry and old.model_uid == model_uid:
+                _recorded.add((namespace, model, entry.version, entry.digest))
+                return True
+            reg.registered_at = (
+                old.registered_at if old.version.version == entry.version else reg.registered_at
+            )
+        try:
+            _atomic_write(path, record.dumps(record.upsert(current, reg)))
+        except OSError as e:
+            log.warning("could not write registration record %s: %s", path, e)
+            return False
+        _recorded.add((namespace, model, entry.version, entry.digest))
+        return True
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kiln-registration.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _backfill_records(namespace: str, model: str, uid: str | None, status: ModelStatus) -> None:
+    """Write the records missing for kept versions (e.g. lost to a crash after registration)."""
+    for v in status.versions or []:
+        if (namespace, model, v.version, v.digest) in _recorded:
+            continue
+        try:
+            path = uri_to_path(v.artifact_uri) / record.RECORD_FILE
+            if path.exists():
+                reg = record.parse(path.read_bytes()).find(namespace, model)
+                if reg is not None and reg.version.version == v.version and reg.version.digest == v.digest:
+                    _recorded.add((namespace, model, v.version, v.digest))
+                    continue
+        except (ArtifactError, OSError, record.RecordError):
+            pass
+        write_record(namespace, model, v, model_uid=uid)
+
+
+# --- shared helpers --------------------------------------------------------------------------
+
+
+def load(obj: Mapping[str, Any]) -> tuple[ModelSpec, ModelStatus]:
+    """Parse a Model object's spec and status.
+
+    Raises:
+        pydantic.ValidationError: the spec or status does not match the API types.
+    """
+    return ModelSpec.model_validate(obj.get("spec") or {}), ModelStatus.model_validate(
+        obj.get("status") or {}
+    )
+
+
+def spec_cause(obj: Mapping[str, Any]) -> HistoryCause:
+    """Rollback when the change-cause annotation names this generation, else SpecChange."""
+    meta = obj.get("metadata") or {}
+    value = (meta.get("annotations") or {}).get(CHANGE_CAUSE_ANNOTATION, "")
+    if value == f"{HistoryCause.ROLLBACK.value}:{meta.get('generation')}":
+        return HistoryCause.ROLLBACK
+    return HistoryCause.SPEC_CHANGE
+
+
+def _lineage(lineage: Mapping[str, Any]) -> Lineage:
+    known = set(Lineage.model_fields) | {f.alias for f in Lineage.model_fields.values() if f.alias}
+    unknown = sorted(set(lineage) - known)
+    if unknown:
+        log.warning("ignoring unknown lineage fields %s", unknown)
+    data = {k: v for k, v in lineage.items() if k in known}
+    if "source" not in data:
+        data["source"] = (
+            VersionSource.TRAINING_JOB.value
+            if (data.get("trainingJob") or data.get("training_job"))
+            else VersionSource.IMPORT.value
+        )
+    return Lineage.model_validate(data)
+
+
+def _post_changes(api: k8s.ApiClient, obj: dict[str, Any], changes: list[HistoryEntry]) -> None:
+    for e in changes:
+        reason = (
+            "RolledBack"
+            if e.cause == HistoryCause.ROLLBACK
+            else ("AliasChanged" if e.alias is not None else "StageChanged")
+        )
+        events.record(api, obj, events.NORMAL, reason, history.describe(e))
+
+
+# --- registration ------------------------------------------------------------------------------
+
+
+def register_version(
+    api: k8s.ApiClient,
+    namespace: str,
+    model_name: str,
+    *,
+    artifact_uri: str,
+    digest: str,
+    metrics: Mapping[str, float] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    lineage: Mapping[str, Any],
+    created_at: str | None = None,
+) -> int:
+    """Register an artifact as the next version of Model ``namespace/model_name``.
+
+    Idempotent per ``lineage["trainingJob"]``: if that TrainingJob already registered a kept
+    version, its number is returned and nothing is written. Otherwise the version gets number
+    ``latestVersion + 1``; concurrent registrations serialise on the Model's
+    ``resourceVersion`` (a 409 re-reads and renumbers), so they get distinct consecutive
+    numbers. The artifact is verified once (when the store is mounted): a version whose artifact
+    does not verify is still registered, but ``promotionPolicy`` does not promote it.
+
+    Args:
+        lineage: Lineage fields, camelCase or snake_case (``source``, ``trainingJob``,
+            ``dataset``, ``datasetDigest``, ``image``); ``source`` defaults to TrainingJob when
+            ``trainingJob`` is given, else Import.
+        created_at: RFC 3339 creation time of the artifact; default: its metadata.json, or now.
+    Returns:
+        The version number.
+    Raises:
+        ModelNotFound: the Model does not exist.
+        ValueError (pydantic.ValidationError): a malformed digest or URI, or a Model whose
+            spec or status does not parse.
+        RegistrationConflict: the Model kept changing under us for every attempt.
+        kubernetes.client.ApiException: other API errors.
+    """
+    lin = _lineage(lineage)
+    checker = _Checker()
+    meta, problem = checker.verify(artifact_uri, digest)
+    created = created_at or (meta.createdAt if meta else None) or rfc3339()
+    ModelVersion(
+        version=1, artifact_uri=artifact_uri, digest=digest, created_at=created
+    )  # fail fast on bad input
+    for attempt in range(REGISTER_ATTEMPTS):
+        obj = kube.get(api, API_VERSION, KIND, namespace, model_name)
+        if obj is None:
+            raise ModelNotFound(f"Model {namespace}/{model_name} not found")
+        spec, status = load(obj)
+        if lin.training_job and (done := find_by_training_job(status, lin.training_job)) is not None:
+            write_record(namespace, model_name, done, model_uid=obj["metadata"].get("uid"))
+            return done.version
+        out = registry.register(
+            spec,
+            status,
+            checker,
+            artifact_uri=artifact_uri,
+            digest=digest,
+            created_at=created,
+            lineage=lin,
+            metrics=metrics,
+            hyperparameters=hyperparameters,
+            artifact_problem=problem,
+            now=rfc3339(),
+            spec_cause=spec_cause(obj),
+        )
+        assert out.registered is not None
+        patch = registry.merge_patch(obj.get("status"), out.status.to_api())
+        try:
+            kube.patch_status(api, obj, patch, resource_version=obj["metadata"]["resourceVersion"])
+        except kube.Conflict:
+            time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
+            continue
+        n = out.registered.version
+        log.info(
+            "registered %s/%s version %d (%s) after %d attempt(s)",
+            namespace,
+            model_name,
+            n,
+            digest,
+            attempt + 1,
+        )
+        write_record(namespace, model_name, out.registered, model_uid=obj["metadata"].get("uid"))
+        events.record(
+            api,
+            obj,
+            events.NORMAL,
+            "VersionRegistered",
+            f"version {n} registered from {lin.training_job or artifact_uri} ({digest[:19]}...)",
+        )
+        if problem is not None and spec.promotion_policy:
+            events.record(
+                api,
+                obj,
+                events.WARNING,
+                "PolicySkipped",
+                f"version {n} not considered by promotionPolicy: {problem.reason}: {problem.message}",
+            )
+        _post_changes(api, obj, out.changes)
+        return n
+    raise RegistrationConflict(
+        f"Model {namespace}/{model_name} changed under {REGISTER_ATTEMPTS} registration attempts; retry later"
+    )
+
+
+# --- reconcile ---------------------------------------------------------------------------------
+
 
 def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
-    """Reconcile one Model (placeholder until the registry lands)."""
+    """Register pending imports, bring declared stages and aliases into force, prune, report.
+
+    Writes ``status`` (guarded by ``resourceVersion``; a conflict requeues at once), posts
+    events for stage/alias changes and new refusals, backfills registration records. Refused
+    declarations are re-checked every :data:`REFUSAL_RETRY_SECONDS`.
+    """
+    obj = kube.get(api, API_VERSION, KIND, namespace, name)
+    if obj is None:
+        return None
+    meta = obj["metadata"]
+    gen = meta.get("generation")
+    raw_status: dict[str, Any] = obj.get("status") or {}
+    try:
+        spec, status = load(obj)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        new = dict(raw_status)
+        new["conditions"] = set_condition(
+            raw_status.get("conditions"),
+            "Ready",
+            FALSE,
+            "InvalidSpec",
+            f"{where}: {first['msg']}",
+            generation=gen,
+        )
+        new["observedGeneration"] = gen
+        return _write(api, obj, raw_status, new)
+
+    now = rfc3339()
+    cause = spec_cause(obj)
+    checker = _Checker()
+    changes: list[HistoryEntry] = []
+    refusals: list[Refusal] = []
+    imported: list[ModelVersion] = []
+    imports = spec.import_ or []
+    while status.imported < len(imports):
+        i, imp = status.imported, imports[status.imported]
+        if find_by_artifact(status, imp.artifact_uri, imp.digest) is not None:
+            status = status.model_copy(update={"imported": i + 1})
+            continue
+        artifact_meta, problem = checker.verify(imp.artifact_uri, imp.digest)
+        if problem is not None:
+            refusals.append(Refusal(f"import[{i}]", None, problem.reason, problem.message))
+            break
+        out = registry.register(
+            spec,
+            status,
+            checker,
+            artifact_uri=imp.artifact_uri,
+            digest=imp.digest,
+            created_at=artifact_meta.createdAt if artifact_meta else now,
+            lineage=Lineage(source=VersionSource.IMPORT),
+            metrics=imp.metrics,
+            hyperparameters=imp.hyperparameters,
+            now=now,
+            spec_cause=cause,
+        )
+        assert out.registered is not None
+        status = out.status.model_copy(update={"imported": i + 1})
+        changes += out.changes
+        imported.append(out.registered)
+
+    out = registry.settle(spec, status, checker, now=now, spec_cause=cause)
+    changes += out.changes
+    refusals = out.refusals + refusals
+    new = out.status.to_api()
+    old_ready = get_condition(raw_status.get("conditions"), "Ready")
+    if refusals:
+        reason = refusals[0].reason
+        message = "; ".join(r.describe() for r in refusals) + "; the previous assignments stay in force"
+        new["conditions"] = set_condition(
+            raw_status.get("conditions"), "Ready", FALSE, reason, message, generation=gen
+        )
+    else:
+        new["conditions"] = set_condition(
+            raw_status.get("conditions"), "Ready", TRUE, "InForce", _summary(out.status), generation=gen
+        )
+    new["observedGeneration"] = gen
+    conflict = _write(api, obj, raw_status, new)
+    if conflict is not None:
+        return conflict  # nothing was written: decide again from a fresh read
+    for v in imported:
+        events.record(
+            api,
+            obj,
+            events.NORMAL,
+            "VersionRegistered",
+            f"version {v.version} imported from {v.artifact_uri}",
+        )
+    _post_changes(api, obj, changes)
+    if refusals and _ready_message(new) != (old_ready or {}).get("message"):
+        for r in refusals:
+            events.record(
+                api,
+                obj,
+                events.WARNING,
+                "ImportFailed" if r.target.startswith("import") else "PromotionRefused",
+                r.describe(),
+            )
+    _backfill_records(namespace, name, meta.get("uid"), out.status)
+    return Result(requeue_after=REFUSAL_RETRY_SECONDS) if refusals else None
+
+
+def _ready_message(status: Mapping[str, Any]) -> str | None:
+    c = get_condition(status.get("conditions"), "Ready")
+    return c.get("message") if c else None
+
+
+def _summary(status: ModelStatus) -> str:
+    parts = [f"latest version {status.latest_version}"]
+    st = status.stages
+    if st is not None:
+        parts += [
+            f"{name}: {v}"
+            for name, v in (
+                ("Production", st.production),
+                ("Staging", st.staging),
+                ("Development", st.development),
+            )
+            if v is not None
+        ]
+    if status.aliases:
+        parts.append("aliases: " + ", ".join(f"{a}={v}" for a, v in sorted(status.aliases.items())))
+    return "; ".join(parts)
+
+
+def _write(
+    api: k8s.ApiClient, obj: dict[str, Any], old: Mapping[str, Any], new: Mapping[str, Any]
+) -> Result | None:
+    patch = registry.merge_patch(old, new)
+    if not patch:
+        return None
+    try:
+        kube.patch_status(api, obj, patch, resource_version=obj["metadata"]["resourceVersion"])
+    except kube.Conflict:
+        return Result(requeue_after=0.0)
     return None
 
 

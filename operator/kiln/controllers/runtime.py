@@ -20,13 +20,14 @@ simpler to reason about and survives operator restarts without a special path.
 from __future__ import annotations
 
 import asyncio
-import kopf
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import kopf
 
 from kiln.metrics import QUEUE_DEPTH, RECONCILE_DURATION, RECONCILE_ERRORS, RECONCILE_TOTAL
 
@@ -55,7 +56,9 @@ class WorkQueue:
         max_backoff: cap of the error back-off, in seconds (it starts at 1 s and doubles).
     """
 
-    def __init__(self, kind: str, reconcile: ReconcileFn, *, workers: int = 8, max_backoff: float = 300.0) -> None:
+    def __init__(
+        self, kind: str, reconcile: ReconcileFn, *, workers: int = 8, max_backoff: float = 300.0
+    ) -> None:
         self.kind = kind
         self._reconcile = reconcile
         self._sem = asyncio.Semaphore(workers)
@@ -134,7 +137,9 @@ class WorkQueue:
             return None, True
         finally:
             RECONCILE_DURATION.labels(self.kind).observe(time.perf_counter() - t0)
-        RECONCILE_TOTAL.labels(self.kind, "requeue" if result and result.requeue_after is not None else "success").inc()
+        RECONCILE_TOTAL.labels(
+            self.kind, "requeue" if result and result.requeue_after is not None else "success"
+        ).inc()
         return result, False
 
     def keys_in_flight(self) -> set[Key]:
@@ -185,7 +190,11 @@ def enqueue(kind: str, namespace: str, name: str, delay: float = 0.0) -> None:
 def owner_name(body: Any, kind: str) -> str | None:
     """Name of the controlling owner of kind ``kind`` (a kiln.dev kind) of a child object."""
     for ref in body.get("metadata", {}).get("ownerReferences", []) or []:
-        if ref.get("kind") == kind and ref.get("controller") and ref.get("apiVersion", "").startswith("kiln.dev/"):
+        if (
+            ref.get("kind") == kind
+            and ref.get("controller")
+            and ref.get("apiVersion", "").startswith("kiln.dev/")
+        ):
             return str(ref.get("name"))
     return None
 
@@ -206,7 +215,9 @@ def watch_children(kind: str, group_version: str, plural: str, parent_label: str
     """
     group, _, version = group_version.rpartition("/")
 
-    @kopf.on.event(group, version, plural, labels={parent_label: kopf.PRESENT}, id=f"watch-{plural}-of-{kind.lower()}")
+    @kopf.on.event(
+        group, version, plural, labels={parent_label: kopf.PRESENT}, id=f"watch-{plural}-of-{kind.lower()}"
+    )
     async def _on_child_event(body: kopf.Body, **_: Any) -> None:
         parent = body.metadata.labels.get(parent_label)
         if parent:

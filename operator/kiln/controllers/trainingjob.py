@@ -48,8 +48,14 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
         st = dict(old_status)
-        st["conditions"] = set_condition(st.get("conditions"), "Ready", FALSE, "InvalidSpec",
-                                         f"spec.{where}: {err['msg']}", generation=job["metadata"].get("generation"))
+        st["conditions"] = set_condition(
+            st.get("conditions"),
+            "Ready",
+            FALSE,
+            "InvalidSpec",
+            f"spec.{where}: {err['msg']}",
+            generation=job["metadata"].get("generation"),
+        )
         st["observedGeneration"] = job["metadata"].get("generation")
         if st != old_status:
             kube.patch_status(api, job, st)
@@ -82,14 +88,19 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
     return Result(requeue_after=p.requeue_after) if p.requeue_after is not None else None
 
 
-def _register(api: k8s.ApiClient, job: dict[str, Any], spec: TrainingJobSpec, status: dict[str, Any],
-              now: datetime) -> None:
+def _register(
+    api: k8s.ApiClient, job: dict[str, Any], spec: TrainingJobSpec, status: dict[str, Any], now: datetime
+) -> None:
     """Register the job's result as a new Model version; records the outcome in ``status``."""
     from kiln.controllers.model import register_version  # the registry's one entry point
 
     assert spec.model_ref is not None
     result = status["result"]
-    lineage: dict[str, Any] = {"source": "TrainingJob", "trainingJob": job["metadata"]["name"], "image": spec.image}
+    lineage: dict[str, Any] = {
+        "source": "TrainingJob",
+        "trainingJob": job["metadata"]["name"],
+        "image": spec.image,
+    }
     try:
         meta = read_metadata(uri_to_path(result["artifactUri"]))
     except ArtifactError:
@@ -102,22 +113,40 @@ def _register(api: k8s.ApiClient, job: dict[str, Any], spec: TrainingJobSpec, st
     gen = job["metadata"].get("generation")
     try:
         version = register_version(
-            api, job["metadata"]["namespace"], spec.model_ref.name,
-            artifact_uri=result["artifactUri"], digest=result["digest"], metrics=result.get("metrics") or {},
-            hyperparameters=spec.hyperparameters or {}, lineage=lineage,
+            api,
+            job["metadata"]["namespace"],
+            spec.model_ref.name,
+            artifact_uri=result["artifactUri"],
+            digest=result["digest"],
+            metrics=result.get("metrics") or {},
+            hyperparameters=spec.hyperparameters or {},
+            lineage=lineage,
         )
     except (ApiException, LookupError, ValueError) as e:
         reason = "ModelNotFound" if isinstance(e, LookupError) else "RegistrationFailed"
         msg = f"could not register in Model {spec.model_ref.name}: {getattr(e, 'reason', None) or e}"
         log.warning("%s/%s: %s", job["metadata"]["namespace"], job["metadata"]["name"], msg)
-        status["conditions"] = set_condition(status.get("conditions"), "Ready", FALSE, reason, msg,
-                                             generation=gen, now=now)
+        status["conditions"] = set_condition(
+            status.get("conditions"), "Ready", FALSE, reason, msg, generation=gen, now=now
+        )
         return
     status["registeredVersion"] = version
-    status["conditions"] = set_condition(status.get("conditions"), "Ready", TRUE, "Registered",
-                                         f"registered as version {version} of Model {spec.model_ref.name}",
-                                         generation=gen, now=now)
-    events.record(api, job, events.NORMAL, "Registered", f"registered as version {version} of Model {spec.model_ref.name}")
+    status["conditions"] = set_condition(
+        status.get("conditions"),
+        "Ready",
+        TRUE,
+        "Registered",
+        f"registered as version {version} of Model {spec.model_ref.name}",
+        generation=gen,
+        now=now,
+    )
+    events.record(
+        api,
+        job,
+        events.NORMAL,
+        "Registered",
+        f"registered as version {version} of Model {spec.model_ref.name}",
+    )
 
 
 def reconciler(api: k8s.ApiClient) -> ReconcileFn:

@@ -137,7 +137,9 @@ def resolve(
         if n not in known:
             detail = "was pruned" if n <= status.latest_version else "is not registered"
             refusals.append(
-                Refusal(target, n, VERSION_NOT_FOUND, f"version {n} {detail} (latest is {status.latest_version})")
+                Refusal(
+                    target, n, VERSION_NOT_FOUND, f"version {n} {detail} (latest is {status.latest_version})"
+                )
             )
             return False
         if in_force or not verify:
@@ -165,10 +167,9 @@ def resolve(
             taken.add(n)
     for name, _ in STAGE_FIELDS:
         prev = getattr(cur, name)
-        if getattr(decl, name) is not None and name not in chosen and prev is not None:
-            if prev in known and prev not in taken:
-                chosen[name] = (prev, "kept")
-                taken.add(prev)
+        if getattr(decl, name) is not None and name not in chosen and prev in known and prev not in taken:
+            chosen[name] = (prev, "kept")
+            taken.add(prev)
     for name, _ in STAGE_FIELDS:
         n = getattr(pol, name)
         if getattr(decl, name) is None and n is not None and n in known and n not in taken:
@@ -195,38 +196,77 @@ def resolve(
             continue
         if source == "policy":
             note = (policy_notes or {}).get(name) or "in force from promotionPolicy"
-            changes.append(history.entry(now, HistoryCause.POLICY, stage=stage.value, from_version=old,
-                                         to_version=new, message=note))
+            changes.append(
+                history.entry(
+                    now,
+                    HistoryCause.POLICY,
+                    stage=stage.value,
+                    from_version=old,
+                    to_version=new,
+                    message=note,
+                )
+            )
         else:
-            changes.append(history.entry(now, spec_or_registration(new), stage=stage.value, from_version=old,
-                                         to_version=new, message=_spec_note(name, decl, new)))
+            changes.append(
+                history.entry(
+                    now,
+                    spec_or_registration(new),
+                    stage=stage.value,
+                    from_version=old,
+                    to_version=new,
+                    message=_spec_note(name, decl, old, new, taken),
+                )
+            )
     old_archived = list(cur.archived or [])
     for n in archived:
         if n not in old_archived:
-            changes.append(history.entry(now, spec_or_registration(n), stage=Stage.ARCHIVED.value, to_version=n,
-                                         message="spec.stages.archived"))
+            changes.append(
+                history.entry(
+                    now,
+                    spec_or_registration(n),
+                    stage=Stage.ARCHIVED.value,
+                    to_version=n,
+                    message="spec.stages.archived",
+                )
+            )
     for n in old_archived:
         if n not in archived:
-            changes.append(history.entry(now, spec_cause, stage=Stage.ARCHIVED.value, from_version=n,
-                                         message="removed from spec.stages.archived"))
+            changes.append(
+                history.entry(
+                    now,
+                    spec_cause,
+                    stage=Stage.ARCHIVED.value,
+                    from_version=n,
+                    message="removed from spec.stages.archived",
+                )
+            )
     for a in sorted(set(cur_aliases) | set(aliases)):
         old_v, new_v = cur_aliases.get(a), aliases.get(a)
         if old_v != new_v:
-            changes.append(history.entry(now, spec_or_registration(new_v), alias=a, from_version=old_v,
-                                         to_version=new_v, message=f"spec.aliases.{a}"))
+            changes.append(
+                history.entry(
+                    now,
+                    spec_or_registration(new_v),
+                    alias=a,
+                    from_version=old_v,
+                    to_version=new_v,
+                    message=f"spec.aliases.{a}",
+                )
+            )
 
     values = {name: v for name, (v, _) in chosen.items()}
     stages = StageAssignments(**values, archived=archived or None) if values or archived else None
     return Resolution(stages=stages, aliases=aliases or None, changes=changes, refusals=refusals)
 
 
-def _spec_note(name: str, decl: StageAssignments, new: int | None) -> str:
-    declared = getattr(decl, name)
-    if new is None:
-        return f"spec.stages.{name} not declared and no policy pick" if declared is None else (
-            f"spec.stages.{name} took precedence"
-        )
-    return f"spec.stages.{name}"
+def _spec_note(name: str, decl: StageAssignments, old: int | None, new: int | None, taken: set[int]) -> str:
+    if new is not None:
+        return f"spec.stages.{name}"
+    if old is not None and old in taken:
+        return f"version {old} now holds another stage declared in spec.stages"
+    if getattr(decl, name) is None:
+        return f"spec.stages.{name} is no longer declared and promotionPolicy has no pick for it"
+    return f"spec.stages.{name} is refused and version {old} no longer holds the stage"
 
 
 def rule_passes(rule: PromotionRule, metrics: Mapping[str, float] | None) -> bool:
@@ -287,8 +327,9 @@ def replay_policy(spec: ModelSpec, versions: Iterable[ModelVersion]) -> StageAss
     return picks
 
 
-def rollback_target(entries: Iterable[HistoryEntry] | None, current: int | None,
-                    stage: str = Stage.PRODUCTION.value) -> int | None:
+def rollback_target(
+    entries: Iterable[HistoryEntry] | None, current: int | None, stage: str = Stage.PRODUCTION.value
+) -> int | None:
     """The version ``kiln rollback`` returns ``stage`` to, from the audit trail.
 
     The stage's history is replayed as a stack: a change pushes its new version, a Rollback
@@ -305,8 +346,9 @@ def rollback_target(entries: Iterable[HistoryEntry] | None, current: int | None,
     for e in entries or []:
         if e.stage != stage:
             continue
-        if e.cause == HistoryCause.ROLLBACK and stack:
-            stack.pop()
+        if e.cause == HistoryCause.ROLLBACK:
+            if stack:
+                stack.pop()
         elif not stack and e.from_version is not None:
             stack.append(e.from_version)
         if e.to_version is not None and (not stack or stack[-1] != e.to_version):

@@ -89,9 +89,9 @@ def find_by_artifact(status: ModelStatus, artifact_uri: str, digest: str) -> Mod
     return None
 
 
-def append(status: ModelStatus, entry_without_number: ModelVersion | None = None, **fields: Any) -> tuple[
-    ModelStatus, ModelVersion
-]:
+def append(
+    status: ModelStatus, entry_without_number: ModelVersion | None = None, **fields: Any
+) -> tuple[ModelStatus, ModelVersion]:
     """Append a new version numbered ``latestVersion + 1``; the input is not modified.
 
     Either pass the keyword arguments of :func:`make_version` (without ``number``), or a
@@ -130,7 +130,9 @@ def stage_members(stages: StageAssignments | None) -> set[int]:
     return out | set(stages.archived or [])
 
 
-def prune(versions: Iterable[ModelVersion], limit: int, pinned: set[int]) -> tuple[list[ModelVersion], list[int]]:
+def prune(
+    versions: Iterable[ModelVersion], limit: int, pinned: set[int]
+) -> tuple[list[ModelVersion], list[int]]:
     """Keep the ``limit`` newest versions plus every pinned one, in their original order.
 
     Returns:

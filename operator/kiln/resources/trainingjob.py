@@ -75,7 +75,9 @@ def resolve_nproc_per_node(spec: TrainingJobSpec) -> int:
 def _tolerations(spec: TrainingJobSpec) -> list[dict[str, Any]]:
     tols = [t.to_api() for t in spec.tolerations or []]
     # An empty key with Exists tolerates every taint, so it covers the GPU taint too.
-    covered = any(t.get("key") == GPU_TAINT_KEY or (not t.get("key") and t.get("operator") == "Exists") for t in tols)
+    covered = any(
+        t.get("key") == GPU_TAINT_KEY or (not t.get("key") and t.get("operator") == "Exists") for t in tols
+    )
     if gpus_per_node(spec) > 0 and not covered:
         tols.append({"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"})
     return tols
@@ -156,7 +158,10 @@ def pod(job: dict[str, Any], spec: TrainingJobSpec, rank: int, gang: int) -> dic
         {"name": "tmp", "emptyDir": {}},
         # DDP's gloo/NCCL and DataLoader workers use shared memory; the runtime default is 64 MiB.
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-        {"name": "output", **(spec.output.volume if spec.output and spec.output.volume else {"emptyDir": {}})},
+        {
+            "name": "output",
+            **(spec.output.volume if spec.output and spec.output.volume else {"emptyDir": {}}),
+        },
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "tmp", "mountPath": "/tmp"},
@@ -165,7 +170,9 @@ def pod(job: dict[str, Any], spec: TrainingJobSpec, rank: int, gang: int) -> dic
     ]
     if dataset.uri and dataset.volume:
         volumes.append({"name": "dataset", **dataset.volume})
-        mounts.append({"name": "dataset", "mountPath": posixpath.dirname(_dir_of(dataset.uri)), "readOnly": True})
+        mounts.append(
+            {"name": "dataset", "mountPath": posixpath.dirname(_dir_of(dataset.uri)), "readOnly": True}
+        )
 
     container: dict[str, Any] = {
         "name": CONTAINER,

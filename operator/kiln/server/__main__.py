@@ -36,7 +36,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     configure_torch(settings.torch_threads)
     try:
         model = load_model(
-            settings.artifact, settings.digest, name=settings.model_name, version=settings.model_version
+            settings.artifact,
+            settings.digest,
+            name=settings.model_name,
+            version=settings.model_version,
+            threads=settings.torch_threads,
         )
     except ArtifactError as e:
         log.error("refusing to serve: %s", e)

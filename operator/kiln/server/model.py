@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,18 @@ from kiln.nn import build_model
 log = logging.getLogger(__name__)
 
 
+_thread_state = threading.local()
+
+
 @dataclass
 class LoadedModel:
-    """A verified artifact ready for inference. ``predict`` is thread-safe for one caller at a time."""
+    """A verified artifact ready for inference.
+
+    ``predict`` may be called from any thread. torch's intra-op thread count is an OpenMP setting
+    *of the calling thread*, so each new calling thread (e.g. the server's executor thread) sets it
+    to ``threads`` on first use; without that, the executor thread would use every core and
+    compute slightly different floats from the main thread.
+    """
 
     name: str
     version: str
@@ -42,27 +52,35 @@ class LoadedModel:
     config: ModelConfig
     metadata: ArtifactMetadata
     module: torch.nn.Module
+    threads: int = field(default_factory=torch.get_num_threads)
 
     def predict(self, rows: np.ndarray) -> np.ndarray:
         """Logits (float32, ``(n, numClasses)``) for float32 rows of shape ``(n, inputSize)``."""
+        if getattr(_thread_state, "threads", None) != self.threads:
+            torch.set_num_threads(self.threads)
+            _thread_state.threads = self.threads
         with torch.inference_mode():
             return self.module(torch.from_numpy(rows)).numpy()
 
 
 def configure_torch(threads: int) -> None:
-    """Set torch's intra-op (and, if still possible, inter-op) thread counts."""
+    """Set torch's intra-op thread count (for the calling thread) and, if still possible, inter-op."""
     torch.set_num_threads(threads)
     # RuntimeError: already set, or parallel work has started in this process.
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
 
 
-def load_model(artifact: str | Path, digest: str, *, name: str, version: str) -> LoadedModel:
+def load_model(
+    artifact: str | Path, digest: str, *, name: str, version: str, threads: int | None = None
+) -> LoadedModel:
     """Verify and load an artifact.
 
     Args:
         artifact: ``file://`` URI or path of the artifact directory.
         digest: the expected ``sha256:<hex>`` of the weights file.
+        threads: torch intra-op threads for every thread that calls ``predict`` (default: the
+            calling thread's current setting).
     Raises:
         ArtifactError: a file is missing or invalid, the digest does not match, or the weights do
             not fit the architecture in ``config.json``.
@@ -85,7 +103,7 @@ def load_model(artifact: str | Path, digest: str, *, name: str, version: str) ->
     except RuntimeError as e:
         raise ArtifactError(f"artifact {path}: weights do not match config.json: {e}") from e
     module.eval()
-    model = LoadedModel(name, version, digest, config, metadata, module)
+    model = LoadedModel(name, version, digest, config, metadata, module, threads or torch.get_num_threads())
     model.predict(np.zeros((1, config.inputSize), dtype=np.float32))  # warm up
     log.info("loaded artifact %s (%s) as %s version %s", path, digest, name, version)
     return model

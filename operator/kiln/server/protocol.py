@@ -241,6 +241,8 @@ def _parse_input(tensor: dict[str, Any], binary: bytes, input_size: int) -> tupl
             )
     with np.errstate(over="ignore", invalid="ignore"):
         rows = np.ascontiguousarray(arr.reshape(shape[0], shape[1]), dtype=np.float32)
+    if not rows.flags.writeable:  # a view of the request bytes; torch wants writable memory
+        rows = rows.copy()
     if not np.isfinite(rows).all():
         raise ProtocolError(
             f"input {name!r} has values that are not finite in float32 (NaN, inf or out of range)"

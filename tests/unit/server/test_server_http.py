@@ -12,11 +12,11 @@ import requests
 
 pytest.importorskip("torch")
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families
 
-from kiln import __version__  # noqa: E402
+from kiln import __version__
 
-from .conftest import MODEL_NAME, MODEL_VERSION, DigitsArtifact, ThreadedServer  # noqa: E402
+from .conftest import MODEL_NAME, MODEL_VERSION, DigitsArtifact, ThreadedServer
 
 pytestmark = pytest.mark.torch
 
@@ -320,7 +320,7 @@ def test_too_large_chunked_body_without_content_length(server: ThreadedServer) -
     assert "exceeds the limit" in r.json()["error"]
 
 
-# ----------------------------------------------------------------------------- metrics, batching, cache, faults
+# ------------------------------------------------------------------- metrics, batching, cache, faults
 def test_metrics(make_server: Any, digits_artifact: DigitsArtifact) -> None:
     s = make_server()
     for _ in range(3):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("torch")  # the server's extra; this module itself only needs numpy
 
-from kiln.server.protocol import (  # noqa: E402
+from kiln.server.protocol import (
     PREDICTED_CLASS,
     InferRequest,
     ProtocolError,

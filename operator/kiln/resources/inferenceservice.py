@@ -1,0 +1,383 @@
+"""Pure builders for an InferenceService's children.
+
+Children (all owned by the InferenceService, labelled ``kiln.dev/inferenceservice: <name>``):
+
+- ``<name>-stable`` and ``<name>-canary`` Deployments of the model server (kiln-serve), pods
+  labelled ``kiln.dev/track: stable|canary`` and ``kiln.dev/model-version: <N>``;
+- Service ``<name>`` (port 80 -> ``http``, 9090 ``metrics``). With ``ReplicaRatio`` routing it
+  selects the pods of both tracks, so traffic splits by Ready pod counts. With ``GatewayAPI`` it
+  selects the stable track only (in-cluster callers bypass the gateway), and per-track Services
+  ``<name>-stable`` / ``<name>-canary`` are the HTTPRoute's weighted backends;
+- ServiceMonitor ``<name>`` (monitoring.coreos.com/v1) scraping the named port ``metrics`` of
+  every Service labelled ``kiln.dev/scrape: "true"`` (each pod exactly once: the shared Service
+  under ReplicaRatio, the per-track Services under GatewayAPI);
+- HorizontalPodAutoscaler ``<name>`` (autoscaling/v2) on the stable Deployment, with ``autoscaling``;
+- HTTPRoute ``<name>`` (gateway.networking.k8s.io/v1) with ``trafficRouting: GatewayAPI``.
+
+The server is configured through environment variables (names from ``kiln.server.settings``).
+Graceful shutdown: on SIGTERM kiln-serve reports not-ready but keeps serving for
+``KILN_SHUTDOWN_DELAY_SECONDS`` (so endpoints and gateways drop the pod before it stops
+listening, the job a ``preStop`` sleep usually does, without needing a shell in the image), then
+drains in-flight requests for up to ``KILN_DRAIN_TIMEOUT_SECONDS``;
+``terminationGracePeriodSeconds`` covers both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.api.inferenceservice import METRICS_PORT, SERVER_PORT, InferenceServiceSpec, TrafficRouting
+from kiln.resources.common import child_name, owner_reference, standard_labels
+
+LABEL_ISVC = "kiln.dev/inferenceservice"
+LABEL_TRACK = "kiln.dev/track"
+LABEL_VERSION = "kiln.dev/model-version"
+LABEL_SCRAPE = "kiln.dev/scrape"
+STABLE, CANARY = "stable", "canary"
+CONTAINER = "server"
+SERVICE_PORT = 80
+SHUTDOWN_DELAY_SECONDS = 5
+DRAIN_TIMEOUT_SECONDS = 30
+TERMINATION_GRACE_SECONDS = SHUTDOWN_DELAY_SECONDS + DRAIN_TIMEOUT_SECONDS + 5
+
+#: Every (apiVersion, kind) an InferenceService may own: the controller deletes undesired ones.
+CHILD_KINDS: tuple[tuple[str, str], ...] = (
+    ("apps/v1", "Deployment"),
+    ("v1", "Service"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+)
+
+#: Server environment variables (must match kiln.server.settings.OPTIONS; a unit test checks).
+ENV_ARTIFACT_URI = "KILN_ARTIFACT_URI"
+ENV_ARTIFACT_DIGEST = "KILN_ARTIFACT_DIGEST"
+ENV_MODEL_NAME = "KILN_MODEL_NAME"
+ENV_MODEL_VERSION = "KILN_MODEL_VERSION"
+ENV_PORT = "KILN_PORT"
+ENV_METRICS_PORT = "KILN_METRICS_PORT"
+ENV_MAX_BATCH_SIZE = "KILN_MAX_BATCH_SIZE"
+ENV_MAX_BATCH_DELAY_MS = "KILN_MAX_BATCH_DELAY_MS"
+ENV_CACHE_SIZE = "KILN_CACHE_SIZE"
+ENV_SHUTDOWN_DELAY = "KILN_SHUTDOWN_DELAY_SECONDS"
+ENV_DRAIN_TIMEOUT = "KILN_DRAIN_TIMEOUT_SECONDS"
+
+
+def deployment_name(isvc: str, track: str) -> str:
+    """``<isvc>-stable`` / ``<isvc>-canary``."""
+    return child_name(isvc, track)
+
+
+def service_name(isvc: str) -> str:
+    """The Service callers use: ``<isvc>``."""
+    return isvc
+
+
+def track_service_name(isvc: str, track: str) -> str:
+    """Per-track Service, an HTTPRoute backend (GatewayAPI routing only)."""
+    return child_name(isvc, track)
+
+
+def url(isvc: str, namespace: str, model: str) -> str:
+    """In-cluster base URL of the model: ``http://<svc>.<ns>.svc.cluster.local/v2/models/<model>``."""
+    return f"http://{service_name(isvc)}.{namespace}.svc.cluster.local/v2/models/{model}"
+
+
+def _meta(
+    isvc: dict[str, Any], name: str, component: str, extra: dict[str, str] | None = None
+) -> dict[str, Any]:
+    m = isvc["metadata"]
+    return {
+        "name": name,
+        "namespace": m["namespace"],
+        "labels": standard_labels(isvc, component) | {LABEL_ISVC: m["name"]} | (extra or {}),
+        "ownerReferences": [owner_reference(isvc)],
+    }
+
+
+def server_env(
+    spec: InferenceServiceSpec, version: int, artifact_uri: str, digest: str
+) -> list[dict[str, str]]:
+    """The kiln-serve environment; ``runtime.env`` entries override Kiln's by name."""
+    rt = spec.runtime
+    env = {
+        ENV_ARTIFACT_URI: artifact_uri,
+        ENV_ARTIFACT_DIGEST: digest,
+        ENV_MODEL_NAME: spec.model_ref.name,
+        ENV_MODEL_VERSION: str(version),
+        ENV_PORT: str(SERVER_PORT),
+        ENV_METRICS_PORT: str(METRICS_PORT),
+        ENV_MAX_BATCH_SIZE: str(rt.max_batch_size),
+        ENV_MAX_BATCH_DELAY_MS: str(rt.max_batch_delay_milliseconds),
+        ENV_CACHE_SIZE: str(rt.cache_size),
+        ENV_SHUTDOWN_DELAY: str(SHUTDOWN_DELAY_SECONDS),
+        ENV_DRAIN_TIMEOUT: str(DRAIN_TIMEOUT_SECONDS),
+    }
+    for e in rt.env or []:
+        env[e.name] = e.value
+    return [{"name": k, "value": v} for k, v in env.items()]
+
+
+def deployment(
+    isvc: dict[str, Any],
+    spec: InferenceServiceSpec,
+    track: str,
+    version: int,
+    artifact_uri: str,
+    digest: str,
+    replicas: int | None,
+) -> dict[str, Any]:
+    """A Deployment of kiln-serve for ``track`` serving ``version`` from ``artifact_uri``.
+
+    Args:
+        replicas: pod count; None leaves it to an HPA (the field is then not applied).
+
+    The selector (immutable) is ``{inferenceservice, track}``; the version is a pod label only,
+    so a new version rolls the same Deployment (``maxUnavailable: 0``: capacity never dips).
+    """
+    name = isvc["metadata"]["name"]
+    rt = spec.runtime
+    pod_labels = standard_labels(isvc, "server") | {
+        LABEL_ISVC: name,
+        LABEL_TRACK: track,
+        LABEL_VERSION: str(version),
+    }
+    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    if rt.artifact_volume:
+        volumes.append({"name": "artifacts", **rt.artifact_volume})
+        mounts.append({"name": "artifacts", "mountPath": rt.artifact_mount_path, "readOnly": True})
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": rt.image,
+        "env": server_env(spec, version, artifact_uri, digest),
+        "ports": [
+            {"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "readinessProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": "http"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 2,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": "http"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 3,
+            "failureThreshold": 3,
+        },
+        # Loading a large model can take a while: liveness starts once the server is up.
+        "startupProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": "http"},
+            "periodSeconds": 2,
+            "failureThreshold": 90,
+        },
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if rt.image_pull_policy:
+        container["imagePullPolicy"] = rt.image_pull_policy
+    if spec.resources:
+        container["resources"] = spec.resources.to_api()
+    dep_spec: dict[str, Any] = {
+        "selector": {"matchLabels": {LABEL_ISVC: name, LABEL_TRACK: track}},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": "25%"}},
+        "progressDeadlineSeconds": spec.rollout.progress_deadline_seconds,
+        "revisionHistoryLimit": 3,
+        "template": {
+            "metadata": {"labels": pod_labels},
+            "spec": {
+                "containers": [container],
+                "volumes": volumes,
+                "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+                "automountServiceAccountToken": False,
+                "enableServiceLinks": False,
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+            },
+        },
+    }
+    if replicas is not None:
+        dep_spec["replicas"] = replicas
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(
+            isvc, deployment_name(name, track), "server", {LABEL_TRACK: track, LABEL_VERSION: str(version)}
+        ),
+        "spec": dep_spec,
+    }
+
+
+def _ports() -> list[dict[str, Any]]:
+    return [
+        {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"},
+        {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+    ]
+
+
+def service(isvc: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any]:
+    """Service ``<name>``: both tracks (ReplicaRatio, scraped) or the stable track (GatewayAPI)."""
+    name = isvc["metadata"]["name"]
+    ratio = spec.rollout.traffic_routing == TrafficRouting.REPLICA_RATIO
+    selector = {LABEL_ISVC: name} if ratio else {LABEL_ISVC: name, LABEL_TRACK: STABLE}
+    extra = {LABEL_SCRAPE: "true"} if ratio else {}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(isvc, service_name(name), "server", extra),
+        "spec": {"type": "ClusterIP", "selector": selector, "ports": _ports()},
+    }
+
+
+def track_service(isvc: dict[str, Any], track: str) -> dict[str, Any]:
+    """Service ``<name>-<track>`` selecting one track: a weighted HTTPRoute backend (scraped)."""
+    name = isvc["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(
+            isvc, track_service_name(name, track), "server", {LABEL_TRACK: track, LABEL_SCRAPE: "true"}
+        ),
+        "spec": {"type": "ClusterIP", "selector": {LABEL_ISVC: name, LABEL_TRACK: track}, "ports": _ports()},
+    }
+
+
+def service_monitor(isvc: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any]:
+    """ServiceMonitor scraping ``/metrics`` on port ``metrics`` of the scraped Services.
+
+    ``monitoring.serviceMonitor.labels`` go on the object so a Prometheus's
+    ``serviceMonitorSelector`` can pick it; Prometheus adds ``namespace``, ``service`` and
+    ``pod`` target labels, and the server exports ``model`` and ``version``.
+    """
+    name = isvc["metadata"]["name"]
+    sm = spec.monitoring.service_monitor
+    meta = _meta(isvc, name, "monitoring")
+    meta["labels"] = meta["labels"] | dict(sm.labels or {})
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": {LABEL_ISVC: name, LABEL_SCRAPE: "true"}},
+            "namespaceSelector": {"matchNames": [isvc["metadata"]["namespace"]]},
+            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": f"{sm.interval_seconds}s"}],
+        },
+    }
+
+
+def hpa(isvc: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any]:
+    """autoscaling/v2 HPA of the stable Deployment on CPU utilization (needs ``autoscaling``)."""
+    assert spec.autoscaling is not None
+    name = isvc["metadata"]["name"]
+    a = spec.autoscaling
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(isvc, name, "server"),
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": deployment_name(name, STABLE),
+            },
+            "minReplicas": a.min_replicas,
+            "maxReplicas": a.max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {
+                            "type": "Utilization",
+                            "averageUtilization": a.target_cpu_utilization_percentage,
+                        },
+                    },
+                }
+            ],
+        },
+    }
+
+
+def http_route(isvc: dict[str, Any], spec: InferenceServiceSpec, canary_weight: int | None) -> dict[str, Any]:
+    """HTTPRoute splitting traffic between the per-track Services.
+
+    Args:
+        canary_weight: canary percentage 0..100, or None when no canary runs (stable only).
+    """
+    gw = spec.rollout.gateway_api
+    assert gw is not None
+    name = isvc["metadata"]["name"]
+    backends: list[dict[str, Any]] = [
+        {
+            "name": track_service_name(name, STABLE),
+            "port": SERVICE_PORT,
+            "weight": 100 - (canary_weight or 0),
+        }
+    ]
+    if canary_weight is not None:
+        backends.append(
+            {"name": track_service_name(name, CANARY), "port": SERVICE_PORT, "weight": canary_weight}
+        )
+    route_spec: dict[str, Any] = {
+        "parentRefs": [p.to_api() for p in gw.parent_refs],
+        "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "backendRefs": backends}],
+    }
+    if gw.hostnames:
+        route_spec["hostnames"] = list(gw.hostnames)
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": _meta(isvc, name, "routing"),
+        "spec": route_spec,
+    }
+
+
+def children(
+    isvc: dict[str, Any],
+    spec: InferenceServiceSpec,
+    *,
+    stable: tuple[int, str, str] | None,
+    stable_replicas: int | None,
+    canary: tuple[int, str, str] | None = None,
+    canary_replicas: int = 0,
+    canary_weight: int = 0,
+) -> list[dict[str, Any]]:
+    """Every child the InferenceService wants now.
+
+    Args:
+        stable: ``(version, artifactUri, digest)`` the stable Deployment serves; None: no stable
+            Deployment is built (its artifact is unknown; the existing one is left alone).
+        stable_replicas: stable pods (None: HPA-owned).
+        canary: ``(version, artifactUri, digest)`` of the canary, or None (no canary children).
+        canary_replicas: canary pods.
+        canary_weight: HTTPRoute weight of the canary (GatewayAPI only).
+    """
+    out: list[dict[str, Any]] = []
+    gateway = spec.rollout.traffic_routing == TrafficRouting.GATEWAY_API
+    if stable is not None:
+        out.append(deployment(isvc, spec, STABLE, *stable, stable_replicas))
+    if canary is not None:
+        out.append(deployment(isvc, spec, CANARY, *canary, canary_replicas))
+    out.append(service(isvc, spec))
+    if gateway:
+        out.append(track_service(isvc, STABLE))
+        if canary is not None:
+            out.append(track_service(isvc, CANARY))
+        out.append(http_route(isvc, spec, canary_weight if canary is not None else None))
+    if spec.monitoring.service_monitor.enabled:
+        out.append(service_monitor(isvc, spec))
+    if spec.autoscaling is not None:
+        out.append(hpa(isvc, spec))
+    return out

@@ -1,0 +1,202 @@
+"""Bad input is stopped at admission by the generated CRD schemas (the API server decides).
+
+Each case is a manifest the API server must reject, and a fragment the rejection message must
+contain that names the offending field.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes.client.rest import ApiException
+
+from kiln import API_VERSION
+from kiln.kube import create, patch, path, request
+
+TJ = {"image": "kiln-trainer:dev", "dataset": {"builtin": "sklearn-digits"}}
+ISVC = {"modelRef": {"name": "digits", "stage": "Production"}, "runtime": {"image": "kiln-server:dev"}}
+FG = {
+    "entities": [{"name": "customer_id"}],
+    "features": [{"name": "orders_7d", "dtype": "int64"}],
+    "source": {"uri": "/data/x.parquet"},
+}
+
+
+def obj(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": "bad"}, "spec": spec}
+
+
+def merged(base: dict[str, Any], **over: Any) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    out.update(over)
+    return out
+
+
+CASES: list[tuple[str, dict[str, Any], str]] = [
+    # wrong types
+    ("tj-numNodes-string", obj("TrainingJob", merged(TJ, numNodes="two")), "spec.numNodes"),
+    ("tj-suspend-not-bool", obj("TrainingJob", merged(TJ, suspend="yes")), "spec.suspend"),
+    ("model-aliases-not-int", obj("Model", {"aliases": {"champion": "three"}}), "spec.aliases.champion"),
+    ("fg-features-not-list", obj("FeatureGroup", merged(FG, features={"name": "x"})), "spec.features"),
+    # out of range
+    ("tj-numNodes-zero", obj("TrainingJob", merged(TJ, numNodes=0)), "spec.numNodes"),
+    ("tj-maxRestarts-negative", obj("TrainingJob", merged(TJ, maxRestarts=-1)), "spec.maxRestarts"),
+    ("tj-numProcPerNode-zero", obj("TrainingJob", merged(TJ, numProcPerNode=0)), "spec.numProcPerNode"),
+    ("model-history-limit-huge", obj("Model", {"versionHistoryLimit": 100000}), "spec.versionHistoryLimit"),
+    (
+        "isvc-weight-over-100",
+        obj("InferenceService", merged(ISVC, rollout={"steps": [{"weight": 150}]})),
+        "spec.rollout.steps[0].weight",
+    ),
+    ("isvc-replicas-negative", obj("InferenceService", merged(ISVC, replicas=-2)), "spec.replicas"),
+    # unknown enum values
+    ("tj-numProcPerNode-word", obj("TrainingJob", merged(TJ, numProcPerNode="many")), "spec.numProcPerNode"),
+    (
+        "tj-unknown-builtin",
+        obj("TrainingJob", merged(TJ, dataset={"builtin": "mnist"})),
+        "spec.dataset.builtin",
+    ),
+    (
+        "isvc-stage-unknown",
+        obj("InferenceService", merged(ISVC, modelRef={"name": "d", "stage": "Prod"})),
+        "spec.modelRef.stage",
+    ),
+    (
+        "isvc-nodata-unknown",
+        obj(
+            "InferenceService",
+            merged(
+                ISVC,
+                rollout={
+                    "analysis": {
+                        "prometheus": {"address": "http://p:9090"},
+                        "noDataPolicy": "Ignore",
+                        "metrics": [{"name": "e", "query": "up", "max": 1}],
+                    }
+                },
+            ),
+        ),
+        "spec.rollout.analysis.noDataPolicy",
+    ),
+    (
+        "fg-dtype-unknown",
+        obj("FeatureGroup", merged(FG, features=[{"name": "x", "dtype": "float16"}])),
+        "spec.features[0].dtype",
+    ),
+    (
+        "model-policy-stage-unknown",
+        obj("Model", {"promotionPolicy": [{"stage": "Canary", "metric": "a", "min": 1}]}),
+        "spec.promotionPolicy[0].stage",
+    ),
+    # conflicting fields (CEL rules)
+    (
+        "tj-two-datasets",
+        obj(
+            "TrainingJob",
+            merged(TJ, dataset={"builtin": "sklearn-digits", "uri": "/d.csv", "labelColumn": "y"}),
+        ),
+        "dataset needs exactly one of builtin, uri, featureGroupRef",
+    ),
+    (
+        "tj-uri-without-label",
+        obj("TrainingJob", merged(TJ, dataset={"uri": "/d.csv"})),
+        "spec.dataset.labelColumn",
+    ),
+    (
+        "tj-gpu-request-ne-limit",
+        obj(
+            "TrainingJob",
+            merged(TJ, resourcesPerNode={"requests": {"nvidia.com/gpu": 4}, "limits": {"nvidia.com/gpu": 8}}),
+        ),
+        "GPU requests must equal GPU limits",
+    ),
+    (
+        "isvc-stage-and-version",
+        obj("InferenceService", merged(ISVC, modelRef={"name": "d", "stage": "Production", "version": 3})),
+        "modelRef needs exactly one of stage, version, alias",
+    ),
+    (
+        "isvc-autoscaling-min-gt-max",
+        obj("InferenceService", merged(ISVC, autoscaling={"minReplicas": 5, "maxReplicas": 2})),
+        "maxReplicas must be >= minReplicas",
+    ),
+    (
+        "model-version-two-stages",
+        obj("Model", {"stages": {"staging": 3, "production": 3}}),
+        "a version can hold only one stage",
+    ),
+    (
+        "model-policy-without-bound",
+        obj("Model", {"promotionPolicy": [{"stage": "Staging", "metric": "accuracy"}]}),
+        "a promotion rule needs min or max",
+    ),
+    (
+        "fg-duplicate-feature",
+        obj(
+            "FeatureGroup",
+            merged(FG, features=[{"name": "x", "dtype": "int64"}, {"name": "x", "dtype": "int64"}]),
+        ),
+        "feature names must be unique",
+    ),
+    (
+        "fg-online-without-store",
+        obj("FeatureGroup", merged(FG, online={"enabled": True})),
+        "spec.online.store",
+    ),
+    # missing required fields
+    ("tj-no-image", obj("TrainingJob", {"dataset": {"builtin": "sklearn-digits"}}), "spec.image"),
+    ("isvc-no-runtime", obj("InferenceService", {"modelRef": {"name": "d", "version": 1}}), "spec.runtime"),
+]
+
+
+def _message(e: ApiException) -> str:
+    try:
+        return json.loads(e.body)["message"]
+    except (ValueError, KeyError, TypeError):
+        return str(e.body)
+
+
+@pytest.mark.parametrize(("manifest", "fragment"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_rejected_with_field_named(kube, namespace, kiln_crds, manifest, fragment):
+    body = copy.deepcopy(manifest)
+    body["metadata"]["namespace"] = namespace
+    with pytest.raises(ApiException) as err:
+        create(kube, body)
+    assert err.value.status == 422, _message(err.value)
+    assert fragment in _message(err.value)
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "change", "fragment"),
+    [
+        ("TrainingJob", TJ, {"numNodes": 4}, "numNodes is immutable"),
+        ("TrainingJob", TJ, {"image": "other:1"}, "image is immutable"),
+        ("TrainingJob", TJ, {"dataset": {"uri": "/d.csv", "labelColumn": "y"}}, "dataset is immutable"),
+    ],
+    ids=["numNodes", "image", "dataset"],
+)
+def test_immutable_fields(kube, namespace, kiln_crds, kind, spec, change, fragment):
+    body = obj(kind, copy.deepcopy(spec))
+    body["metadata"]["namespace"] = namespace
+    create(kube, body)
+    with pytest.raises(ApiException) as err:
+        patch(kube, API_VERSION, kind, namespace, "bad", {"spec": change})
+    assert err.value.status == 422
+    assert fragment in _message(err.value)
+    # mutable fields still change
+    patch(kube, API_VERSION, kind, namespace, "bad", {"spec": {"suspend": True}})
+
+
+def test_valid_examples_are_accepted(kube, namespace, kiln_crds):
+    """The documented examples pass the same admission (server-side dry run)."""
+    for f in sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml")):
+        doc = yaml.safe_load(f.read_text())
+        doc["metadata"]["namespace"] = namespace
+        request(
+            kube, "POST", path(doc["apiVersion"], doc["kind"], namespace), body=doc, query=[("dryRun", "All")]
+        )

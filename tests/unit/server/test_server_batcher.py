@@ -1,0 +1,210 @@
+"""The dynamic batcher and the output cache, in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from kiln.server.batcher import BatcherClosedError, DynamicBatcher
+from kiln.server.cache import OutputCache
+
+pytestmark = pytest.mark.torch
+
+
+class Recorder:
+    """A fake model: output = 2 * rows; records batch sizes and the threads it ran on."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[int] = []
+        self.threads: set[int] = set()
+        self.delay = delay
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.batches.append(x.shape[0])
+        self.threads.add(threading.get_ident())
+        if self.delay:
+            time.sleep(self.delay)
+        return x * 2
+
+
+def rows(n: int, start: float = 0.0) -> np.ndarray:
+    return np.arange(start, start + n * 2, dtype=np.float32).reshape(n, 2)
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_concurrent_submissions_share_a_forward_pass_and_get_their_own_rows() -> None:
+    rec = Recorder()
+
+    async def go() -> None:
+        b = DynamicBatcher(rec, max_batch_size=32, max_batch_delay=0.05)
+        b.start()
+        inputs = [rows(1 + i % 3, 100.0 * i) for i in range(10)]
+        outs = await asyncio.gather(*(b.submit(x) for x in inputs))
+        for x, y in zip(inputs, outs, strict=True):
+            np.testing.assert_array_equal(y, x * 2)
+        await b.stop()
+
+    run(go())
+    assert rec.batches == [sum(1 + i % 3 for i in range(10))]  # all 19 rows in one forward pass
+    assert threading.get_ident() not in rec.threads  # the forward pass ran off the event loop
+
+
+def test_batches_respect_max_rows_and_big_requests_run_alone() -> None:
+    rec = Recorder()
+
+    async def go() -> None:
+        b = DynamicBatcher(rec, max_batch_size=4, max_batch_delay=0.05)
+        b.start()
+        sizes = [3, 2, 1, 1, 9, 1]
+        outs = await asyncio.gather(*(b.submit(rows(n)) for n in sizes))
+        assert [o.shape[0] for o in outs] == sizes
+        await b.stop()
+
+    run(go())
+    assert rec.batches == [3, 4, 9, 1]  # FIFO: [3], [2,1,1], [9] alone, [1]
+
+
+def test_lone_request_is_not_delayed() -> None:
+    """With nothing else arriving, the batcher dispatches at once, not after max_batch_delay."""
+    rec = Recorder()
+
+    async def go() -> float:
+        b = DynamicBatcher(rec, max_batch_size=32, max_batch_delay=2.0)
+        b.start()
+        t = time.perf_counter()
+        await b.submit(rows(1))
+        elapsed = time.perf_counter() - t
+        await b.stop()
+        return elapsed
+
+    assert run(go()) < 0.5
+
+
+def test_waits_for_announced_arrivals_up_to_the_delay() -> None:
+    rec = Recorder()
+
+    async def go() -> None:
+        b = DynamicBatcher(rec, max_batch_size=32, max_batch_delay=1.0)
+        b.start()
+        late = b.arrival()  # a request whose body is still being read
+
+        async def arrive_later() -> np.ndarray:
+            await asyncio.sleep(0.05)
+            return await late.submit(rows(2))
+
+        first = asyncio.ensure_future(b.submit(rows(1)))
+        await asyncio.gather(first, arrive_later())
+        # An announced request that leaves without submitting stops the wait early.
+        gone = b.arrival()
+        t = time.perf_counter()
+        task = asyncio.ensure_future(b.submit(rows(1)))
+        await asyncio.sleep(0.05)
+        gone.close()
+        await task
+        assert time.perf_counter() - t < 0.5
+        await b.stop()
+
+    run(go())
+    assert rec.batches == [3, 1]
+
+
+def test_max_batch_delay_bounds_the_wait() -> None:
+    rec = Recorder()
+
+    async def go() -> float:
+        b = DynamicBatcher(rec, max_batch_size=32, max_batch_delay=0.05)
+        b.start()
+        never = b.arrival()  # announced but never submits
+        t = time.perf_counter()
+        await b.submit(rows(1))
+        elapsed = time.perf_counter() - t
+        never.close()
+        await b.stop()
+        return elapsed
+
+    assert 0.04 <= run(go()) < 1.0
+    assert rec.batches == [1]
+
+
+def test_requests_queue_while_a_forward_pass_runs() -> None:
+    rec = Recorder(delay=0.05)
+
+    async def go() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            b = DynamicBatcher(rec, max_batch_size=64, max_batch_delay=0.0, executor=pool)
+            b.start()
+            first = asyncio.ensure_future(b.submit(rows(1)))
+            await asyncio.sleep(0.01)  # the first forward pass is running now
+            rest = [asyncio.ensure_future(b.submit(rows(1))) for _ in range(20)]
+            await asyncio.gather(first, *rest)
+            await b.stop()
+
+    run(go())
+    assert rec.batches == [1, 20]
+
+
+def test_forward_errors_reach_every_caller_and_the_batcher_survives() -> None:
+    calls = 0
+
+    def flaky(x: np.ndarray) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        return x
+
+    async def go() -> None:
+        b = DynamicBatcher(flaky, max_batch_size=8, max_batch_delay=0.01)
+        b.start()
+        results = await asyncio.gather(b.submit(rows(1)), b.submit(rows(1)), return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) for r in results)
+        np.testing.assert_array_equal(await b.submit(rows(1)), rows(1))
+        await b.stop()
+        with pytest.raises(BatcherClosedError):
+            await b.submit(rows(1))
+
+    run(go())
+
+
+def test_stop_finishes_queued_work() -> None:
+    rec = Recorder(delay=0.02)
+
+    async def go() -> None:
+        b = DynamicBatcher(rec, max_batch_size=2, max_batch_delay=0.0)
+        b.start()
+        futures = [asyncio.ensure_future(b.submit(rows(1))) for _ in range(6)]
+        await asyncio.sleep(0)
+        await b.stop()
+        assert all(f.done() and f.exception() is None for f in futures)
+
+    run(go())
+    assert sum(rec.batches) == 6
+
+
+def test_output_cache_is_a_bounded_lru() -> None:
+    c = OutputCache(2, "3")
+    keys = [c.key(rows(1, i)) for i in range(3)]
+    assert len(set(keys)) == 3
+    assert c.key(rows(1, 0)) == keys[0]  # deterministic
+    assert OutputCache(2, "4").key(rows(1, 0)) != keys[0]  # the version is part of the key
+    assert c.key(rows(1, 0).reshape(2, 1)) != keys[0]  # so is the shape
+    c.put(keys[0], rows(1, 0))
+    c.put(keys[1], rows(1, 1))
+    assert c.get(keys[0]) is not None  # 0 is now the most recently used
+    c.put(keys[2], rows(1, 2))
+    assert len(c) == 2 and c.get(keys[1]) is None and c.get(keys[0]) is not None
+    value = c.get(keys[2])
+    assert value is not None and not value.flags.writeable
+    off = OutputCache(0, "3")
+    off.put(keys[0], rows(1))
+    assert not off.enabled and off.get(keys[0]) is None and len(off) == 0
