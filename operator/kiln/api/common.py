@@ -126,9 +126,12 @@ class LocalObjectReference(KilnModel):
 class ResourceRequirements(KilnModel):
     """Compute resources, as core/v1 ResourceRequirements (e.g. ``nvidia.com/gpu: 8``)."""
 
-    requests: dict[str, Quantity] | None = Field(default=None, description="Minimum resources per pod.")
-    limits: dict[str, Quantity] | None = Field(
+    requests: dict[Annotated[str, Field(max_length=253)], Quantity] | None = Field(
+        default=None, max_length=16, description="Minimum resources per pod."
+    )
+    limits: dict[Annotated[str, Field(max_length=253)], Quantity] | None = Field(
         default=None,
+        max_length=16,
         description="Maximum resources per pod; extended resources (GPUs) need requests == limits.",
     )
 

@@ -24,7 +24,7 @@ import yaml
 from kiln import GROUP, VERSION
 from kiln.api import KINDS, Kind
 
-_DROP = {"title", "examples", "discriminator", "$schema"}
+_DROP = {"title", "examples", "discriminator", "$schema", "propertyNames"}
 
 
 def _resolve(node: Any, defs: dict[str, Any]) -> Any:

@@ -161,10 +161,10 @@ class TrainingJobSpec(KilnModel):
     dataset: Annotated[Dataset, Field(json_schema_extra=immutable("dataset"))] = Field(
         description="Training data. Immutable."
     )
-    hyperparameters: dict[str, FreeForm] | None = Field(
+    hyperparameters: FreeFormObject | None = Field(
         default=None,
-        description="Passed to the trainer as JSON in KILN_HYPERPARAMETERS (e.g. epochs, learningRate, batchSize, seed). Immutable.",
         json_schema_extra=immutable("hyperparameters"),
+        description="Passed to the trainer as JSON in KILN_HYPERPARAMETERS (e.g. epochs, learningRate, batchSize, seed). Immutable.",
     )
     num_nodes: int = Field(
         default=1,
