@@ -58,7 +58,9 @@ class Runtime(KilnModel):
     """The model server container (kiln-serve)."""
 
     image: str = Field(min_length=1, max_length=1024, description="Server image (kiln server image).")
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(default=None)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        default=None, description="Pull policy of the server image (Kubernetes default when unset)."
+    )
     max_batch_size: int = Field(
         default=32, ge=1, le=4096, description="Rows per forward pass (dynamic batching)."
     )
@@ -90,10 +92,14 @@ class Autoscaling(KilnModel):
         cel("self.maxReplicas >= self.minReplicas", "maxReplicas must be >= minReplicas")
     )
 
-    min_replicas: int = Field(default=1, ge=1, le=1000)
-    max_replicas: int = Field(ge=1, le=1000)
+    min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest stable replicas.")
+    max_replicas: int = Field(ge=1, le=1000, description="Most stable replicas.")
     target_cpu_utilization_percentage: int = Field(
-        default=80, ge=1, le=100, alias="targetCPUUtilizationPercentage"
+        default=80,
+        ge=1,
+        le=100,
+        alias="targetCPUUtilizationPercentage",
+        description="Average CPU utilization (percent of requests) the HPA aims for.",
     )
 
 
@@ -117,7 +123,12 @@ class AnalysisMetric(KilnModel):
 
     model_config = with_rules(cel("has(self.min) || has(self.max)", "a metric needs min or max"))
 
-    name: str = Field(min_length=1, max_length=63, pattern=DNS1123_LABEL)
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=DNS1123_LABEL,
+        description="Metric name, shown in status.analysis.",
+    )
     query: str = Field(
         min_length=1,
         max_length=4096,
@@ -139,7 +150,7 @@ class PrometheusProvider(KilnModel):
 class Analysis(KilnModel):
     """Metric analysis run during the canary."""
 
-    prometheus: PrometheusProvider
+    prometheus: PrometheusProvider = Field(description="The Prometheus the queries run against.")
     interval_seconds: int = Field(default=30, ge=1, le=3600, description="Time between two measurements.")
     failure_limit: int = Field(
         default=0, ge=0, le=100, description="Failed measurements tolerated; one more rolls back."
@@ -154,7 +165,9 @@ class Analysis(KilnModel):
         default=NoDataPolicy.INCONCLUSIVE,
         description="What an empty query result counts as: Fail, Inconclusive (retried, never aborts) or Pass.",
     )
-    metrics: list[AnalysisMetric] = Field(min_length=1, max_length=16)
+    metrics: list[AnalysisMetric] = Field(
+        min_length=1, max_length=16, description="Queries checked at every measurement; all must pass."
+    )
 
 
 class TrafficRouting(StrEnum):
@@ -165,14 +178,22 @@ class TrafficRouting(StrEnum):
 class ParentReference(KilnModel):
     """Gateway API ParentReference (a Gateway)."""
 
-    name: str = Field(min_length=1, max_length=253)
-    namespace: str | None = Field(default=None, max_length=63)
-    section_name: str | None = Field(default=None, max_length=253)
+    name: str = Field(min_length=1, max_length=253, description="Gateway name.")
+    namespace: str | None = Field(
+        default=None, max_length=63, description="Gateway namespace (default: this one)."
+    )
+    section_name: str | None = Field(
+        default=None, max_length=253, description="Listener of the Gateway to attach to."
+    )
 
 
 class GatewayAPIRouting(KilnModel):
-    parent_refs: list[ParentReference] = Field(min_length=1, max_length=32)
-    hostnames: list[str] | None = Field(default=None, max_length=16)
+    parent_refs: list[ParentReference] = Field(
+        min_length=1, max_length=32, description="Gateways the HTTPRoute attaches to."
+    )
+    hostnames: list[str] | None = Field(
+        default=None, max_length=16, description="Host names the HTTPRoute matches (all when unset)."
+    )
 
 
 class Rollout(KilnModel):
@@ -199,7 +220,9 @@ class Rollout(KilnModel):
         default=TrafficRouting.REPLICA_RATIO,
         description="ReplicaRatio: one Service over both Deployments, weight by replica counts. GatewayAPI: HTTPRoute weights.",
     )
-    gateway_api: GatewayAPIRouting | None = Field(default=None, alias="gatewayAPI")
+    gateway_api: GatewayAPIRouting | None = Field(
+        default=None, alias="gatewayAPI", description="HTTPRoute settings for trafficRouting GatewayAPI."
+    )
     paused: bool = Field(default=False, description="Hold the rollout at its current step.")
     abort: bool = Field(
         default=False,
@@ -214,15 +237,18 @@ class Rollout(KilnModel):
 
 
 class ServiceMonitorSpec(KilnModel):
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="Create a ServiceMonitor (monitoring.coreos.com/v1).")
     labels: dict[str, str] | None = Field(
         default=None, description="Labels a Prometheus selects ServiceMonitors by."
     )
-    interval_seconds: int = Field(default=15, ge=1, le=3600)
+    interval_seconds: int = Field(default=15, ge=1, le=3600, description="Scrape interval.")
 
 
 class Monitoring(KilnModel):
-    service_monitor: ServiceMonitorSpec = Field(default_factory=ServiceMonitorSpec)
+    service_monitor: ServiceMonitorSpec = Field(
+        default_factory=ServiceMonitorSpec,
+        description="Prometheus Operator ServiceMonitor for the server metrics.",
+    )
 
 
 class InferenceServiceSpec(KilnModel):
@@ -234,7 +260,9 @@ class InferenceServiceSpec(KilnModel):
     autoscaling: Autoscaling | None = None
     resources: ResourceRequirements | None = None
     rollout: Rollout = Field(default_factory=Rollout)
-    monitoring: Monitoring = Field(default_factory=Monitoring)
+    monitoring: Monitoring = Field(
+        default_factory=Monitoring, description="How the server metrics are scraped."
+    )
 
 
 class RolloutPhase(StrEnum):

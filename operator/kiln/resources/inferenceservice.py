@@ -24,6 +24,7 @@ drains in-flight requests for up to ``KILN_DRAIN_TIMEOUT_SECONDS``;
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from kiln.api.inferenceservice import METRICS_PORT, SERVER_PORT, InferenceServiceSpec, TrafficRouting
@@ -145,7 +146,7 @@ def deployment(
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
     if rt.artifact_volume:
-        volumes.append({"name": "artifacts", **rt.artifact_volume})
+        volumes.append({"name": "artifacts", **copy.deepcopy(rt.artifact_volume)})
         mounts.append({"name": "artifacts", "mountPath": rt.artifact_mount_path, "readOnly": True})
     container: dict[str, Any] = {
         "name": CONTAINER,

@@ -26,8 +26,8 @@ and ``S`` the stable version:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 from kiln.api.inferenceservice import (
     AnalysisStatus,
@@ -313,6 +313,8 @@ def decide(
         )
         actions.append(Action("Event", "RolloutStarted", msg))
         measurement = None
+        # What was observed belongs to the previous canary (if any), not to this one.
+        observed = replace(observed, canary_ready_replicas=0, canary_failure=None)
     step = st.current_step or 0
     st.current_step = step
 
@@ -479,13 +481,3 @@ def decide(
         waits.append(0.0 if since is None else max(0.0, analysis.interval_seconds - since))
     requeue = max(0.5, min(waits)) if waits else None
     return Decision(st, plan, actions, requeue, canary_ready=canary_cond, rollout_healthy=health)
-
-
-def next_step_time(status: InferenceServiceStatus, steps: list[RolloutStep]) -> datetime | None:
-    """When the current step's pause ends (None when not granted yet or promoting)."""
-    if status.current_step is None or status.current_step >= len(steps):
-        return None
-    start = parse_time(status.step_start_time)
-    if start is None:
-        return None
-    return start + timedelta(seconds=steps[status.current_step].pause_seconds)

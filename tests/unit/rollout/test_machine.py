@@ -23,7 +23,12 @@ def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
-def make_spec(replicas: int = 5, analysis: dict[str, Any] | None = None, **rollout: Any) -> InferenceServiceSpec:
+def make_spec(
+    replicas: int = 5,
+    analysis: dict[str, Any] | None = None,
+    autoscaling: dict[str, Any] | None = None,
+    **rollout: Any,
+) -> InferenceServiceSpec:
     r: dict[str, Any] = {"steps": [{"weight": 20, "pauseSeconds": 60}, {"weight": 50, "pauseSeconds": 60}]}
     r.update(rollout)
     if analysis is not None:
@@ -33,10 +38,15 @@ def make_spec(replicas: int = 5, analysis: dict[str, Any] | None = None, **rollo
             "metrics": [{"name": "error-rate", "query": "x", "max": 0.05}],
             **analysis,
         }
-    return InferenceServiceSpec.model_validate(
-        {"modelRef": {"name": "digits", "stage": "Production"}, "runtime": {"image": "kiln/server:1"},
-         "replicas": replicas, "rollout": r}
-    )
+    doc: dict[str, Any] = {
+        "modelRef": {"name": "digits", "stage": "Production"},
+        "runtime": {"image": "kiln/server:1"},
+        "replicas": replicas,
+        "rollout": r,
+    }
+    if autoscaling is not None:
+        doc["autoscaling"] = autoscaling
+    return InferenceServiceSpec.model_validate(doc)
 
 
 def stable(version: int = 1) -> InferenceServiceStatus:
@@ -44,7 +54,9 @@ def stable(version: int = 1) -> InferenceServiceStatus:
 
 
 def measurement(version: int, *phases: str, value: float | None = 0.01) -> Measurement:
-    return Measurement(version, tuple(MetricResult(name=f"m{i}", value=value, phase=p) for i, p in enumerate(phases)))
+    return Measurement(
+        version, tuple(MetricResult(name=f"m{i}", value=value, phase=p) for i, p in enumerate(phases))
+    )
 
 
 class Sim:
@@ -54,19 +66,36 @@ class Sim:
         self.spec = spec
         self.status = status or stable(1)
         self.plan: Plan | None = None
+        self.canary_ready = 0
         self.decisions: list[Decision] = []
 
-    def tick(self, t: float, resolved: int = 2, *, ready: bool = True, m: Measurement | None = None,
-             failure: str | None = None, stable_done: bool = True, total: int | None = None) -> Decision:
+    def tick(
+        self,
+        t: float,
+        resolved: int = 2,
+        *,
+        ready: bool = True,
+        m: Measurement | None = None,
+        failure: str | None = None,
+        stable_done: bool = True,
+        total: int | None = None,
+    ) -> Decision:
+        # Ready canary pods: with ready=True every planned pod is Ready; else only those that were.
         canary_ready = 0
-        if ready and self.plan is not None and self.plan.canary_version == self.status.canary_version:
-            canary_ready = self.plan.canary_replicas
+        if self.plan is not None and self.plan.canary_version == self.status.canary_version:
+            planned = self.plan.canary_replicas
+            canary_ready = planned if ready else min(self.canary_ready, planned)
+        self.canary_ready = canary_ready
         stable_out = self.status.stable_version
         if self.plan is not None and stable_done:
             stable_out = self.plan.stable_version
-        obs = Observed(resolved_version=resolved, total_replicas=self.spec.replicas if total is None else total,
-                       canary_ready_replicas=canary_ready, canary_failure=failure,
-                       stable_rolled_out_version=stable_out)
+        obs = Observed(
+            resolved_version=resolved,
+            total_replicas=self.spec.replicas if total is None else total,
+            canary_ready_replicas=canary_ready,
+            canary_failure=failure,
+            stable_rolled_out_version=stable_out,
+        )
         d = decide(self.spec, self.status, obs, m, at(t))
         self.status, self.plan = d.status, d.plan
         self.decisions.append(d)
@@ -85,7 +114,9 @@ def events(d: Decision) -> list[str]:
 
 
 def test_first_version_is_deployed_without_canary():
-    d = decide(make_spec(), InferenceServiceStatus(), Observed(resolved_version=3, total_replicas=5), None, T0)
+    d = decide(
+        make_spec(), InferenceServiceStatus(), Observed(resolved_version=3, total_replicas=5), None, T0
+    )
     assert d.status.stable_version == 3 and d.status.canary_version is None
     assert d.status.rollout_phase == "Healthy"
     assert d.plan == Plan(stable_version=3, stable_replicas=5)
@@ -103,12 +134,12 @@ def test_same_version_is_a_no_op():
 
 
 def test_autoscaled_stable_replicas_are_left_to_the_hpa():
-    spec = make_spec(autoscaling=None)
-    spec.autoscaling = InferenceServiceSpec.model_validate(
-        {"modelRef": {"name": "m", "version": 1}, "runtime": {"image": "i"}, "autoscaling": {"maxReplicas": 9}}
-    ).autoscaling
-    d = decide(spec, stable(1), Observed(resolved_version=1, total_replicas=4), None, T0)
+    sim = Sim(make_spec(autoscaling={"minReplicas": 2, "maxReplicas": 9}))
+    d = sim.tick(0, resolved=1, total=4)
     assert d.plan.stable_replicas is None
+    sim.tick(1, total=4)
+    d = sim.tick(2, total=4)  # canary: ceil(4 * 20%) = 1 pod; the HPA scales the stable
+    assert (d.plan.stable_replicas, d.plan.canary_replicas, d.status.canary_weight) == (None, 1, 20)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +152,9 @@ def test_canary_starts_at_step_zero_and_surges_until_ready():
     assert d.status.rollout_phase == "Progressing"
     assert (d.status.canary_version, d.status.current_step, d.status.step_start_time) == (2, 0, None)
     # ceil(5 * 20%) = 1 canary pod; the stable keeps all 5 until the canary is Ready
-    assert d.plan == Plan(stable_version=1, stable_replicas=5, canary_version=2, canary_replicas=1, canary_weight=0)
+    assert d.plan == Plan(
+        stable_version=1, stable_replicas=5, canary_version=2, canary_replicas=1, canary_weight=0
+    )
     assert "RolloutStarted" in events(d)
     assert d.canary_ready.status == FALSE and d.canary_ready.reason == "CanaryNotReady"
     assert d.requeue_after is not None and d.requeue_after > 0
@@ -146,14 +179,14 @@ def test_weight_is_granted_only_when_canary_is_ready():
         (30, 0, 20, 4, 1),  # pause of step 1 not over
         (61, 1, 20, 4, 3),  # step 2 started: canary scales to ceil(5*50%)=3, stable holds 4
         (62, 1, 60, 2, 3),  # canary Ready at 3: granted, stable 5-3=2 (real share 3/5 = 60%)
-        (121, 2, 60, 5, 3),  # last step done: promoting, stable back to full size
+        (122, 2, 38, 5, 3),  # last step done: promoting, stable back to full size (3/8 = 38%)
     ],
 )
 def test_steps_advance_with_time(t, step, weight, stable_replicas, canary_replicas):
     sim = Sim(make_spec())
     sim.tick(0)
     sim.tick(1)  # granted at t=1
-    for tt in (30, 61, 62, 121):
+    for tt in (30, 61, 62, 122):
         if tt > t:
             break
         d = sim.tick(tt, ready=tt != 61)
@@ -201,7 +234,11 @@ def test_no_steps_promotes_directly():
 
 
 def analysed_sim(**analysis: Any) -> Sim:
-    sim = Sim(make_spec(analysis=analysis, steps=[{"weight": 20, "pauseSeconds": 20}, {"weight": 50, "pauseSeconds": 20}]))
+    sim = Sim(
+        make_spec(
+            analysis=analysis, steps=[{"weight": 20, "pauseSeconds": 20}, {"weight": 50, "pauseSeconds": 20}]
+        )
+    )
     sim.tick(0)
     sim.tick(1)  # granted
     return sim
@@ -227,7 +264,9 @@ def test_step_waits_for_a_successful_measurement_after_the_grant():
 
 
 def test_measurement_from_before_the_grant_does_not_count():
-    sim = Sim(make_spec(analysis={}, steps=[{"weight": 20, "pauseSeconds": 5}, {"weight": 50, "pauseSeconds": 5}]))
+    sim = Sim(
+        make_spec(analysis={}, steps=[{"weight": 20, "pauseSeconds": 5}, {"weight": 50, "pauseSeconds": 5}])
+    )
     sim.tick(0)
     sim.tick(1)
     sim.tick(7, m=measurement(2, "Successful"))  # step 1 -> 2 (not ready yet at 50)
@@ -287,11 +326,11 @@ def test_resolving_back_to_stable_after_rollback_is_healthy():
 
 def test_inconclusive_retries_then_pauses_then_resumes():
     sim = analysed_sim(inconclusiveLimit=2)
-    for i, t in enumerate((5, 15, 25), start=1):
+    for i, t in enumerate((5, 15), start=1):
         d = sim.tick(t, m=measurement(2, "Inconclusive", value=None))
         assert d.status.analysis.inconclusive == i
         assert d.status.rollout_phase == "Progressing" and d.status.current_step == 0  # no advance on no data
-    d = sim.tick(35, m=measurement(2, "Inconclusive", value=None))  # 4th in a row > limit 2
+    d = sim.tick(35, m=measurement(2, "Inconclusive", value=None))  # 3rd in a row > limit 2
     assert d.status.rollout_phase == "Paused"
     assert d.rollout_healthy.status == UNKNOWN and d.rollout_healthy.reason == "AnalysisInconclusive"
     assert "AnalysisInconclusive" in events(d)
@@ -377,7 +416,7 @@ def test_resolving_back_to_stable_cancels_the_canary():
 
 
 def test_new_version_supersedes_the_running_canary():
-    sim = Sim(make_spec(analysis={}))
+    sim = Sim(make_spec(analysis={"failureLimit": 1}))
     sim.tick(0)
     sim.tick(1)
     sim.tick(2, m=measurement(2, "Failed", "Successful"))
@@ -385,6 +424,7 @@ def test_new_version_supersedes_the_running_canary():
     assert (d.status.canary_version, d.status.current_step, d.status.step_start_time) == (3, 0, None)
     assert d.status.analysis.failures == 0  # fresh analysis for the new canary
     assert "superseded" in (d.status.history[-1].message or "")
+    assert d.status.canary_weight == 0 and d.plan.stable_replicas == 5  # no grant from version 2's pods
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,7 +472,9 @@ def test_small_service_reports_the_real_replica_share():
 def test_history_is_bounded():
     st = stable(1)
     for v in range(2, 2 + HISTORY_LIMIT + 5):
-        st = decide(make_spec(abort=True), st, Observed(resolved_version=v, total_replicas=2), None, at(v)).status
+        st = decide(
+            make_spec(abort=True), st, Observed(resolved_version=v, total_replicas=2), None, at(v)
+        ).status
     assert st.history is not None and len(st.history) == HISTORY_LIMIT
     assert st.history[-1].to_version == 1 + HISTORY_LIMIT + 5
 
