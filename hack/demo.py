@@ -62,7 +62,9 @@ class Step:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         ok = exc is None
-        steps.append((self.name, ok, time.monotonic() - self.t0, self.detail if ok else f"{exc_type.__name__}: {exc}"))
+        steps.append(
+            (self.name, ok, time.monotonic() - self.t0, self.detail if ok else f"{exc_type.__name__}: {exc}")
+        )
         if not ok:
             print(f"    FAILED: {exc}", flush=True)
             summary()
@@ -102,32 +104,58 @@ def main() -> int:
         health, metrics = free_port(), free_port()
         log = open(OUT / "operator.log", "w")  # noqa: SIM115 - kept open for the process' life
         operator = subprocess.Popen(
-            [str(VENV_BIN / "kiln"), "operator", "--standalone", f"--health-port={health}",
-             f"--metrics-port={metrics}"], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2).status == 200,
-                 60, message="operator /healthz")
+            [
+                str(VENV_BIN / "kiln"),
+                "operator",
+                "--standalone",
+                f"--health-port={health}",
+                f"--metrics-port={metrics}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+        )
+        wait_for(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2).status == 200,
+            60,
+            message="operator /healthz",
+        )
         s.detail = f"pid {operator.pid}, /healthz :{health}, /metrics :{metrics}, log {OUT / 'operator.log'}"
 
     try:
         with Step(f"fresh namespace {NS}") as s:
             if kube.get(api, "v1", "Namespace", None, NS):
                 kube.delete(api, "v1", "Namespace", None, NS)
-                wait_for(lambda: kube.get(api, "v1", "Namespace", None, NS) is None, 120, message="old namespace gone")
+                wait_for(
+                    lambda: kube.get(api, "v1", "Namespace", None, NS) is None,
+                    120,
+                    message="old namespace gone",
+                )
             k("create", "namespace", NS)
-            wait_for(lambda: k("-n", NS, "get", "serviceaccount", "default"), 30, message="default ServiceAccount")
+            wait_for(
+                lambda: k("-n", NS, "get", "serviceaccount", "default"), 30, message="default ServiceAccount"
+            )
 
         with Step("1. Model `digits` and a 2-node DDP TrainingJob") as s:
             k("-n", NS, "apply", "-f", str(REPO / "examples" / "model.yaml"))
             t_apply = time.monotonic()
             k("-n", NS, "apply", "-f", str(REPO / "hack" / "demo.d" / "trainingjob.yaml"))
-            pods = wait_for(lambda: (lambda ps: ps if len(ps) == 2 and all(
-                p["status"].get("phase") == "Running" for p in ps) else None)(
-                kube.list_objects(api, "v1", "Pod", NS, "kiln.dev/trainingjob=digits-v1")), 60,
-                message="2 trainer pods Running")
+            pods = wait_for(
+                lambda: (
+                    lambda ps: (
+                        ps
+                        if len(ps) == 2 and all(p["status"].get("phase") == "Running" for p in ps)
+                        else None
+                    )
+                )(kube.list_objects(api, "v1", "Pod", NS, "kiln.dev/trainingjob=digits-v1")),
+                60,
+                message="2 trainer pods Running",
+            )
             t_running = time.monotonic() - t_apply
             print(k("-n", NS, "get", "pods", "-o", "wide", "-l", "kiln.dev/trainingjob=digits-v1"))
             s.detail = f"pods Running {t_running:.1f}s after apply, on nodes " + ", ".join(
-                sorted(p["spec"]["nodeName"] for p in pods))
+                sorted(p["spec"]["nodeName"] for p in pods)
+            )
 
         with Step("   run the pods' trainer containers (torchrun, gloo)") as s:
             port = free_port()
@@ -136,17 +164,36 @@ def main() -> int:
             for p in sorted(pods, key=lambda p: p["metadata"]["name"]):
                 c = p["spec"]["containers"][0]
                 env = {e["name"]: e.get("value", "") for e in c["env"]}
-                print(f"    {p['metadata']['name']}: PET_NODE_RANK={env['PET_NODE_RANK']} "
-                      f"PET_NNODES={env['PET_NNODES']} PET_MASTER_ADDR={env['PET_MASTER_ADDR']} -> 127.0.0.1:{port}")
-                env.update(PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=str(port),
-                           KILN_OUTPUT_URI=artifacts.as_uri(),
-                           KILN_TERMINATION_LOG=str(OUT / f"{p['metadata']['name']}.termination-log"))
+                print(
+                    f"    {p['metadata']['name']}: PET_NODE_RANK={env['PET_NODE_RANK']} "
+                    f"PET_NNODES={env['PET_NNODES']} PET_MASTER_ADDR={env['PET_MASTER_ADDR']} -> 127.0.0.1:{port}"
+                )
+                env.update(
+                    PET_MASTER_ADDR="127.0.0.1",
+                    PET_MASTER_PORT=str(port),
+                    KILN_OUTPUT_URI=artifacts.as_uri(),
+                    KILN_TERMINATION_LOG=str(OUT / f"{p['metadata']['name']}.termination-log"),
+                )
                 Path(env["KILN_TERMINATION_LOG"]).unlink(missing_ok=True)
                 # one intra-op thread per process, as torchrun does with several workers per node
-                full_env = {"OMP_NUM_THREADS": "1", **os.environ, **env, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+                full_env = {
+                    "OMP_NUM_THREADS": "1",
+                    **os.environ,
+                    **env,
+                    "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+                }
                 logf = open(OUT / f"{p['metadata']['name']}.log", "w")  # noqa: SIM115
-                procs.append((p, subprocess.Popen([str(VENV_BIN / "torchrun"), "--no-python", "kiln-train"],
-                                                  env=full_env, stdout=logf, stderr=subprocess.STDOUT)))
+                procs.append(
+                    (
+                        p,
+                        subprocess.Popen(
+                            [str(VENV_BIN / "torchrun"), "--no-python", "kiln-train"],
+                            env=full_env,
+                            stdout=logf,
+                            stderr=subprocess.STDOUT,
+                        ),
+                    )
+                )
             for p, proc in procs:
                 code = proc.wait(timeout=600)
                 msg_file = OUT / f"{p['metadata']['name']}.termination-log"
@@ -160,24 +207,40 @@ def main() -> int:
             s.detail = f"training done {t_trained:.1f}s after apply"
 
         with Step("2. version registered in the Model") as s:
-            job = wait_for(lambda: (lambda j: j if (j.get("status") or {}).get("registeredVersion") else None)(
-                kube.get(api, API_VERSION, "TrainingJob", NS, "digits-v1")), 60, message="registeredVersion")
+            job = wait_for(
+                lambda: (lambda j: j if (j.get("status") or {}).get("registeredVersion") else None)(
+                    kube.get(api, API_VERSION, "TrainingJob", NS, "digits-v1")
+                ),
+                60,
+                message="registeredVersion",
+            )
             t_registered = time.monotonic() - t_apply
             result = job["status"]["result"]
             meta = verify_artifact(uri_to_path(result["artifactUri"]), result["digest"])
             print(k("-n", NS, "get", "ktj,kmodel"))
             print(run(str(VENV_BIN / "kiln"), "versions", "digits", "-n", NS, check=False))
             acc = result["metrics"].get("accuracy", float("nan"))
-            s.detail = (f"version {job['status']['registeredVersion']}, test accuracy {acc:.4f}, digest verified "
-                        f"({meta.weightsDigest[:19]}...), {t_registered:.1f}s after apply")
+            s.detail = (
+                f"version {job['status']['registeredVersion']}, test accuracy {acc:.4f}, digest verified "
+                f"({meta.weightsDigest[:19]}...), {t_registered:.1f}s after apply"
+            )
             if acc < 0.95:
                 raise RuntimeError(f"accuracy {acc:.4f} below 0.95")
 
         with Step("3. promote version 1 to Production") as s:
             t0 = time.monotonic()
             print(run(str(VENV_BIN / "kiln"), "promote", "digits", "1", "--stage", "Production", "-n", NS))
-            wait_for(lambda: ((kube.get(api, API_VERSION, "Model", NS, "digits").get("status") or {})
-                              .get("stages") or {}).get("production") == 1, 60, message="production == 1")
+            wait_for(
+                lambda: (
+                    (
+                        (kube.get(api, API_VERSION, "Model", NS, "digits").get("status") or {}).get("stages")
+                        or {}
+                    ).get("production")
+                    == 1
+                ),
+                60,
+                message="production == 1",
+            )
             print(k("-n", NS, "get", "kmodel", "digits"))
             s.detail = f"status.stages.production = 1 after {time.monotonic() - t0:.1f}s"
     finally:

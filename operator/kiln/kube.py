@@ -17,6 +17,7 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
 from kiln import API_VERSION, FIELD_MANAGER
+from kiln.metrics import API_REQUESTS
 
 #: (apiVersion, kind) -> plural resource name, for every kind Kiln touches.
 PLURALS: dict[tuple[str, str], str] = {
@@ -90,6 +91,7 @@ def request(
     )
     resp = api.call_api(method, full_url, header_params=headers, body=body, post_params=post)
     data = resp.read()
+    API_REQUESTS.labels(method, str(resp.status)).inc()
     if not 200 <= resp.status < 300:
         raise ApiException(http_resp=resp)
     return json.loads(data) if data else None

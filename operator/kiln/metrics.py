@@ -17,3 +17,8 @@ RECONCILE_DURATION = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 QUEUE_DEPTH = Gauge("kiln_workqueue_depth", "Objects waiting to be reconciled, by kind.", ["kind"])
+API_REQUESTS = Counter(
+    "kiln_api_requests_total",
+    "Requests the reconcilers sent to the API server, by verb and code.",
+    ["verb", "code"],
+)

@@ -29,7 +29,7 @@ async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.networking.request_timeout = 60
-    workers = int(os.environ.get("KILN_WORKERS", "8"))
+    workers = int(os.environ.get("KILN_WORKERS", "16"))
     api = api_client()
     for c in CONTROLLERS:
         QUEUES.add(WorkQueue(c.KIND, c.reconciler(api), workers=workers))

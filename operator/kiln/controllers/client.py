@@ -20,5 +20,5 @@ def api_client() -> k8s.ApiClient:
         # Read $KUBECONFIG now: the client's own default is computed when it is imported.
         k8s_config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     cfg = k8s.Configuration.get_default_copy()
-    cfg.connection_pool_maxsize = max(8, int(os.environ.get("KILN_WORKERS", "8")) * 2)
+    cfg.connection_pool_maxsize = max(8, int(os.environ.get("KILN_WORKERS", "16")) * 2)
     return k8s.ApiClient(cfg)

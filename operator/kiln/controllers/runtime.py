@@ -23,6 +23,7 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,9 @@ class WorkQueue:
         self._failures: dict[Key, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
+        # Reconciles block on API calls: give them their own threads (asyncio's default executor
+        # has only min(32, cores + 4) threads shared with everything else).
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"kiln-{kind.lower()}")
         self._closed = False
 
     def enqueue(self, key: Key, delay: float = 0.0) -> None:
@@ -129,7 +133,7 @@ class WorkQueue:
         ns, name = key
         t0 = time.perf_counter()
         try:
-            result = await asyncio.to_thread(self._reconcile, ns, name)
+            result = await self._loop.run_in_executor(self._executor, self._reconcile, ns, name)
         except Exception:
             RECONCILE_ERRORS.labels(self.kind).inc()
             RECONCILE_TOTAL.labels(self.kind, "error").inc()
@@ -154,6 +158,7 @@ class WorkQueue:
         self._timers.clear()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=False)
 
 
 class Queues:

@@ -31,7 +31,7 @@ watch_children(KIND, "v1", "pods", build.LABEL_JOB)
 
 #: Retry interval when the Model to register in is missing or the registration failed.
 REGISTRATION_RETRY_SECONDS = 15.0
-_creators = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kiln-pod-create")
+_creators = ThreadPoolExecutor(max_workers=32, thread_name_prefix="kiln-gang-create")
 
 
 def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | None = None) -> Result | None:
@@ -67,10 +67,14 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
     for pod_name, uid in p.delete_pods:
         kube.delete(api, "v1", "Pod", namespace, pod_name, uid=uid)
     if p.create_gang:
-        kube.apply(api, build.service(job))
-        manifests = build.pods(job, spec, int(p.status["gang"]))
-        # Create the gang's pods concurrently: the gang is only as fast as its slowest pod.
-        list(_creators.map(lambda m: kube.create(api, m), manifests))
+        # The gang's pods and its headless Service are created concurrently: the gang is only as
+        # fast as its slowest pod, and torchrun's rendezvous retries until node 0's name resolves.
+        futures = [_creators.submit(kube.apply, api, build.service(job))]
+        futures += [
+            _creators.submit(kube.create, api, m) for m in build.pods(job, spec, int(p.status["gang"]))
+        ]
+        for f in futures:
+            f.result()
     if p.register is not None:
         _register(api, job, spec, p.status, now)
         if p.status.get("registeredVersion") is None:
