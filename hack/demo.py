@@ -28,10 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the kubelet stand-in lives with the integration-test helpers
 
 from kubernetes import config  # noqa: E402
+from tests.integration.helpers import finish_pod, wait_for  # noqa: E402
 
 from kiln import API_VERSION, kube  # noqa: E402
 from kiln.artifact import uri_to_path, verify_artifact  # noqa: E402
-from tests.integration.helpers import finish_pod, wait_for  # noqa: E402
 
 NS = "kiln-demo"
 OUT = REPO / "_out" / "demo"
