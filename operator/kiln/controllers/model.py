@@ -82,8 +82,6 @@ watch(KIND, API_VERSION, "models")
 
 log = logging.getLogger("kiln.model")
 
-#: Annotation ``kubectl``-style tools set next to a spec change: ``Rollback:<generation>``.
-CHANGE_CAUSE_ANNOTATION = "kiln.dev/change-cause"
 #: A refused declaration is re-checked this often (an artifact may be copied in later).
 REFUSAL_RETRY_SECONDS = 60.0
 #: Conflict retries of one registration before giving up (the caller retries later).
@@ -153,14 +151,22 @@ _recorded: set[tuple[str, str, int, str]] = set()  # (namespace, model, version,
 _record_lock = threading.Lock()
 
 
-def write_record(namespace: str, model: str, entry: ModelVersion, *, model_uid: str | None = None) -> bool:
+def write_record(
+    namespace: str,
+    model: str,
+    entry: ModelVersion,
+    *,
+    model_uid: str | None = None,
+    directory: Path | None = None,
+) -> bool:
     """Write (or update) ``<artifact>/kiln-registration.json`` for this version.
 
+    ``directory`` is where the artifact is mounted here (default: the local path of its URI).
     Best effort: returns False, logging why, when the artifact directory is not on this
     machine's artifact store or cannot be written; the version stays registered either way.
     """
     try:
-        d = uri_to_path(entry.artifact_uri)
+        d = directory if directory is not None else uri_to_path(entry.artifact_uri)
     except ArtifactError:
         return False
     if not d.is_dir():
@@ -218,7 +224,10 @@ def _backfill_records(namespace: str, model: str, uid: str | None, status: Model
         if (namespace, model, v.version, v.digest) in _recorded:
             continue
         try:
-            path = uri_to_path(v.artifact_uri) / record.RECORD_FILE
+            d = uri_to_path(v.artifact_uri)
+            if not d.is_dir():
+                continue  # not on the store mounted here (or gone): nothing to write to
+            path = d / record.RECORD_FILE
             if path.exists():
                 reg = record.parse(path.read_bytes()).find(namespace, model)
                 if reg is not None and reg.version.version == v.version and reg.version.digest == v.digest:
@@ -246,8 +255,8 @@ def load(obj: Mapping[str, Any]) -> tuple[ModelSpec, ModelStatus]:
 def spec_cause(obj: Mapping[str, Any]) -> HistoryCause:
     """Rollback when the change-cause annotation names this generation, else SpecChange."""
     meta = obj.get("metadata") or {}
-    value = (meta.get("annotations") or {}).get(CHANGE_CAUSE_ANNOTATION, "")
-    if value == f"{HistoryCause.ROLLBACK.value}:{meta.get('generation')}":
+    value = (meta.get("annotations") or {}).get(registry.CHANGE_CAUSE_ANNOTATION, "")
+    if meta.get("generation") is not None and value == registry.rollback_annotation(int(meta["generation"])):
         return HistoryCause.ROLLBACK
     return HistoryCause.SPEC_CHANGE
 
@@ -400,8 +409,8 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
     gen = meta.get("generation")
     raw_status: dict[str, Any] = obj.get("status") or {}
     try:
-        spec, status = load(obj)
-    except ValidationError as e:
+        spec = ModelSpec.model_validate(obj.get("spec") or {})
+    except ValidationError as e:  # what the CRD schema cannot see (e.g. a version in two stages)
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
         new = dict(raw_status)
@@ -414,8 +423,12 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
             generation=gen,
         )
         new["observedGeneration"] = gen
-        return _write(api, obj, raw_status, new)
+        conflict = _write(api, obj, raw_status, new)
+        if conflict is None and _ready_message(new) != _ready_message(raw_status):
+            events.record(api, obj, events.WARNING, "InvalidSpec", f"{where}: {first['msg']}")
+        return conflict
 
+    status = ModelStatus.model_validate(raw_status)
     now = rfc3339()
     cause = spec_cause(obj)
     checker = _Checker()

@@ -39,7 +39,19 @@ from kiln.api.model import (
 from kiln.registry import history, versions
 from kiln.registry.stages import Check, Problem, Refusal, policy_pick, replay_policy, resolve
 
+#: Annotation set next to a spec change to say why it was made; the Model controller records the
+#: changes of generation ``G`` with cause Rollback when it reads ``Rollback:G`` (see
+#: :func:`rollback_annotation`). Tied to one generation, a stale value never mislabels a later edit.
+CHANGE_CAUSE_ANNOTATION = "kiln.dev/change-cause"
+
+
+def rollback_annotation(generation: int) -> str:
+    """The :data:`CHANGE_CAUSE_ANNOTATION` value marking ``generation``'s spec change as a rollback."""
+    return f"{HistoryCause.ROLLBACK.value}:{generation}"
+
+
 __all__ = [
+    "CHANGE_CAUSE_ANNOTATION",
     "Check",
     "Outcome",
     "Problem",
@@ -47,6 +59,7 @@ __all__ = [
     "merge_patch",
     "rebuild",
     "register",
+    "rollback_annotation",
     "settle",
 ]
 
@@ -149,15 +162,20 @@ def register(
     return out
 
 
-def rebuild(spec: ModelSpec, status: ModelStatus, restored: Iterable[ModelVersion]) -> Outcome:
+def rebuild(
+    spec: ModelSpec, status: ModelStatus, restored: Iterable[ModelVersion], *, reserved: int = 0
+) -> Outcome:
     """Merge versions restored from registration records back into ``status``.
 
-    Original numbers are kept; existing entries win; ``latestVersion`` never decreases. When the
+    Original numbers are kept; existing entries win; ``latestVersion`` never decreases and is
+    at least ``reserved`` (the highest number any record claims, restored or not: a number once
+    issued is never issued again, even when its artifact failed verification). When the
     policy picks were lost too (``policyStages`` absent), they are recomputed by replaying the
     current ``promotionPolicy`` over every version in number order. Stages and aliases are
     left to the controller's next reconcile, which validates them as usual.
     """
     merged, added = versions.merge_restored(status, restored)
+    merged.latest_version = max(merged.latest_version, reserved)
     if merged.policy_stages is None and spec.promotion_policy:
         merged.policy_stages = replay_policy(spec, versions.versions_of(merged))
     kept, dropped = versions.prune(

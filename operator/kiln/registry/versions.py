@@ -8,6 +8,7 @@ Callers make the read -> :func:`append` -> write cycle atomic with the object's
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -33,6 +34,33 @@ def cap_map(values: Mapping[str, Any] | None, limit: int = MAX_VERSION_MAP_KEYS)
     return {k: values[k] for k in sorted(values)[:limit]}
 
 
+#: Serialised bytes of one version's metrics plus hyperparameters kept in status. A dozen metrics
+#: and a dozen hyperparameters take about 450 bytes; beyond the budget the largest entries are
+#: dropped (hyperparameters first), so 200 versions stay well under 256 KiB whatever jobs report.
+MAX_VERSION_EXTRAS_BYTES = 1024
+
+
+def _size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), default=str))
+
+
+def fit_extras(
+    metrics: dict[str, Any] | None,
+    hyperparameters: dict[str, Any] | None,
+    budget: int = MAX_VERSION_EXTRAS_BYTES,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Trim metrics and hyperparameters to ``budget`` serialised bytes together.
+
+    The largest entries (key plus value) go first, hyperparameters before metrics, so the
+    small scalar ones people compare versions by survive. Inputs are not modified.
+    """
+    m, h = dict(metrics or {}), dict(hyperparameters or {})
+    while _size(m) + _size(h) > budget and (m or h):
+        pool = h if h else m
+        pool.pop(max(sorted(pool), key=lambda k: _size({k: pool[k]})))
+    return m or None, h or None
+
+
 def make_version(
     number: int,
     *,
@@ -43,18 +71,22 @@ def make_version(
     metrics: Mapping[str, float] | None = None,
     hyperparameters: Mapping[str, Any] | None = None,
 ) -> ModelVersion:
-    """A :class:`ModelVersion` entry with metrics and hyperparameters capped for status.
+    """A :class:`ModelVersion` entry with metrics and hyperparameters capped for status
+    (:func:`cap_map`, then :func:`fit_extras`).
 
     Raises:
         pydantic.ValidationError: a malformed digest, URI or number.
     """
     capped_metrics = cap_map(metrics)
+    kept_metrics, kept_hyperparameters = fit_extras(
+        {k: float(v) for k, v in capped_metrics.items()} if capped_metrics else None, cap_map(hyperparameters)
+    )
     return ModelVersion(
         version=number,
         artifact_uri=artifact_uri,
         digest=digest,
-        metrics={k: float(v) for k, v in capped_metrics.items()} if capped_metrics else None,
-        hyperparameters=cap_map(hyperparameters),
+        metrics=kept_metrics,
+        hyperparameters=kept_hyperparameters,
         lineage=lineage,
         created_at=created_at,
     )
@@ -105,9 +137,8 @@ def append(
         entry = entry_without_number.model_copy(update={"version": number}, deep=True)
     else:
         entry = make_version(number, **fields)
-    new = status.model_copy(deep=True)
-    new.versions = [*versions_of(status), entry]
-    new.latest_version = number
+    # Entries are immutable by contract, so the new status may share them with the old one.
+    new = status.model_copy(update={"versions": [*versions_of(status), entry], "latest_version": number})
     return new, entry
 
 
