@@ -38,6 +38,7 @@ from typing import Protocol
 
 import numpy as np
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from kiln import __version__
 from kiln.artifact import ModelConfig
@@ -149,7 +150,7 @@ class InferenceServer:
         ):
             runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
             await runner.setup()
-            await web.TCPSite(runner, s.host, port).start()
+            await web.TCPSite(runner, s.host or None, port).start()
             self._runners.append(runner)
             setattr(self, attr, runner.addresses[0][1] if runner.addresses else port)
         self._ready = True
@@ -157,7 +158,7 @@ class InferenceServer:
             "serving model %s version %s on %s:%s (metrics on :%s), max batch %d rows / %.1f ms, cache %d",
             self.model.name,
             self.model.version,
-            s.host,
+            s.host or "*",
             self.port,
             self.metrics_port,
             s.max_batch_size,
@@ -225,6 +226,9 @@ class InferenceServer:
     def _build_app(self) -> web.Application:
         app = web.Application(client_max_size=self.settings.max_request_bytes, middlewares=[self._middleware])
         r = app.router
+        # Inference first: the router tries resources sharing a prefix in registration order.
+        r.add_post("/v2/models/{name}/infer", self._infer)
+        r.add_post("/v2/models/{name}/versions/{version}/infer", self._infer)
         r.add_get("/v2/health/live", self._live)
         r.add_get("/v2/health/ready", self._server_ready)
         r.add_get("/v2", self._server_metadata)
@@ -232,8 +236,6 @@ class InferenceServer:
         r.add_get("/v2/models/{name}/versions/{version}", self._model_metadata)
         r.add_get("/v2/models/{name}/ready", self._model_ready)
         r.add_get("/v2/models/{name}/versions/{version}/ready", self._model_ready)
-        r.add_post("/v2/models/{name}/infer", self._infer)
-        r.add_post("/v2/models/{name}/versions/{version}/infer", self._infer)
         return app
 
     def _build_metrics_app(self) -> web.Application:
@@ -348,6 +350,8 @@ class InferenceServer:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise ProtocolError(f"request body exceeds the limit of {limit} bytes", 413) from None
+        except RequestPayloadError as e:  # e.g. a body that does not decode per its Content-Encoding
+            raise ProtocolError(f"could not read the request body: {' '.join(str(e).split())}") from None
         cfg = self.model.config
         parsed = parse_infer_request(
             body,
@@ -392,7 +396,11 @@ class InferenceServer:
 
 
 async def serve(model: Predictor, settings: ServerSettings) -> int:
-    """Run the server until SIGTERM or SIGINT, then drain and stop. Returns the exit status (0)."""
+    """Run the server until SIGTERM or SIGINT, then drain and stop.
+
+    Returns:
+        The exit status: 0 after a shutdown, 1 when a port cannot be bound.
+    """
     server = InferenceServer(model, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -404,7 +412,18 @@ async def serve(model: Predictor, settings: ServerSettings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as e:
+        log.error(
+            "cannot listen on %s ports %d/%d: %s",
+            settings.host or "*",
+            settings.port,
+            settings.metrics_port,
+            e,
+        )
+        await server.shutdown(delay=0)
+        return 1
     await stop.wait()
     await server.shutdown()
     for sig in (signal.SIGTERM, signal.SIGINT):

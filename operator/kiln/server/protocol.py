@@ -93,6 +93,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed (JSON has no NaN or Infinity)")
 
 
+# One decoder for all requests (json.loads with keyword arguments builds a new one per call).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _shape_str(shape: Any) -> str:
     return json.dumps(shape) if isinstance(shape, list) else repr(shape)
 
@@ -124,7 +128,7 @@ def parse_infer_request(
     """
     json_part, binary = _split_body(body, header_length)
     try:
-        doc = json.loads(json_part, parse_constant=_reject_constant)
+        doc = _DECODER.decode(json_part.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ProtocolError(f"malformed JSON request body: {e}") from None
     if not isinstance(doc, dict):

@@ -26,7 +26,7 @@ class ServerSettings:
     digest: str
     model_name: str
     model_version: str = "1"
-    host: str = "0.0.0.0"
+    host: str = ""
     port: int = 8080
     metrics_port: int = 9090
     max_batch_size: int = 32
@@ -96,7 +96,9 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("digest", "--digest", "KILN_ARTIFACT_DIGEST", str, "expected weights digest, sha256:<hex>"),
     _Option("model_name", "--model-name", "KILN_MODEL_NAME", str, "model name in the /v2/models/{name} URLs"),
     _Option("model_version", "--model-version", "KILN_MODEL_VERSION", str, "model version served"),
-    _Option("host", "--host", "KILN_HOST", str, "address to listen on"),
+    _Option(
+        "host", "--host", "KILN_HOST", str, "address to listen on (empty: all interfaces, IPv4 and IPv6)"
+    ),
     _Option("port", "--port", "KILN_PORT", int, "inference (Open Inference Protocol) port"),
     _Option("metrics_port", "--metrics-port", "KILN_METRICS_PORT", int, "Prometheus /metrics port"),
     _Option(
@@ -153,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for o in OPTIONS:
         d = defaults.get(o.field)
-        shown = "required" if d is None or o.field in ("artifact", "digest", "model_name") else f"default {d}"
+        shown = (
+            "required"
+            if d is None or o.field in ("artifact", "digest", "model_name")
+            else f"default {d if d != '' else 'empty'}"
+        )
         p.add_argument(
             o.flag, dest=o.field, type=o.type, default=None, help=f"{o.help} (env {o.env}; {shown})"
         )

@@ -14,10 +14,12 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pytest
+
+if TYPE_CHECKING:  # numpy and torch come with the serve extra; tests without it are skipped
+    import numpy as np
 
 MODEL_NAME = "digits"
 MODEL_VERSION = "3"
@@ -46,6 +48,7 @@ class DigitsArtifact:
 
 def make_digits_artifact(directory: Path, *, steps: int = 300, seed: int = 0) -> DigitsArtifact:
     """Train a small MLP on the digits and write a complete artifact into ``directory``."""
+    import numpy as np
     import torch
     from safetensors.torch import save_file
     from sklearn.datasets import load_digits

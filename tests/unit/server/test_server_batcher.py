@@ -7,10 +7,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+pytest.importorskip("torch")  # the serve extra (torch, numpy, aiohttp, safetensors)
+
+import numpy as np
 
 from kiln.server.batcher import BatcherClosedError, DynamicBatcher
 from kiln.server.cache import OutputCache

@@ -6,12 +6,14 @@ import asyncio
 import json
 from typing import Any
 
-import numpy as np
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-pytest.importorskip("torch")
+pytest.importorskip("torch")  # the serve extra (torch, numpy, aiohttp, safetensors)
 
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from kiln import __version__
@@ -308,6 +310,38 @@ def test_bad_requests_get_4xx_naming_the_problem(
     assert r.status_code == status
     assert message in r.json()["error"]
     assert requests.get(server.url + "/v2/health/live", timeout=5).status_code == 200
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    body=st.binary(max_size=300)
+    | st.recursive(
+        st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(max_size=5),
+        lambda c: (
+            st.lists(c, max_size=4) | st.dictionaries(st.sampled_from(["inputs", "name", "shape", "data"]), c)
+        ),
+        max_leaves=20,
+    ).map(lambda d: json.dumps(d).encode()),
+    header=st.none() | st.sampled_from(["0", "3", "-1", "x", "99999"]),
+)
+def test_fuzz_over_http_never_500(server: ThreadedServer, body: bytes, header: str | None) -> None:
+    headers = {"Inference-Header-Content-Length": header} if header is not None else {}
+    r = requests.post(server.url + INFER, data=body, headers=headers, timeout=5)
+    assert r.status_code in (200, 400), r.text
+    assert r.status_code == 200 or r.json()["error"]
+
+
+def test_compressed_bodies(server: ThreadedServer, digits_artifact: DigitsArtifact) -> None:
+    import gzip
+
+    good = gzip.compress(json.dumps(infer_body(digits_artifact.x_test[:1])).encode())
+    r = requests.post(server.url + INFER, data=good, headers={"Content-Encoding": "gzip"}, timeout=5)
+    assert r.status_code == 200 and r.json()["outputs"][1]["data"] == digits_artifact.predictions[:1].tolist()
+    r = requests.post(server.url + INFER, data=b"not gzip", headers={"Content-Encoding": "gzip"}, timeout=5)
+    assert r.status_code == 400 and "could not read the request body" in r.json()["error"]
+    bomb = gzip.compress(b" " * (4 << 20))  # 4 KiB on the wire, 4 MiB decoded: over the limit
+    r = requests.post(server.url + INFER, data=bomb, headers={"Content-Encoding": "gzip"}, timeout=5)
+    assert r.status_code == 413
 
 
 def test_too_large_chunked_body_without_content_length(server: ThreadedServer) -> None:
