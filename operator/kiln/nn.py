@@ -29,6 +29,8 @@ class MLPClassifier(nn.Module):
         if any(s <= 0 for s in config.inputStd):
             raise ValueError("inputStd entries must be > 0")
         self.config = config
+        self.input_mean: torch.Tensor
+        self.input_std: torch.Tensor
         self.register_buffer("input_mean", torch.tensor(config.inputMean, dtype=torch.float32))
         self.register_buffer("input_std", torch.tensor(config.inputStd, dtype=torch.float32))
         layers: list[nn.Module] = []

@@ -14,7 +14,6 @@ from pydantic import Field, model_validator
 from kiln.api.common import (
     Conditions,
     EnvVar,
-    FreeForm,
     FreeFormObject,
     KilnModel,
     LocalObjectReference,

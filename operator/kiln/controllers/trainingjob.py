@@ -7,6 +7,7 @@ one level-based reconcile of the job (see :mod:`kiln.controllers.runtime`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -69,10 +70,9 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
     if p.create_gang:
         # The gang's pods and its headless Service are created concurrently: the gang is only as
         # fast as its slowest pod, and torchrun's rendezvous retries until node 0's name resolves.
-        futures = [_creators.submit(kube.apply, api, build.service(job))]
-        futures += [
-            _creators.submit(kube.create, api, m) for m in build.pods(job, spec, int(p.status["gang"]))
-        ]
+        writes: list[tuple[Callable[..., Any], dict[str, Any]]] = [(kube.apply, build.service(job))]
+        writes += [(kube.create, m) for m in build.pods(job, spec, int(p.status["gang"]))]
+        futures = [_creators.submit(write, api, manifest) for write, manifest in writes]
         for f in futures:
             f.result()
     if p.register is not None:
