@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -215,11 +216,26 @@ def load_checkpoint(path: Path) -> Checkpoint:
     )
 
 
+def _check_tensor_files(path: Path) -> None:
+    """Open both safetensors files (header and size checks only, no tensor data read).
+
+    Raises:
+        CheckpointError: a file is missing, truncated or not safetensors.
+    """
+    for name in (MODEL_FILE, OPTIMIZER_FILE):
+        try:
+            with safe_open(str(path / name), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # OSError, or safetensors' own SafetensorError
+            raise CheckpointError(f"checkpoint {path}: {name} is unreadable: {e}") from e
+
+
 def find_resumable(root: Path, fingerprint: str) -> tuple[int, Path] | None:
     """The newest complete checkpoint written for this configuration, if any.
 
     Checkpoints with a different fingerprint (another configuration reusing the job name) are
-    removed with a warning so they cannot be picked up later; unreadable ones are skipped.
+    removed with a warning so they cannot be picked up later; unreadable or damaged ones (e.g. a
+    truncated file after a node crash) are skipped, so the run falls back to an older one.
     """
     for epoch, path in list_checkpoints(root):
         try:
@@ -227,6 +243,12 @@ def find_resumable(root: Path, fingerprint: str) -> tuple[int, Path] | None:
         except CheckpointError as e:
             log.warning("skipping unreadable checkpoint: %s", e)
             continue
+        if state.get("fingerprint") == fingerprint:
+            try:
+                _check_tensor_files(path)
+            except CheckpointError as e:  # e.g. torn by a node crash: fall back to an older one
+                log.warning("skipping damaged checkpoint: %s", e)
+                continue
         if state.get("fingerprint") != fingerprint:
             log.warning(
                 "removing checkpoint %s: it was written for a different configuration "

@@ -128,7 +128,9 @@ def _finish(
         raise UsageError(f"dataset {name}: feature column(s) {cols} contain NaN or infinite values")
     values, labels = np.unique(y_raw, return_inverse=True)
     if len(values) < 2:
-        raise UsageError(f"dataset {name}: the label has {len(values)} distinct value(s); need at least 2 classes")
+        raise UsageError(
+            f"dataset {name}: the label has {len(values)} distinct value(s); need at least 2 classes"
+        )
     if class_names is None or len(class_names) != len(values):
         class_names = [_label_name(v) for v in values]
     else:
@@ -159,7 +161,9 @@ def load_builtin(name: str) -> Dataset:
     """
     loader = BUILTIN_DATASETS.get(name)
     if loader is None:
-        raise UsageError(f"unknown built-in dataset {name!r}; available: {', '.join(sorted(BUILTIN_DATASETS))}")
+        raise UsageError(
+            f"unknown built-in dataset {name!r}; available: {', '.join(sorted(BUILTIN_DATASETS))}"
+        )
     x, y, classes, feature_names = loader()
     return _finish(name, x, y, classes or None, feature_names)
 
@@ -196,10 +200,7 @@ def load_table_file(spec: DatasetSpec) -> Dataset:
         raise UsageError(f"dataset file {path} does not exist")
     fmt = spec.format or _infer_format(path)
     try:
-        if fmt == "csv":
-            table = pacsv.read_csv(path)
-        else:
-            table = pq.read_table(path)
+        table = pacsv.read_csv(path) if fmt == "csv" else pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         raise UsageError(f"cannot read {path} as {fmt}: {e}") from None
 
@@ -223,16 +224,27 @@ def load_table_file(spec: DatasetSpec) -> Dataset:
         raise UsageError(f"dataset {path}: no feature columns besides the label {label_column!r}")
 
     def numeric(t: pa.DataType) -> bool:
-        return bool(pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t))
+        return bool(
+            pa.types.is_integer(t)
+            or pa.types.is_floating(t)
+            or pa.types.is_boolean(t)
+            or pa.types.is_decimal(t)
+        )
 
-    bad = [f"{c} ({table.schema.field(c).type})" for c in feature_cols if not numeric(table.schema.field(c).type)]
+    bad = [
+        f"{c} ({table.schema.field(c).type})" for c in feature_cols if not numeric(table.schema.field(c).type)
+    ]
     if bad:
         raise UsageError(
             f"dataset {path}: feature columns must be numeric; non-numeric: {', '.join(bad[:20])}"
             + (" ..." if len(bad) > 20 else "")
             + " (encode them, or list the numeric ones in dataset.featureColumns)"
         )
-    nulls = [f"{c} ({table.column(c).null_count})" for c in [*feature_cols, label_column] if table.column(c).null_count]
+    nulls = [
+        f"{c} ({table.column(c).null_count})"
+        for c in [*feature_cols, label_column]
+        if table.column(c).null_count
+    ]
     if nulls:
         raise UsageError(f"dataset {path}: missing values in column(s): {', '.join(nulls[:20])}")
 
@@ -249,7 +261,11 @@ def load_table_file(spec: DatasetSpec) -> Dataset:
         y_raw = y_f.astype(np.int64)
     elif pa.types.is_integer(label_type) or pa.types.is_boolean(label_type):
         y_raw = table.column(label_column).to_numpy().astype(np.int64)
-    elif pa.types.is_string(label_type) or pa.types.is_large_string(label_type) or pa.types.is_dictionary(label_type):
+    elif (
+        pa.types.is_string(label_type)
+        or pa.types.is_large_string(label_type)
+        or pa.types.is_dictionary(label_type)
+    ):
         y_raw = np.asarray(table.column(label_column).cast(pa.string()).to_pylist(), dtype=object).astype(str)
     else:
         raise UsageError(f"dataset {path}: label column {label_column!r} has unsupported type {label_type}")
@@ -271,7 +287,9 @@ def _round_half_up(x: float) -> int:
     return int(np.floor(x + 0.5))
 
 
-def stratified_split(labels: np.ndarray, *, seed: int, validation_fraction: float, test_fraction: float) -> Split:
+def stratified_split(
+    labels: np.ndarray, *, seed: int, validation_fraction: float, test_fraction: float
+) -> Split:
     """Deterministic stratified train/validation/test split (algorithm in the module docstring).
 
     Args:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -69,6 +70,8 @@ class EpochStats:
     train_seconds: float
     #: Wall time of the whole epoch including validation and checkpoint, seconds.
     epoch_seconds: float
+    #: CPU time (all threads of this process) of the optimisation steps, seconds.
+    train_cpu_seconds: float = 0.0
 
     @property
     def samples_per_second(self) -> float:
@@ -78,7 +81,7 @@ class EpochStats:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> EpochStats:
         """Rebuild from ``dataclasses.asdict`` output (as stored in a checkpoint)."""
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 @dataclass
@@ -90,6 +93,15 @@ class FitResult:
     #: Last epoch restored from a checkpoint, or None for a fresh run.
     resumed_from_epoch: int | None
     precision: str
+
+
+def _no_buffer_sync_kwargs() -> dict[str, Any]:
+    """DDP keyword that stops the per-forward buffer broadcast (the normalisation buffers never
+    change; DDP still syncs them from rank 0 at construction). torch >= 2.15 renamed
+    ``broadcast_buffers`` to ``forward_sync_buffers`` and warns on the old name."""
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def seed_everything(seed: int) -> None:
@@ -110,7 +122,9 @@ def config_fingerprint(hp: Hyperparameters, dataset_digest: str) -> str:
 
     World size is excluded: the model and optimizer state do not depend on it.
     """
-    doc = json.dumps({"hyperparameters": hp.model_dump(mode="json"), "dataset": dataset_digest}, sort_keys=True)
+    doc = json.dumps(
+        {"hyperparameters": hp.model_dump(mode="json"), "dataset": dataset_digest}, sort_keys=True
+    )
     return "sha256:" + hashlib.sha256(doc.encode()).hexdigest()
 
 
@@ -172,7 +186,9 @@ def evaluate(
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
         correct += (logits.argmax(dim=1) == yb).sum().double()
-    totals = torch.stack([loss_sum, correct, torch.tensor(float(xs.shape[0]), dtype=torch.float64, device=x.device)])
+    totals = torch.stack(
+        [loss_sum, correct, torch.tensor(float(xs.shape[0]), dtype=torch.float64, device=x.device)]
+    )
     ctx.all_reduce_sum(totals)
     model.train(was_training)
     loss, acc, n = totals.tolist()
@@ -209,11 +225,17 @@ def fit(
     resume_from: Path | None = None,
     fail_after_epoch: int | None = None,
     fail_rank: int | None = None,
+    wrap_ddp: bool | None = None,
 ) -> FitResult:
     """Train ``hp.epochs`` epochs (continuing after ``resume_from`` when given).
 
     Every rank calls this with the same arguments. Rank 0 writes a checkpoint to
     ``checkpoint_root`` after every epoch (none when it is None) and logs one line per epoch.
+
+    The model is wrapped in ``DistributedDataParallel`` when ``wrap_ddp`` is True, or (default,
+    None) when the process group has more than one rank: with a single process there is nothing
+    to all-reduce, and the wrapper's per-step all-reduce and autograd hooks cost ~20% of a small
+    model's step time for nothing (hack/bench-trainer measures both).
 
     Raises:
         CheckpointError: ``resume_from`` cannot be read or does not fit this model.
@@ -250,13 +272,14 @@ def fit(
             )
 
     train_module: nn.Module = model
-    if ctx.distributed:
-        # Buffers (the normalisation constants) never change: no need to broadcast them each step.
+    if wrap_ddp is None:
+        wrap_ddp = ctx.distributed and ctx.world_size > 1
+    if wrap_ddp:
         train_module = DDP(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
             gradient_as_bucket_view=True,
+            **_no_buffer_sync_kwargs(),
         )
     sampler: DistributedSampler[Any] = DistributedSampler(
         TensorDataset(data.x_train),
@@ -284,7 +307,7 @@ def fit(
         train_module.train()
         if cuda:
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for start in range(0, n_local, per_rank_batch):
             b = idx[start : start + per_rank_batch]
             xb, yb = data.x_train[b], data.y_train[b]
@@ -302,9 +325,13 @@ def fit(
             losses.append(loss.detach())
         if cuda:
             torch.cuda.synchronize(device)
-        train_seconds = time.perf_counter() - t0
+        train_seconds, train_cpu = time.perf_counter() - t0, time.process_time() - c0
 
-        loss_sum = (torch.stack(losses) * sizes).sum().double().reshape(1) if losses else torch.zeros(1, device=device)
+        loss_sum = (
+            (torch.stack(losses) * sizes).sum().double().reshape(1)
+            if losses
+            else torch.zeros(1, dtype=torch.float64, device=device)
+        )
         ctx.all_reduce_sum(loss_sum)
         total = n_local * ctx.world_size
         val_loss, val_acc = evaluate(model, data.x_val, data.y_val, ctx, precision)
@@ -316,6 +343,7 @@ def fit(
             samples=total,
             train_seconds=train_seconds,
             epoch_seconds=0.0,
+            train_cpu_seconds=train_cpu,
         )
         history.append(stats)
         if ctx.is_main and checkpoint_root is not None:

@@ -1,0 +1,350 @@
+"""``kiln-train``: the trainer entrypoint (``python -m kiln.trainer`` works too).
+
+Sequence on every rank: resolve configuration -> load and split the data set -> join the process
+group -> rank 0 decides the plan (already done? resume from which checkpoint?) and broadcasts it
+-> train -> evaluate on the test split -> leave the group -> rank 0 writes the artifact and the
+termination message, then removes the checkpoints.
+
+Exit codes: 0 success (also when the artifact of this run already exists: the result is reported
+again, so a restart after a late crash is harmless), 1 crash or internal error, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import kiln
+from kiln.artifact import (
+    ArtifactError,
+    ArtifactMetadata,
+    DatasetInfo,
+    ModelConfig,
+    TrainingResult,
+    format_termination_message,
+    path_to_uri,
+    utc_now_rfc3339,
+    verify_artifact,
+)
+from kiln.trainer.config import TrainConfig, UsageError, resolve_config, termination_log_from_env
+from kiln.trainer.output import write_failure_message
+
+log = logging.getLogger("kiln.trainer")
+
+#: Hyperparameter keys of the lineage record that do not make two runs different.
+_NOT_IDENTITY = ("worldSize", "precision")
+
+
+def setup_logging(rank: int) -> None:
+    """Log to stdout (``kubectl logs``): INFO on rank 0, warnings and errors elsewhere."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s kiln-train rank={rank} %(message)s"))
+    logger = logging.getLogger("kiln.trainer")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
+
+
+def lineage_hyperparameters(config: TrainConfig, precision: str, world_size: int) -> dict[str, Any]:
+    """Hyperparameters as recorded in the artifact: resolved values plus world size."""
+    hp = config.hyperparameters
+    d = hp.model_dump(mode="json")
+    d["splitSeed"] = hp.effective_split_seed
+    d["precision"] = precision
+    d["worldSize"] = world_size
+    return d
+
+
+def _identity(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in _NOT_IDENTITY}
+
+
+def _remove_checkpoints(root: Path, default_location: bool) -> None:
+    from kiln.trainer.checkpoint import list_checkpoints
+
+    for _, p in list_checkpoints(root):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".tmp-*") if root.is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)
+    if default_location:
+        for d in (root, root.parent):  # <model>/.checkpoints/<run>, then <model>/.checkpoints
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def run(config: TrainConfig) -> int:
+    """Train according to ``config``; returns the exit code.
+
+    Raises:
+        UsageError: bad data set or configuration (exit code 2 in ``main``).
+        CheckpointError, OSError, RuntimeError: crashes (exit code 1 in ``main``).
+    """
+    import torch
+
+    from kiln.trainer.data import load_dataset, normalisation, stratified_split
+    from kiln.trainer.distributed import setup_distributed
+    from kiln.trainer.loop import SplitTensors, config_fingerprint, evaluate, fit, resolve_precision
+    from kiln.trainer.output import (
+        run_timestamp,
+        write_artifact,
+        write_termination_message,
+    )
+
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    hp = config.hyperparameters
+    rank_hint = int(os.environ.get("RANK", "0") or 0)
+    if rank_hint == 0:
+        for w in config.warnings:
+            log.warning("%s", w)
+
+    dataset = load_dataset(config.dataset)
+    split = stratified_split(
+        dataset.labels,
+        seed=hp.effective_split_seed,
+        validation_fraction=hp.validationFraction,
+        test_fraction=hp.testFraction,
+    )
+    fingerprint = config_fingerprint(hp, dataset.digest)
+
+    ctx = setup_distributed(config.backend, config.device)
+    stack = contextlib.ExitStack()
+    try:
+        precision = resolve_precision(hp.precision, ctx.device)
+        lineage = lineage_hyperparameters(config, precision, ctx.world_size)
+        plan: dict[str, Any] = {}
+        if ctx.is_main:
+            plan = _plan(config, dataset.digest, lineage, fingerprint, run_timestamp())
+        plan = ctx.broadcast_object(plan)
+        if plan.get("usage_error"):
+            raise UsageError(plan["usage_error"])
+        if plan.get("error"):
+            raise RuntimeError(plan["error"])
+        final_dir = Path(plan["artifact_dir"])
+        if plan.get("done"):
+            if ctx.is_main:
+                log.info("artifact %s of this run already exists; reporting it again", final_dir)
+                write_termination_message(
+                    config.termination_log, plan["result"], config.termination_log_explicit
+                )
+                print(plan["result"], flush=True)
+            return 0
+        ckpt_root = Path(plan["checkpoint_root"])
+
+        if ctx.is_main:
+            log.info(
+                "dataset=%s samples=%d features=%d classes=%d digest=%s split train/val/test=%d/%d/%d",
+                dataset.name,
+                dataset.num_samples,
+                dataset.num_features,
+                dataset.num_classes,
+                dataset.digest,
+                len(split.train),
+                len(split.validation),
+                len(split.test),
+            )
+            log.info(
+                "world_size=%d backend=%s device=%s precision=%s hyperparameters=%s",
+                ctx.world_size,
+                ctx.backend or "none",
+                ctx.device,
+                precision,
+                hp.model_dump(mode="json"),
+            )
+        mean, std = normalisation(dataset.features[split.train])
+        model_config = ModelConfig(
+            inputSize=dataset.num_features,
+            hiddenSizes=list(hp.hiddenSizes),
+            numClasses=dataset.num_classes,
+            dropout=hp.dropout,
+            inputMean=mean,
+            inputStd=std,
+            labels=dataset.class_names,
+        )
+
+        def tensors(idx: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return (
+                torch.from_numpy(dataset.features[idx]).to(ctx.device),
+                torch.from_numpy(dataset.labels[idx]).to(ctx.device),
+            )
+
+        data = SplitTensors(*tensors(split.train), *tensors(split.validation), *tensors(split.test))
+        resume = plan.get("resume")
+        if resume is not None:
+            resume = _share_checkpoint(ctx, Path(resume), stack)
+        result = fit(
+            ctx,
+            hp,
+            data,
+            model_config,
+            checkpoint_root=ckpt_root,
+            keep_checkpoints=config.keep_checkpoints,
+            fingerprint=fingerprint,
+            resume_from=Path(resume) if resume is not None else None,
+            fail_after_epoch=config.fail_after_epoch,
+            fail_rank=config.fail_rank,
+        )
+        test_loss, test_acc = evaluate(result.model, data.x_test, data.y_test, ctx, result.precision)
+        ctx.barrier()
+    finally:
+        stack.close()
+        ctx.close()
+
+    if not ctx.is_main:
+        return 0
+    last = result.history[-1]
+    metrics = {
+        "accuracy": test_acc,
+        "loss": test_loss,
+        "valAccuracy": last.val_accuracy,
+        "valLoss": last.val_loss,
+        "trainLoss": last.train_loss,
+    }
+    metadata = ArtifactMetadata(
+        modelName=config.model_name,
+        weightsDigest="sha256:" + "0" * 64,  # replaced by the digest of the file written
+        metrics=metrics,
+        hyperparameters=lineage,
+        dataset=DatasetInfo(
+            name=config.dataset.display_name, digest=dataset.digest, numSamples=dataset.num_samples
+        ),
+        image=config.image,
+        trainingJob=config.training_job,
+        createdAt=utc_now_rfc3339(),
+        framework={"torch": torch.__version__, "kiln": kiln.__version__, "python": platform.python_version()},
+    )
+    written = write_artifact(final_dir, result.model.state_dict(), model_config, metadata)
+    message = format_termination_message(
+        TrainingResult(artifactUri=path_to_uri(final_dir), digest=written.weightsDigest, metrics=metrics)
+    )
+    write_termination_message(config.termination_log, message, config.termination_log_explicit)
+    print(message, flush=True)
+    log.info(
+        "result accuracy=%.4f loss=%.4f val_accuracy=%.4f resumedFromEpoch=%s artifact=%s digest=%s",
+        test_acc,
+        test_loss,
+        last.val_accuracy,
+        result.resumed_from_epoch,
+        path_to_uri(final_dir),
+        written.weightsDigest,
+    )
+    _remove_checkpoints(ckpt_root, default_location=config.checkpoint_dir is None)
+    return 0
+
+
+def _share_checkpoint(ctx: Any, path: Path, stack: contextlib.ExitStack) -> Path:
+    """The checkpoint ``path`` chosen by rank 0, readable on this rank.
+
+    Normally the output is a volume shared by all nodes and every rank reads ``path`` itself.
+    When some rank cannot see it (node-local storage such as hostPath), rank 0 sends the
+    checkpoint's files as bytes over the process group and that rank loads them from a private
+    temporary directory, through the same safetensors/JSON loader (no pickle on disk).
+    """
+    import torch
+
+    missing = torch.tensor([0.0 if path.is_dir() else 1.0], device=ctx.device)
+    ctx.all_reduce_sum(missing)
+    if missing.item() == 0:
+        return path
+    files = {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()} if ctx.is_main else None
+    files = ctx.broadcast_object(files)
+    if path.is_dir():
+        return path
+    local = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kiln-ckpt-"))) / path.name
+    local.mkdir()
+    for name, data in files.items():
+        (local / name).write_bytes(data)
+    log.warning(
+        "rank %d cannot see checkpoint %s (output not on a volume shared by all nodes); received it from rank 0",
+        ctx.rank,
+        path,
+    )
+    return local
+
+
+def _plan(
+    config: TrainConfig, dataset_digest: str, lineage: dict[str, Any], fingerprint: str, timestamp: str
+) -> dict[str, Any]:
+    """Rank 0's decisions, broadcast to all ranks (plain values only).
+
+    Keys: ``artifact_dir``, ``checkpoint_root``, ``done`` + ``result`` (the artifact already
+    exists for this configuration), ``resume`` (checkpoint path or None), ``usage_error`` /
+    ``error`` (message: every rank raises it).
+    """
+    from kiln.trainer.checkpoint import find_resumable
+    from kiln.trainer.output import artifact_dir, default_checkpoint_root
+
+    run_name = config.training_job or timestamp
+    final = artifact_dir(config.output_root, config.model_name, run_name)
+    ckpt_root = config.checkpoint_dir or default_checkpoint_root(
+        config.output_root, config.model_name, run_name
+    )
+    plan: dict[str, Any] = {"artifact_dir": str(final), "checkpoint_root": str(ckpt_root), "resume": None}
+    try:
+        if final.exists():
+            try:
+                meta = verify_artifact(final)
+            except ArtifactError as e:
+                plan["error"] = f"artifact directory {final} exists but is not a valid artifact: {e}"
+                return plan
+            same = (
+                meta.dataset is not None
+                and meta.dataset.digest == dataset_digest
+                and _identity(meta.hyperparameters) == _identity(lineage)
+            )
+            if not same:
+                plan["usage_error"] = (
+                    f"artifact directory {final} already exists and was trained with a different "
+                    "dataset or hyperparameters; artifacts are immutable: use a new TrainingJob name"
+                )
+                return plan
+            plan["done"] = True
+            plan["result"] = format_termination_message(
+                TrainingResult(
+                    artifactUri=path_to_uri(final), digest=meta.weightsDigest, metrics=meta.metrics
+                )
+            )
+            return plan
+        found = find_resumable(ckpt_root, fingerprint)
+        if found is not None:
+            plan["resume"] = str(found[1])
+    except OSError as e:
+        plan["error"] = f"cannot inspect the output directory: {e}"
+    return plan
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entrypoint; returns the process exit code (0, 1 or 2)."""
+    term_path, term_explicit = termination_log_from_env()
+    rank = os.environ.get("RANK", "0") or "0"
+    setup_logging(int(rank) if rank.isdigit() else 0)
+    try:
+        config = resolve_config(argv)
+        term_path, term_explicit = config.termination_log, config.termination_log_explicit
+        return run(config)
+    except UsageError as e:
+        print(f"kiln-train: error: {e}", file=sys.stderr, flush=True)
+        write_failure_message(term_path, f"error (rank {rank}): {e}", term_explicit)
+        return 2
+    except Exception as e:
+        traceback.print_exc()
+        sys.stderr.flush()
+        write_failure_message(term_path, f"crashed (rank {rank}): {type(e).__name__}: {e}", term_explicit)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
