@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -36,7 +37,9 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "pod_security(level): PodSecurity level enforced in the test namespace")
+    config.addinivalue_line(
+        "markers", "pod_security(level): PodSecurity level enforced in the test namespace"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -57,9 +60,16 @@ class Cluster:
     state_dir: str
     logs: str
 
-    def kubectl_run(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([self.kubectl, f"--kubeconfig={self.kubeconfig}", *args], input=input,
-                              text=True, capture_output=True, check=check)
+    def kubectl_run(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [self.kubectl, f"--kubeconfig={self.kubeconfig}", *args],
+            input=input,
+            text=True,
+            capture_output=True,
+            check=check,
+        )
 
 
 def _hack_cluster(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
@@ -74,18 +84,31 @@ def cluster() -> Iterator[Cluster]:
         if IN_CI:
             pytest.fail(f"CI=true but the local cluster cannot run here: {reason}", pytrace=False)
         pytest.skip(reason)
-    started = False
-    if _hack_cluster("status", "--quiet").returncode != 0:
-        up = _hack_cluster("up")
-        if up.returncode != 0:
-            pytest.fail(f"hack/cluster up failed ({up.returncode}):\n{up.stderr[-4000:]}", pytrace=False)
-        started = True
     env = json.loads(_hack_cluster("env", "--json").stdout)
-    yield Cluster(kubeconfig=env["KUBECONFIG"], kubectl=env["kubectl"], helm=env["helm"],
-                  api_server=env["api_server"], k8s_version=env["k8s_version"], state_dir=env["state_dir"],
-                  logs=env["logs"])
+    # Several pytest sessions may share one cluster. Each holds a shared lock on .users.lock
+    # while it runs; `down --if-unused` (below) leaves the cluster up while anyone else holds it.
+    users = Path(env["state_dir"]) / ".users.lock"
+    users.parent.mkdir(parents=True, exist_ok=True)
+    with open(users, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        started = False
+        if _hack_cluster("status", "--quiet").returncode != 0:
+            up = _hack_cluster("up")
+            if up.returncode != 0:
+                pytest.fail(f"hack/cluster up failed ({up.returncode}):\n{up.stderr[-4000:]}", pytrace=False)
+            started = True
+        yield Cluster(
+            kubeconfig=env["KUBECONFIG"],
+            kubectl=env["kubectl"],
+            helm=env["helm"],
+            api_server=env["api_server"],
+            k8s_version=env["k8s_version"],
+            state_dir=env["state_dir"],
+            logs=env["logs"],
+        )
+        fcntl.flock(lock, fcntl.LOCK_UN)
     if started and os.environ.get("KILN_KEEP_CLUSTER") != "1":
-        _hack_cluster("down")
+        _hack_cluster("down", "--if-unused")
 
 
 @pytest.fixture(scope="session")
@@ -121,11 +144,15 @@ def namespace(request: pytest.FixtureRequest, kube: client.ApiClient) -> Iterato
     }
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels)))
     # Pods are rejected until kube-controller-manager has created the `default` ServiceAccount.
-    wait_for(lambda: core.read_namespaced_service_account("default", name), 30,
-             message=f"ServiceAccount default in {name}")
+    wait_for(
+        lambda: core.read_namespaced_service_account("default", name),
+        30,
+        message=f"ServiceAccount default in {name}",
+    )
     yield name
     core.delete_namespace(name)
     if with_operator:
+
         def gone() -> bool:
             try:
                 core.read_namespace(name)

@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,8 +28,9 @@ T = TypeVar("T")
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 60, interval: float = 0.2,
-             message: str = "condition") -> T:
+def wait_for(
+    predicate: Callable[[], T], timeout: float = 60, interval: float = 0.2, message: str = "condition"
+) -> T:
     """Poll `predicate` until it returns something truthy; fail with `message` at the deadline.
 
     Exceptions raised by the predicate count as "not yet" (e.g. a 404 before an object exists);
@@ -42,7 +43,7 @@ def wait_for(predicate: Callable[[], T], timeout: float = 60, interval: float = 
             result = predicate()
             if result:
                 return result
-        except Exception as exc:  # noqa: BLE001 - retried; reported on timeout
+        except Exception as exc:
             last_exc = exc
         if time.monotonic() >= deadline:
             detail = f" (last error: {last_exc!r})" if last_exc else ""
@@ -61,12 +62,20 @@ def _batch(api: Any) -> client.BatchV1Api:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def finish_pod(api: Any, namespace: str, name: str, exit_code: int = 0, message: str = "",
-               reason: str | None = None, *, container: str | None = None,
-               timeout: float = 60) -> client.V1Pod:
+def finish_pod(
+    api: Any,
+    namespace: str,
+    name: str,
+    exit_code: int = 0,
+    message: str = "",
+    reason: str | None = None,
+    *,
+    container: str | None = None,
+    timeout: float = 60,
+) -> client.V1Pod:
     """End a Running pod as a kubelet would: every container terminated, phase set.
 
     `exit_code`, `message` (the termination message, what a container writes to
@@ -96,30 +105,47 @@ def finish_pod(api: Any, namespace: str, name: str, exit_code: int = 0, message:
         code = exit_code if mine else 0
         codes.append(code)
         prev = previous.get(c.name)
-        started = (prev.state.running.started_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-                   if prev and prev.state and prev.state.running and prev.state.running.started_at else now)
-        terminated = {"exitCode": code, "reason": (reason if mine and reason else
-                                                   ("Completed" if code == 0 else "Error")),
-                      "startedAt": started, "finishedAt": now}
+        started = (
+            prev.state.running.started_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+            if prev and prev.state and prev.state.running and prev.state.running.started_at
+            else now
+        )
+        terminated = {
+            "exitCode": code,
+            "reason": (reason if mine and reason else ("Completed" if code == 0 else "Error")),
+            "startedAt": started,
+            "finishedAt": now,
+        }
         if mine and message:
             terminated["message"] = message
-        statuses.append({"name": c.name, "image": c.image, "ready": False, "started": False,
-                         "restartCount": prev.restart_count if prev else 0,
-                         "state": {"running": None, "waiting": None, "terminated": terminated}})
+        statuses.append(
+            {
+                "name": c.name,
+                "image": c.image,
+                "ready": False,
+                "started": False,
+                "restartCount": prev.restart_count if prev else 0,
+                "state": {"running": None, "waiting": None, "terminated": terminated},
+            }
+        )
     phase = "Succeeded" if all(code == 0 for code in codes) else "Failed"
-    conditions = [{"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": now}
-                  for t in ("Ready", "ContainersReady")]
+    conditions = [
+        {"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": now}
+        for t in ("Ready", "ContainersReady")
+    ]
     body = {"status": {"phase": phase, "conditions": conditions, "containerStatuses": statuses}}
-    return core.patch_namespaced_pod_status(name, namespace, body,
-                                            _content_type="application/strategic-merge-patch+json")
+    return core.patch_namespaced_pod_status(
+        name, namespace, body, _content_type="application/strategic-merge-patch+json"
+    )
 
 
 def job_condition(job: client.V1Job, type_: str) -> bool:
     return any(c.type == type_ and c.status == "True" for c in (job.status.conditions or []))
 
 
-def finish_job(api: Any, namespace: str, name: str, exit_code: int = 0, message: str = "",
-               timeout: float = 90) -> client.V1Job:
+def finish_job(
+    api: Any, namespace: str, name: str, exit_code: int = 0, message: str = "", timeout: float = 90
+) -> client.V1Job:
     """Finish every pod of a Job (as they come) until the Job is Complete or Failed.
 
     With exit_code 0 this drives the Job to Complete; non-zero exit codes make pods Failed and the
@@ -147,22 +173,30 @@ def complete_job(api: Any, namespace: str, name: str, timeout: float = 90) -> cl
     return job
 
 
-def wait_pods_running(api: Any, namespace: str, selector: str, count: int,
-                      timeout: float = 60) -> list[client.V1Pod]:
+def wait_pods_running(
+    api: Any, namespace: str, selector: str, count: int, timeout: float = 60
+) -> list[client.V1Pod]:
     """Wait until exactly `count` pods matching `selector` exist and all are Running."""
     core = _core(api)
 
     def check() -> list[client.V1Pod] | None:
-        pods = [p for p in core.list_namespaced_pod(namespace, label_selector=selector).items
-                if p.metadata.deletion_timestamp is None]
+        pods = [
+            p
+            for p in core.list_namespaced_pod(namespace, label_selector=selector).items
+            if p.metadata.deletion_timestamp is None
+        ]
         return pods if len(pods) == count and all(p.status.phase == "Running" for p in pods) else None
 
     return wait_for(check, timeout, message=f"{count} Running pods matching {selector!r} in {namespace}")
 
 
-def serviceaccount_kubeconfig(api: client.ApiClient, namespace: str, name: str,
-                              path: str | os.PathLike | None = None,
-                              expiration_seconds: int = 3600) -> Path:
+def serviceaccount_kubeconfig(
+    api: client.ApiClient,
+    namespace: str,
+    name: str,
+    path: str | os.PathLike | None = None,
+    expiration_seconds: int = 3600,
+) -> Path:
     """Write a kubeconfig that authenticates as ServiceAccount namespace/name.
 
     The token comes from the TokenRequest API (what a pod's projected token is), so the holder
@@ -171,7 +205,8 @@ def serviceaccount_kubeconfig(api: client.ApiClient, namespace: str, name: str,
     """
     core = _core(api)
     request = client.AuthenticationV1TokenRequest(
-        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=expiration_seconds))
+        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=expiration_seconds)
+    )
     token = core.create_namespaced_service_account_token(name, namespace, request).status.token
     cfg = api.configuration
     ca = Path(cfg.ssl_ca_cert).read_text() if cfg.ssl_ca_cert else None
@@ -180,7 +215,8 @@ def serviceaccount_kubeconfig(api: client.ApiClient, namespace: str, name: str,
     if ca:
         cluster["certificate-authority-data"] = base64.b64encode(ca.encode()).decode()
     kubeconfig = {
-        "apiVersion": "v1", "kind": "Config",
+        "apiVersion": "v1",
+        "kind": "Config",
         "clusters": [{"name": "kiln", "cluster": cluster}],
         "users": [{"name": user, "user": {"token": token}}],
         "contexts": [{"name": user, "context": {"cluster": "kiln", "user": user, "namespace": namespace}}],
@@ -197,26 +233,45 @@ def serviceaccount_kubeconfig(api: client.ApiClient, namespace: str, name: str,
 
 
 @contextlib.contextmanager
-def run_operator(kubeconfig: str | os.PathLike, *extra_args: str,
-                 module: str = "kiln.controllers") -> Iterator[Any]:
+def run_operator(
+    kubeconfig: str | os.PathLike,
+    *extra_args: str,
+    module: str = "kiln.controllers",
+    namespace: str | None = None,
+) -> Iterator[Any]:
     """Run the Kiln operator in-process (kopf's KopfRunner) against `kubeconfig`.
 
-    KUBECONFIG is process-wide, and both kopf's login and kiln's own client read it at startup,
-    so it is set for the operator's lifetime and restored afterwards. Pass a ServiceAccount
-    kubeconfig (serviceaccount_kubeconfig) to prove the operator works with that account's RBAC.
+    It watches all namespaces, or only `namespace` when given: on a cluster shared by several
+    test sessions (or a benchmark), an all-namespaces operator also reconciles their objects.
+
+    The operator must see this kubeconfig exactly as if its process had been started with
+    KUBECONFIG set, which takes two things here:
+    - $KUBECONFIG itself, read at startup by kiln's client and kopf;
+    - the kubernetes client's default location: `load_kube_config()` without arguments (what
+      kopf's `login_via_client` calls) uses `KUBE_CONFIG_DEFAULT_LOCATION`, which the library
+      computes from $KUBECONFIG once, at import time, long before this test runs.
+    Both, and the client's process-wide default Configuration that loading a kubeconfig
+    replaces, are restored afterwards. Pass a ServiceAccount kubeconfig
+    (serviceaccount_kubeconfig) to prove the operator works with that account's RBAC alone.
     Yields the KopfRunner (its .output holds the operator's log); kopf re-raises operator
     exceptions when the block exits.
     """
     from kopf.testing import KopfRunner
+    from kubernetes.config import kube_config
 
-    old = os.environ.get("KUBECONFIG")
+    old_env = os.environ.get("KUBECONFIG")
+    old_default_location = kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+    old_default_configuration = client.Configuration.get_default_copy()
     os.environ["KUBECONFIG"] = str(kubeconfig)
+    kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(kubeconfig)
     try:
-        with KopfRunner(["run", "--standalone", "--all-namespaces", "-m", module, *extra_args],
-                        timeout=60) as runner:
+        scope = [f"--namespace={namespace}"] if namespace else ["--all-namespaces"]
+        with KopfRunner(["run", "--standalone", *scope, "-m", module, *extra_args], timeout=60) as runner:
             yield runner
     finally:
-        if old is None:
+        kube_config.KUBE_CONFIG_DEFAULT_LOCATION = old_default_location
+        client.Configuration.set_default(old_default_configuration)
+        if old_env is None:
             os.environ.pop("KUBECONFIG", None)
         else:
-            os.environ["KUBECONFIG"] = old
+            os.environ["KUBECONFIG"] = old_env
