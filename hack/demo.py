@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -132,6 +133,7 @@ def main() -> int:
                     message="old namespace gone",
                 )
             k("create", "namespace", NS)
+            shutil.rmtree(OUT / "artifacts", ignore_errors=True)  # artifacts are immutable per job name
             wait_for(
                 lambda: k("-n", NS, "get", "serviceaccount", "default"), 30, message="default ServiceAccount"
             )

@@ -44,6 +44,10 @@ class Conflict(Exception):
     """The object changed since it was read (HTTP 409); re-read and retry."""
 
 
+class Gone(LookupError):
+    """The object was deleted since it was read (HTTP 404)."""
+
+
 def path(
     api_version: str,
     kind: str,
@@ -186,6 +190,7 @@ def patch_status(
 
     Raises:
         Conflict: the resourceVersion precondition failed.
+        Gone: the object no longer exists.
     """
     meta = obj["metadata"]
     body: dict[str, Any] = {"status": status}
@@ -202,6 +207,8 @@ def patch_status(
     except ApiException as e:
         if _status(e) == 409:
             raise Conflict(str(e.reason)) from e
+        if _status(e) == 404:
+            raise Gone(f"{obj['kind']} {meta.get('namespace')}/{meta['name']}") from e
         raise
 
 

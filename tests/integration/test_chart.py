@@ -79,7 +79,7 @@ def test_operator_works_with_chart_rbac_only(cluster, kube, namespace, kiln_crds
             30,
         )
         kubeconfig = serviceaccount_kubeconfig(kube, release_ns, sa.metadata.name)
-        with run_operator(kubeconfig) as runner:
+        with run_operator(kubeconfig, namespace=namespace) as runner:
             create(
                 kube,
                 {

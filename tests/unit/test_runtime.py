@@ -94,3 +94,22 @@ def test_earlier_delayed_request_wins():
         await q.close()
 
     asyncio.run(main())
+
+
+def test_object_gone_mid_reconcile_is_not_an_error():
+    from kiln.kube import Gone
+
+    async def main():
+        calls: list[str] = []
+
+        def reconcile(ns, name):
+            calls.append(name)
+            raise Gone("TrainingJob ns/a")
+
+        q = WorkQueue("T", reconcile)
+        q.enqueue(("ns", "a"))
+        await _until(lambda: calls and not q.keys_in_flight())
+        await q.close()
+        assert calls == ["a"] and ("ns", "a") not in q._failures
+
+    asyncio.run(main())

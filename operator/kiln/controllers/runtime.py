@@ -30,6 +30,7 @@ from typing import Any
 
 import kopf
 
+from kiln.kube import Gone
 from kiln.metrics import QUEUE_DEPTH, RECONCILE_DURATION, RECONCILE_ERRORS, RECONCILE_TOTAL
 
 log = logging.getLogger("kiln.runtime")
@@ -134,6 +135,11 @@ class WorkQueue:
         t0 = time.perf_counter()
         try:
             result = await self._loop.run_in_executor(self._executor, self._reconcile, ns, name)
+        except Gone:
+            # Deleted between the read and a write: nothing left to reconcile (children go with
+            # it through their ownerReferences).
+            RECONCILE_TOTAL.labels(self.kind, "gone").inc()
+            return None, False
         except Exception:
             RECONCILE_ERRORS.labels(self.kind).inc()
             RECONCILE_TOTAL.labels(self.kind, "error").inc()
