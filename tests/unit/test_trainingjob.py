@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-import yaml
 
 from kiln.api.trainingjob import TrainingJobSpec
 from kiln.artifact import TrainingResult, format_termination_message
 from kiln.conditions import get_condition, is_true, rfc3339
 from kiln.gang import backoff_seconds, plan, view
 from kiln.resources import trainingjob as build
+from tests.unit.golden import assert_golden
 
 GOLDEN = Path(__file__).parent / "golden"
 T0 = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC)
@@ -48,14 +48,8 @@ SPEC = {
 }
 
 
-def golden(name: str, obj: dict) -> None:
-    """Compare with tests/unit/golden/<name>.yaml; KILN_UPDATE_GOLDEN=1 rewrites it."""
-    text = yaml.safe_dump(obj, sort_keys=True)
-    f = GOLDEN / f"{name}.yaml"
-    if os.environ.get("KILN_UPDATE_GOLDEN"):
-        f.write_text(text)
-    assert f.exists(), f"{f} missing: run with KILN_UPDATE_GOLDEN=1 and review it"
-    assert text == f.read_text()
+def golden(name: str, obj: Any) -> None:
+    assert_golden(GOLDEN, name, obj)
 
 
 def spec(**over) -> TrainingJobSpec:

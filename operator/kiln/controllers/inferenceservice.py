@@ -39,6 +39,7 @@ from kiln.api.inferenceservice import (
 from kiln.conditions import FALSE, TRUE, get_condition, set_condition
 from kiln.controllers import events
 from kiln.controllers.runtime import ReconcileFn, Result, enqueue, watch, watch_children
+from kiln.mergepatch import merge_patch
 from kiln.resources import inferenceservice as res
 from kiln.rollout.analysis import ERROR, evaluate_metric, render_query
 from kiln.rollout.machine import Action, Decision, Measurement, Observed, analysis_due, decide
@@ -259,22 +260,6 @@ def measure(
             "analysis of %s/%s: %s", namespace, name, "; ".join(f"{r.name}: {r.message}" for r in errors)
         )
     return Measurement(version=status.canary_version, results=tuple(results))
-
-
-def merge_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
-    """RFC 7386 merge patch turning ``old`` into ``new`` (absent keys -> null; lists replaced)."""
-    old = old or {}
-    out: dict[str, Any] = {k: None for k in old if k not in new}
-    for k, v in new.items():
-        if k not in old:
-            out[k] = v
-        elif isinstance(v, Mapping) and isinstance(old[k], Mapping):
-            sub = merge_patch(old[k], v)
-            if sub:
-                out[k] = sub
-        elif old[k] != v:
-            out[k] = v
-    return out
 
 
 def _apply_children(

@@ -36,6 +36,7 @@ from kiln.api.model import (
     ModelStatus,
     ModelVersion,
 )
+from kiln.mergepatch import merge_patch
 from kiln.registry import history, versions
 from kiln.registry.stages import Check, Problem, Refusal, policy_pick, replay_policy, resolve
 
@@ -183,26 +184,3 @@ def rebuild(
     )
     merged.versions = kept or None
     return Outcome(status=merged, pruned=dropped, added=added)
-
-
-def merge_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON merge patch (RFC 7386) that turns ``old`` into ``new``.
-
-    Keys absent from ``new`` become ``None`` (deleted); nested objects are diffed recursively;
-    lists and scalars are replaced whole when they differ. An empty dict means "no change".
-    """
-    old = old or {}
-    out: dict[str, Any] = {}
-    for k in old:
-        if k not in new:
-            out[k] = None
-    for k, v in new.items():
-        if k not in old:
-            out[k] = v
-        elif isinstance(v, Mapping) and isinstance(old[k], Mapping):
-            sub = merge_patch(old[k], v)
-            if sub:
-                out[k] = sub
-        elif old[k] != v:
-            out[k] = v
-    return out

@@ -35,6 +35,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from kiln.trainer.output import fsync_path
+
 CHECKPOINT_FORMAT_VERSION = 1
 _EPOCH_DIR_RE = re.compile(r"^epoch-(\d{6,})$")
 MODEL_FILE = "model.safetensors"
@@ -76,24 +78,6 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
         if m and p.is_dir():
             found.append((int(m.group(1)), p))
     return sorted(found, reverse=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -167,12 +151,12 @@ def save_checkpoint(
     }
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
     for f in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
-        _fsync_file(tmp / f)
-    _fsync_dir(tmp)
+        fsync_path(tmp / f)
+    fsync_path(tmp)
     if final.exists():  # the same epoch again (e.g. a resumed run re-taking it): replace
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_path(root)
     for _, old in list_checkpoints(root)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final

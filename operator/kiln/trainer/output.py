@@ -60,8 +60,15 @@ def default_checkpoint_root(output_root: Path, model_name: str, run: str) -> Pat
     return (output_root / model_name / ".checkpoints" / run).absolute()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file's or directory's data to disk (for atomic write-then-rename).
+
+    Best effort: a path that cannot be opened or a filesystem without fsync is ignored.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
     except OSError:
@@ -100,13 +107,13 @@ def write_artifact(
         (tmp / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
         (tmp / METADATA_FILE).write_text(written.model_dump_json(indent=2) + "\n")
         for f in (WEIGHTS_FILE, CONFIG_FILE, METADATA_FILE):
-            _fsync(tmp / f)
-        _fsync(tmp)
+            fsync_path(tmp / f)
+        fsync_path(tmp)
         os.rename(tmp, final_dir)  # fails if final_dir appeared meanwhile: never overwrite
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(final_dir.parent)
+    fsync_path(final_dir.parent)
     return written
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from kiln.api.inferenceservice import InferenceServiceSpec
 from kiln.resources import inferenceservice as build
+from tests.unit.golden import assert_golden
 
 GOLDEN = Path(__file__).parent / "golden"
 DIGEST = "sha256:" + "ab" * 32
@@ -44,13 +43,7 @@ def spec(**over: Any) -> InferenceServiceSpec:
 
 
 def golden(name: str, obj: Any) -> None:
-    """Compare with golden/<name>.yaml next to this file; KILN_UPDATE_GOLDEN=1 rewrites it."""
-    text = yaml.safe_dump(obj, sort_keys=True)
-    f = GOLDEN / f"{name}.yaml"
-    if os.environ.get("KILN_UPDATE_GOLDEN"):
-        f.write_text(text)
-    assert f.exists(), f"{f} missing: run with KILN_UPDATE_GOLDEN=1 and review it"
-    assert text == f.read_text()
+    assert_golden(GOLDEN, name, obj)
 
 
 def by_kind(objs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
