@@ -658,6 +658,23 @@ def test_prometheus_guarded_rollouts(api, store, namespace, operator, fleet):
     wait_for(lambda: deployment(api, ns, "canary") is None, 30, message="canary Deployment deleted")
     assert env_of(deployment(api, ns, "stable"))["KILN_MODEL_VERSION"] == "2"
     assert "RolledBack" in event_reasons(api, ns)
+    # ... and the registry's audit trail says which version failed in serving, where and why
+    entry = wait_for(
+        lambda: next(
+            (
+                h
+                for h in (kube.get(api, API_VERSION, "Model", ns, MODEL).get("status") or {}).get("history")
+                or []
+                if h["cause"] == "CanaryRollback"
+            ),
+            None,
+        ),
+        30,
+        message="CanaryRollback in the Model's history",
+    )
+    assert entry["inferenceService"] == isvc(api, ns)["metadata"]["name"]
+    assert entry["fromVersion"] == 3 and entry["toVersion"] == 2
+    assert entry["message"].startswith("AnalysisFailed")
 
     # the rolled-back version is not retried on later reconciles (a spec change forces one)
     patch_spec(api, ns, {"replicas": 3})

@@ -209,10 +209,11 @@ class HistoryCause(StrEnum):
     SPEC_CHANGE = "SpecChange"
     POLICY = "Policy"
     ROLLBACK = "Rollback"
+    CANARY_ROLLBACK = "CanaryRollback"
 
 
 class HistoryEntry(KilnModel):
-    """One change of a stage or alias (the audit trail)."""
+    """One change of a stage or alias, or one canary rollback of a serving (the audit trail)."""
 
     time: str = Field(json_schema_extra={"format": "date-time"}, description="When the change took effect.")
     stage: Annotated[
@@ -221,9 +222,14 @@ class HistoryEntry(KilnModel):
     alias: str | None = Field(
         default=None, max_length=63, description="Alias changed (absent for stage changes)."
     )
+    inference_service: str | None = Field(
+        default=None,
+        max_length=253,
+        description="InferenceService that rolled a canary of fromVersion back to toVersion (cause CanaryRollback).",
+    )
     from_version: int | None = Field(default=None, description="Version that held it before (absent: none).")
     to_version: int | None = Field(default=None, description="Version that holds it now (absent: none).")
-    cause: HistoryCause = Field(description="SpecChange, Policy, Rollback or Registration.")
+    cause: HistoryCause = Field(description="SpecChange, Policy, Rollback, Registration or CanaryRollback.")
     message: str | None = Field(default=None, max_length=1024, description="Details, e.g. the policy rule.")
 
 

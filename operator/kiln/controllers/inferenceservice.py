@@ -297,20 +297,35 @@ def _apply_children(
     return problems
 
 
-def _record_model_rollback(action: Action, namespace: str, model: str) -> None:
-    """Rollbacks are recorded in this InferenceService's status.history and a Warning Event.
+def _record_model_rollback(
+    api: k8s.ApiClient, action: Action, namespace: str, model: str, inference_service: str
+) -> None:
+    """Record a canary rollback in the Model's audit trail (``status.history``), best effort.
 
-    The Model's audit trail (``status.history``) records stage and alias changes only; a canary
-    rollback changes neither (the stage still names the version), so nothing is written there.
+    The rollback itself is already done and recorded in this InferenceService's status and
+    Events; a Model that is gone or keeps changing only costs the registry entry (logged).
     """
-    log.info(
-        "canary of %s/%s version %s rolled back to %s (%s)",
-        namespace,
-        model,
-        action.version,
-        action.stable_version,
-        action.reason,
-    )
+    from kiln.controllers.model import RegistrationConflict, record_canary_rollback
+
+    assert action.version is not None
+    try:
+        record_canary_rollback(
+            api,
+            namespace,
+            model,
+            inference_service=inference_service,
+            canary_version=action.version,
+            stable_version=action.stable_version,
+            message=f"{action.reason}: {action.message}",
+        )
+    except (LookupError, RegistrationConflict, ApiException) as e:
+        log.warning(
+            "canary rollback of %s/%s version %s not recorded in the Model: %s",
+            namespace,
+            model,
+            action.version,
+            e,
+        )
 
 
 def _set(
@@ -400,7 +415,7 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
         if a.kind == "Event":
             events.record(api, obj, a.type, a.reason, a.message)
         elif a.kind == "ModelRollback":
-            _record_model_rollback(a, namespace, spec.model_ref.name)
+            _record_model_rollback(api, a, namespace, spec.model_ref.name, meta["name"])
     return Result(requeue_after=d.requeue_after) if d.requeue_after is not None else None
 
 

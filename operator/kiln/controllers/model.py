@@ -286,6 +286,55 @@ def _post_changes(api: k8s.ApiClient, obj: dict[str, Any], changes: list[History
         events.record(api, obj, events.NORMAL, reason, history.describe(e))
 
 
+# --- serving rollbacks -------------------------------------------------------------------------
+
+
+def record_canary_rollback(
+    api: k8s.ApiClient,
+    namespace: str,
+    model_name: str,
+    *,
+    inference_service: str,
+    canary_version: int,
+    stable_version: int | None,
+    message: str,
+) -> None:
+    """Append a ``CanaryRollback`` entry to the Model's ``status.history``.
+
+    An InferenceService calls this when its analysis rolls a canary back, so the registry's
+    audit trail says which version failed in serving, where and why, next to the stage changes
+    that put it there. Stages are not changed: what to do about the version (demote it, fix it)
+    stays a person's decision. Writes serialise on ``resourceVersion`` like registrations.
+
+    Raises:
+        ModelNotFound: the Model does not exist.
+        RegistrationConflict: the Model kept changing under us for every attempt.
+    """
+    entry = history.entry(
+        rfc3339(),
+        HistoryCause.CANARY_ROLLBACK,
+        inference_service=inference_service,
+        from_version=canary_version,
+        to_version=stable_version,
+        message=message,
+    )
+    for attempt in range(REGISTER_ATTEMPTS):
+        obj = kube.get(api, API_VERSION, KIND, namespace, model_name)
+        if obj is None:
+            raise ModelNotFound(f"Model {namespace}/{model_name} not found")
+        _, status = load(obj)
+        status.history = history.append(status.history, [entry])
+        patch = registry.merge_patch(obj.get("status"), status.to_api())
+        try:
+            kube.patch_status(api, obj, patch, resource_version=obj["metadata"]["resourceVersion"])
+        except kube.Conflict:
+            time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
+            continue
+        events.record(api, obj, events.WARNING, "CanaryRolledBack", history.describe(entry))
+        return
+    raise RegistrationConflict(f"Model {namespace}/{model_name} kept changing; canary rollback not recorded")
+
+
 # --- registration ------------------------------------------------------------------------------
 
 

@@ -13,22 +13,25 @@ def entry(
     *,
     stage: str | None = None,
     alias: str | None = None,
+    inference_service: str | None = None,
     from_version: int | None = None,
     to_version: int | None = None,
     message: str | None = None,
 ) -> HistoryEntry:
-    """One audit entry: exactly one of ``stage`` or ``alias`` changed from one version to another.
+    """One audit entry: a ``stage`` or an ``alias`` changed from one version to another, or
+    ``inference_service`` rolled a canary of ``from_version`` back to ``to_version``.
 
     Raises:
-        ValueError: neither or both of ``stage`` and ``alias`` given.
+        ValueError: not exactly one of ``stage``, ``alias``, ``inference_service`` given.
     """
-    if (stage is None) == (alias is None):
-        raise ValueError("a history entry names exactly one stage or one alias")
+    if sum(x is not None for x in (stage, alias, inference_service)) != 1:
+        raise ValueError("a history entry names exactly one stage, alias or InferenceService")
     return HistoryEntry(
         time=time,
         cause=HistoryCause(cause),
         stage=stage,
         alias=alias,
+        inference_service=inference_service,
         from_version=from_version,
         to_version=to_version,
         message=message[:1024] if message else None,
@@ -45,7 +48,10 @@ def append(
 
 def describe(e: HistoryEntry) -> str:
     """One line for events and the CLI, e.g. ``Production: 2 -> 3 (SpecChange)``."""
-    what = e.stage if e.stage is not None else f"alias {e.alias}"
+    if e.inference_service is not None:
+        what = f"InferenceService {e.inference_service} canary"
+    else:
+        what = e.stage if e.stage is not None else f"alias {e.alias}"
 
     def fmt(v: int | None) -> str:
         return "-" if v is None else str(v)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kiln.api.model import HISTORY_LIMIT, HistoryCause, Lineage, ModelStatus, StageAssignments
 from kiln.registry import Problem, history, merge_patch, rebuild, record, register, settle, versions
 
@@ -250,3 +252,22 @@ def test_rebuild_never_reissues_a_number_a_record_claims() -> None:
         lineage=Lineage(source="Rebuild"),
     )
     assert entry.version == 4
+
+
+def test_history_entry_for_a_canary_rollback() -> None:
+    e = history.entry(
+        "2026-11-22T10:00:00Z",
+        "CanaryRollback",
+        inference_service="digits",
+        from_version=3,
+        to_version=2,
+        message="AnalysisFailed: error-ratio=1 > 0.01",
+    )
+    assert (
+        history.describe(e)
+        == "InferenceService digits canary: 3 -> 2 (CanaryRollback): AnalysisFailed: error-ratio=1 > 0.01"
+    )
+    with pytest.raises(ValueError):
+        history.entry(
+            "2026-11-22T10:00:00Z", "CanaryRollback", stage="Production", inference_service="digits"
+        )
