@@ -13,6 +13,8 @@ Semantics (what Kubeflow Trainer users ask for, and Kubernetes Job's names where
   and, after an exponential back-off (``initialSeconds * 2^(n-1)``, capped at ``maxSeconds``),
   the gang is recreated. ``restartCount`` counts these against ``maxRestarts``; past it the job
   fails with reason ``BackoffLimitExceeded`` (Kubernetes Job's reason).
+- ``podFailurePolicy`` (batch/v1 Job's, on exit codes) can make a failure fatal at once
+  (``FailJob``, reason ``PodFailurePolicy``) or restart without counting (``Ignore``).
 - A disruption (pod evicted or preempted: ``DisruptionTarget`` condition or reason ``Evicted``;
   a started gang losing a pod, e.g. to node loss) restarts the gang at once without counting.
 - The job succeeds when rank 0 succeeds and its termination message parses as a result; a
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from kiln.api.trainingjob import TrainingJobSpec
+from kiln.api.trainingjob import PodFailurePolicyAction, TrainingJobSpec
 from kiln.artifact import TerminationMessageError, TrainingResult, parse_termination_message
 from kiln.conditions import FALSE, TRUE, is_true, parse_time, rfc3339, set_condition
 from kiln.resources.trainingjob import CONTAINER, LABEL_GANG, LABEL_RANK
@@ -113,6 +115,19 @@ class Plan:
         """Ask for another reconcile in ``seconds`` (the earliest request wins)."""
         seconds = max(0.0, seconds)
         self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+
+def failure_action(spec: TrainingJobSpec, exit_code: int | None) -> PodFailurePolicyAction:
+    """The ``podFailurePolicy`` action for a failed pod's exit code: the first matching rule's,
+    else ``Count`` (as batch/v1 Job evaluates ``onExitCodes`` rules). No exit code (the container
+    never ran) always counts."""
+    if spec.pod_failure_policy is None or exit_code is None:
+        return PodFailurePolicyAction.COUNT
+    for rule in spec.pod_failure_policy.rules:
+        hit = exit_code in rule.on_exit_codes.values
+        if hit == (rule.on_exit_codes.operator == "In"):
+            return PodFailurePolicyAction(rule.action)
+    return PodFailurePolicyAction.COUNT
 
 
 def backoff_seconds(spec: TrainingJobSpec, restart: int) -> float:
@@ -244,6 +259,21 @@ def plan(job: dict[str, Any], spec: TrainingJobSpec, pods: list[dict[str, Any]],
         first = failed[0]
         status["lastFailure"] = _failure(first, now, first.reason or "Error", first.message)
         code = f"exit code {first.exit_code}" if first.exit_code is not None else "no exit code"
+        action = failure_action(spec, first.exit_code)
+        if action == PodFailurePolicyAction.FAIL_JOB:
+            delete([v for v in views if not v.finished])
+            finish(
+                False,
+                "PodFailurePolicy",
+                f"pod {first.name} failed ({code}), which podFailurePolicy makes fatal",
+            )
+            _terminal_tail(job, spec, p, now)
+            return p
+        if action == PodFailurePolicyAction.IGNORE:
+            msg = f"pod {first.name} failed ({code}); podFailurePolicy ignores it: restarting the gang, not counted"
+            _restart(p, spec, current, status, now, delay=0.0, reason="PodFailureIgnored", message=msg)
+            cond("Restarting", TRUE, "PodFailureIgnored", msg)
+            return p
         if int(status["restartCount"]) >= spec.max_restarts:
             delete([v for v in views if not v.finished])  # finished pods keep their logs
             finish(

@@ -93,6 +93,32 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         obj("Model", {"promotionPolicy": [{"stage": "Canary", "metric": "a", "min": 1}]}),
         "spec.promotionPolicy[0].stage",
     ),
+    (
+        "tj-failure-policy-exit-0",
+        obj(
+            "TrainingJob",
+            merged(
+                TJ,
+                podFailurePolicy={
+                    "rules": [{"action": "FailJob", "onExitCodes": {"operator": "In", "values": [0]}}]
+                },
+            ),
+        ),
+        "spec.podFailurePolicy.rules[0].onExitCodes.values[0]",
+    ),
+    (
+        "tj-failure-policy-action-unknown",
+        obj(
+            "TrainingJob",
+            merged(
+                TJ,
+                podFailurePolicy={
+                    "rules": [{"action": "Retry", "onExitCodes": {"operator": "In", "values": [2]}}]
+                },
+            ),
+        ),
+        "spec.podFailurePolicy.rules[0].action",
+    ),
     # conflicting fields (CEL rules)
     (
         "tj-two-datasets",

@@ -204,6 +204,23 @@ def test_success_registers_version_in_model(kube_api, namespace, operator):
     assert v["lineage"]["trainingJob"] == "digits" and v["hyperparameters"] == {"epochs": 3}
 
 
+def test_pod_failure_policy_fails_fast_on_permanent_errors(kube_api, namespace, operator):
+    make_job(
+        kube_api,
+        namespace,
+        maxRestarts=5,
+        podFailurePolicy={"rules": [{"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}}]},
+    )
+    running_gang(kube_api, namespace, 0)
+    finish_pod(
+        kube_api, namespace, "digits-node-0", exit_code=2, message="kiln-train: error: no column 'label'"
+    )
+    job = wait_status(kube_api, namespace, lambda s: s.get("phase") == "Failed", what="Failed at once")
+    st = job["status"]
+    assert get_condition(st["conditions"], "Failed")["reason"] == "PodFailurePolicy"
+    assert st["restartCount"] == 0 and "no column" in st["lastFailure"]["message"]
+
+
 @pytest.mark.parametrize(("message", "reason"), [("", "ResultMissing"), ("oops", "ResultMalformed")])
 def test_unusable_result_is_a_clear_failure(kube_api, namespace, operator, message, reason):
     make_job(kube_api, namespace, numNodes=1)

@@ -323,3 +323,39 @@ def test_idempotent_when_nothing_changes():
 def test_view_handles_unlabelled_pod():
     v = view({"metadata": {"name": "x"}, "status": {}})
     assert v.rank == -1 and v.gang == -1 and v.phase == "Pending"
+
+
+POLICY = {
+    "rules": [
+        {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}},
+        {"action": "Ignore", "onExitCodes": {"operator": "In", "values": [137, 143]}},
+    ]
+}
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "expected"),
+    [(2, "FailJob"), (137, "Ignore"), (1, "Count"), (None, "Count")],
+)
+def test_failure_action(exit_code, expected):
+    from kiln.gang import failure_action
+
+    assert failure_action(spec(podFailurePolicy=POLICY), exit_code) == expected
+    assert failure_action(spec(), exit_code) == "Count"
+    not_in = {"rules": [{"action": "FailJob", "onExitCodes": {"operator": "NotIn", "values": [1, 137]}}]}
+    assert failure_action(spec(podFailurePolicy=not_in), 3) == "FailJob"
+    assert failure_action(spec(podFailurePolicy=not_in), 1) == "Count"
+
+
+def test_pod_failure_policy_fail_job_is_immediate():
+    st = {"gang": 0, "startTime": rfc3339(T0), "restartCount": 0}
+    p = plan(job(status=st), spec(podFailurePolicy=POLICY), [pod(0), pod(1, "Failed", exit_code=2)], T0)
+    assert get_condition(p.status["conditions"], "Failed")["reason"] == "PodFailurePolicy"
+    assert p.status["restartCount"] == 0 and [n for n, _ in p.delete_pods] == ["digits-node-0"]
+
+
+def test_pod_failure_policy_ignore_restarts_without_counting():
+    st = {"gang": 0, "startTime": rfc3339(T0), "restartCount": 2}  # at maxRestarts already
+    p = plan(job(status=st), spec(podFailurePolicy=POLICY), [pod(0), pod(1, "Failed", exit_code=137)], T0)
+    assert p.status["restartCount"] == 2 and p.status["gang"] == 1
+    assert not is_true(p.status["conditions"], "Failed") and is_true(p.status["conditions"], "Restarting")

@@ -112,6 +112,45 @@ class Output(KilnModel):
     )
 
 
+class PodFailurePolicyAction(StrEnum):
+    FAIL_JOB = "FailJob"
+    IGNORE = "Ignore"
+    COUNT = "Count"
+
+
+class PodFailurePolicyOnExitCodes(KilnModel):
+    """Which exit codes of the trainer container a rule matches (as in batch/v1 Job)."""
+
+    operator: Literal["In", "NotIn"] = Field(
+        description="In: the exit code is one of values; NotIn: it is none of them."
+    )
+    values: list[Annotated[int, Field(ge=1, le=255)]] = Field(
+        min_length=1,
+        max_length=255,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="Exit codes (1-255; 0 is success and never a failure).",
+    )
+
+
+class PodFailurePolicyRule(KilnModel):
+    """What a pod failure with matching exit code does to the job."""
+
+    action: PodFailurePolicyAction = Field(
+        description="FailJob: fail the job at once (a permanent error, e.g. bad input); "
+        "Ignore: restart the gang without counting against maxRestarts; Count: the default, count it."
+    )
+    on_exit_codes: PodFailurePolicyOnExitCodes = Field(description="Exit codes this rule matches.")
+
+
+class PodFailurePolicy(KilnModel):
+    """Exit-code rules for pod failures, evaluated in order; the first match decides (batch/v1 Job's
+    podFailurePolicy, restricted to exit codes). No match: Count."""
+
+    rules: list[PodFailurePolicyRule] = Field(
+        min_length=1, max_length=20, description="Rules, first match wins."
+    )
+
+
 class RestartBackoff(KilnModel):
     """Exponential back-off between gang restarts: initialSeconds * 2^(restarts-1), capped."""
 
@@ -201,6 +240,11 @@ class TrainingJobSpec(KilnModel):
     )
     restart_backoff: RestartBackoff | None = Field(
         default=None, description="Back-off between gang restarts."
+    )
+    pod_failure_policy: PodFailurePolicy | None = Field(
+        default=None,
+        description="Exit-code rules: fail at once on permanent errors (kiln-train exits 2 on bad input), "
+        "or restart without counting. Without it every failure counts against maxRestarts.",
     )
     active_deadline_seconds: int | None = Field(
         default=None, ge=1, description="Fail the job (reason DeadlineExceeded) this long after it started."
