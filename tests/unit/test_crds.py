@@ -92,3 +92,18 @@ def test_verify_fails_on_hand_edit(tmp_path):
         [sys.executable, "-m", "kiln", "crds", "--check", "-o", str(tmp_path)], capture_output=True, text=True
     )
     assert rc.returncode == 1 and "hack/gen-crds" in rc.stderr
+
+
+def test_spec_error_names_the_field():
+    """What the schema admits but the model refuses becomes Ready=False naming the field."""
+    from pydantic import ValidationError
+
+    from kiln.api.common import spec_error
+    from kiln.api.model import ModelSpec
+
+    try:
+        ModelSpec.model_validate({"stages": {"staging": 3, "production": 3}})
+    except ValidationError as e:
+        assert spec_error(e) == "spec.stages: Value error, a version can hold only one stage"
+    else:
+        raise AssertionError("a version in two stages must be refused")

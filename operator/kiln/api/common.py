@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
 #: Kubernetes resource quantity (e.g. ``500m``, ``2Gi``, ``8``): an int or a quantity string.
@@ -79,6 +79,17 @@ def with_rules(*rules: dict[str, str]) -> ConfigDict:
     """A model config adding CEL ``x-kubernetes-validations`` to the model's schema."""
     validations: Any = list(rules)  # JSON values; pydantic's JsonValue type is invariant
     return ConfigDict(**KilnModel.model_config, json_schema_extra={"x-kubernetes-validations": validations})
+
+
+def spec_error(error: ValidationError) -> str:
+    """One line naming the first invalid spec field, e.g. ``spec.numNodes: Input should be ...``.
+
+    For the ``Ready=False, reason InvalidSpec`` condition of input the CRD schema admitted but
+    the model refuses.
+    """
+    first = error.errors()[0]
+    where = ".".join(str(x) for x in first["loc"])
+    return f"spec.{where}: {first['msg']}" if where else f"spec: {first['msg']}"
 
 
 class ConditionStatus(StrEnum):

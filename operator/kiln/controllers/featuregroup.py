@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from kiln import API_VERSION, kube
 from kiln.api import FeatureGroupSpec
+from kiln.api.common import spec_error
 from kiln.conditions import FALSE, set_condition
 from kiln.controllers.runtime import ReconcileFn, Result, watch
 
@@ -32,7 +33,7 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
     try:
         spec = FeatureGroupSpec.model_validate(obj.get("spec") or {})
     except ValidationError as e:
-        reason, message = "InvalidSpec", str(e.errors()[0]["msg"])
+        reason, message = "InvalidSpec", spec_error(e)
         digest = None
     else:
         canonical = json.dumps(spec.to_api()["features"], sort_keys=True).encode()

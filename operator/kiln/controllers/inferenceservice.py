@@ -30,6 +30,7 @@ from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from kiln import API_VERSION, GROUP, VERSION, kube
+from kiln.api.common import spec_error
 from kiln.api.inferenceservice import (
     InferenceServiceSpec,
     InferenceServiceStatus,
@@ -354,7 +355,7 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
     try:
         spec = InferenceServiceSpec.model_validate(obj.get("spec") or {})
     except ValidationError as e:
-        return _not_ready(api, obj, old_status, "InvalidSpec", str(e.errors()[0]["msg"]), now)
+        return _not_ready(api, obj, old_status, "InvalidSpec", spec_error(e), now)
     try:
         status = InferenceServiceStatus.model_validate(old_status)
     except ValidationError as e:  # a hand-edited status: start over rather than crash-loop

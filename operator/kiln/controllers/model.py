@@ -46,6 +46,7 @@ from kubernetes import client as k8s
 from pydantic import ValidationError
 
 from kiln import API_VERSION, kube, registry
+from kiln.api.common import spec_error
 from kiln.api.model import (
     HistoryCause,
     HistoryEntry,
@@ -460,21 +461,19 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
     try:
         spec = ModelSpec.model_validate(obj.get("spec") or {})
     except ValidationError as e:  # what the CRD schema cannot see (e.g. a version in two stages)
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
         new = dict(raw_status)
         new["conditions"] = set_condition(
             raw_status.get("conditions"),
             "Ready",
             FALSE,
             "InvalidSpec",
-            f"{where}: {first['msg']}",
+            spec_error(e),
             generation=gen,
         )
         new["observedGeneration"] = gen
         conflict = _write(api, obj, raw_status, new)
         if conflict is None and _ready_message(new) != _ready_message(raw_status):
-            events.record(api, obj, events.WARNING, "InvalidSpec", f"{where}: {first['msg']}")
+            events.record(api, obj, events.WARNING, "InvalidSpec", spec_error(e))
         return conflict
 
     status = ModelStatus.model_validate(raw_status)

@@ -17,6 +17,7 @@ from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from kiln import API_VERSION, kube
+from kiln.api.common import spec_error
 from kiln.api.trainingjob import TrainingJobSpec
 from kiln.artifact import ArtifactError, read_metadata, uri_to_path
 from kiln.conditions import FALSE, TRUE, set_condition
@@ -46,15 +47,13 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
         spec = TrainingJobSpec.model_validate(job.get("spec") or {})
     except ValidationError as e:
         # The schema admits it but the model does not (e.g. a rule only pydantic states).
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
         st = dict(old_status)
         st["conditions"] = set_condition(
             st.get("conditions"),
             "Ready",
             FALSE,
             "InvalidSpec",
-            f"spec.{where}: {err['msg']}",
+            spec_error(e),
             generation=job["metadata"].get("generation"),
         )
         st["observedGeneration"] = job["metadata"].get("generation")
