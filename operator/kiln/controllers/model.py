@@ -287,6 +287,12 @@ def _post_changes(api: k8s.ApiClient, obj: dict[str, Any], changes: list[History
         events.record(api, obj, events.NORMAL, reason, history.describe(e))
 
 
+def _conflict_backoff(attempt: int) -> None:
+    """Sleep a random 0..min(0.5, 0.01 * 2^attempt) s before re-reading after a 409, so writers
+    racing on one Model's resourceVersion spread out (full jitter)."""
+    time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
+
+
 # --- serving rollbacks -------------------------------------------------------------------------
 
 
@@ -329,7 +335,7 @@ def record_canary_rollback(
         try:
             kube.patch_status(api, obj, patch, resource_version=obj["metadata"]["resourceVersion"])
         except kube.Conflict:
-            time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
+            _conflict_backoff(attempt)
             continue
         events.record(api, obj, events.WARNING, "CanaryRolledBack", history.describe(entry))
         return
@@ -408,7 +414,7 @@ def register_version(
         try:
             kube.patch_status(api, obj, patch, resource_version=obj["metadata"]["resourceVersion"])
         except kube.Conflict:
-            time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
+            _conflict_backoff(attempt)
             continue
         n = out.registered.version
         log.info(
