@@ -84,6 +84,11 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "spec.rollout.analysis.noDataPolicy",
     ),
     (
+        "isvc-toleration-operator-unknown",
+        obj("InferenceService", merged(ISVC, tolerations=[{"key": "kiln.dev/pool", "operator": "Matches"}])),
+        "spec.tolerations[0].operator",
+    ),
+    (
         "fg-dtype-unknown",
         obj("FeatureGroup", merged(FG, features=[{"name": "x", "dtype": "float16"}])),
         "spec.features[0].dtype",

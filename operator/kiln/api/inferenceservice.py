@@ -7,7 +7,7 @@ Rollout names follow Argo Rollouts (``steps``, ``setWeight`` -> ``weight``, ``pa
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -17,6 +17,7 @@ from kiln.api.common import (
     EnvVar,
     KilnModel,
     ResourceRequirements,
+    Toleration,
     cel,
     with_rules,
 )
@@ -259,6 +260,22 @@ class InferenceServiceSpec(KilnModel):
     replicas: int = Field(default=2, ge=0, le=1000, description="Stable replicas (ignored with autoscaling).")
     autoscaling: Autoscaling | None = None
     resources: ResourceRequirements | None = None
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        default=None, description="Node labels each server pod (stable and canary) must match."
+    )
+    tolerations: list[Toleration] | None = Field(
+        default=None,
+        max_length=32,
+        description="Tolerations of the server pods. When resources request GPUs, a toleration for the nvidia.com/gpu taint is added unless one exists.",
+    )
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, description="PriorityClass of the server pods."
+    )
+    service_account_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description="ServiceAccount the server pods run as (its token is not mounted).",
+    )
     rollout: Rollout = Field(default_factory=Rollout)
     monitoring: Monitoring = Field(
         default_factory=Monitoring, description="How the server metrics are scraped."

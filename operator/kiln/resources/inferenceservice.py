@@ -28,7 +28,7 @@ import copy
 from typing import Any
 
 from kiln.api.inferenceservice import METRICS_PORT, SERVER_PORT, InferenceServiceSpec, TrafficRouting
-from kiln.resources.common import child_name, owner_reference, standard_labels
+from kiln.resources.common import child_name, owner_reference, pod_placement, standard_labels
 
 LABEL_ISVC = "kiln.dev/inferenceservice"
 LABEL_TRACK = "kiln.dev/track"
@@ -135,6 +135,8 @@ def deployment(
 
     The selector (immutable) is ``{inferenceservice, track}``; the version is a pod label only,
     so a new version rolls the same Deployment (``maxUnavailable: 0``: capacity never dips).
+    Both tracks get the same placement (``nodeSelector``, ``tolerations`` plus the GPU one when
+    ``resources`` ask for GPUs, ``priorityClassName``, ``serviceAccountName``).
     """
     name = isvc["metadata"]["name"]
     rt = spec.runtime
@@ -189,25 +191,32 @@ def deployment(
         container["imagePullPolicy"] = rt.image_pull_policy
     if spec.resources:
         container["resources"] = spec.resources.to_api()
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    pod_spec.update(
+        pod_placement(
+            node_selector=spec.node_selector,
+            tolerations=spec.tolerations,
+            resources=spec.resources,
+            priority_class_name=spec.priority_class_name,
+            service_account_name=spec.service_account_name,
+        )
+    )
     dep_spec: dict[str, Any] = {
         "selector": {"matchLabels": {LABEL_ISVC: name, LABEL_TRACK: track}},
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": "25%"}},
         "progressDeadlineSeconds": spec.rollout.progress_deadline_seconds,
         "revisionHistoryLimit": 3,
-        "template": {
-            "metadata": {"labels": pod_labels},
-            "spec": {
-                "containers": [container],
-                "volumes": volumes,
-                "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-                "automountServiceAccountToken": False,
-                "enableServiceLinks": False,
-                "securityContext": {
-                    "runAsNonRoot": True,
-                    "seccompProfile": {"type": "RuntimeDefault"},
-                },
-            },
-        },
+        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
     }
     if replicas is not None:
         dep_spec["replicas"] = replicas

@@ -13,16 +13,19 @@ import json
 import posixpath
 from typing import Any
 
-from kiln.api.common import Quantity
 from kiln.api.trainingjob import MASTER_PORT, TrainingJobSpec
 from kiln.artifact import TERMINATION_LOG, uri_to_path
-from kiln.resources.common import owner_reference, standard_labels
+from kiln.resources.common import (
+    gpu_count,
+    owner_reference,
+    pod_placement,
+    standard_labels,
+)
 
 LABEL_JOB = "kiln.dev/trainingjob"
 LABEL_RANK = "kiln.dev/node-rank"
 LABEL_GANG = "kiln.dev/gang"
 CONTAINER = "trainer"
-GPU_TAINT_KEY = "nvidia.com/gpu"
 DEFAULT_OUTPUT_URI = "file:///var/lib/kiln/artifacts"
 
 
@@ -41,28 +44,9 @@ def master_addr(job: str, namespace: str) -> str:
     return f"{pod_name(job, 0)}.{service_name(job)}.{namespace}.svc"
 
 
-def _quantity_to_int(q: Quantity) -> int:
-    if isinstance(q, int):
-        return q
-    return int(float(q))
-
-
 def gpus_per_node(spec: TrainingJobSpec) -> int:
-    """GPUs each pod asks for: the limit (else request) of any resource whose name ends in 'gpu'.
-
-    Returns 0 when none is requested. Fractional or non-numeric quantities count as 0.
-    """
-    res = spec.resources_per_node
-    if res is None:
-        return 0
-    for source in (res.limits or {}, res.requests or {}):
-        for name, q in source.items():
-            if name.endswith("gpu"):
-                try:
-                    return _quantity_to_int(q)
-                except ValueError:
-                    return 0
-    return 0
+    """GPUs each pod asks for (:func:`kiln.resources.common.gpu_count` of ``resourcesPerNode``)."""
+    return gpu_count(spec.resources_per_node)
 
 
 def resolve_nproc_per_node(spec: TrainingJobSpec) -> int:
@@ -70,17 +54,6 @@ def resolve_nproc_per_node(spec: TrainingJobSpec) -> int:
     if spec.num_proc_per_node == "auto":
         return max(1, gpus_per_node(spec))
     return int(spec.num_proc_per_node)
-
-
-def _tolerations(spec: TrainingJobSpec) -> list[dict[str, Any]]:
-    tols = [t.to_api() for t in spec.tolerations or []]
-    # An empty key with Exists tolerates every taint, so it covers the GPU taint too.
-    covered = any(
-        t.get("key") == GPU_TAINT_KEY or (not t.get("key") and t.get("operator") == "Exists") for t in tols
-    )
-    if gpus_per_node(spec) > 0 and not covered:
-        tols.append({"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"})
-    return tols
 
 
 def _dir_of(uri: str) -> str:
@@ -209,15 +182,15 @@ def pod(job: dict[str, Any], spec: TrainingJobSpec, rank: int, gang: int) -> dic
         "containers": [container],
         "volumes": volumes,
     }
-    if spec.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.node_selector)
-    tols = _tolerations(spec)
-    if tols:
-        pod_spec["tolerations"] = tols
-    if spec.priority_class_name:
-        pod_spec["priorityClassName"] = spec.priority_class_name
-    if spec.service_account_name:
-        pod_spec["serviceAccountName"] = spec.service_account_name
+    pod_spec.update(
+        pod_placement(
+            node_selector=spec.node_selector,
+            tolerations=spec.tolerations,
+            resources=spec.resources_per_node,
+            priority_class_name=spec.priority_class_name,
+            service_account_name=spec.service_account_name,
+        )
+    )
 
     labels = standard_labels(job, "trainer") | {
         LABEL_JOB: name,

@@ -30,6 +30,10 @@ SPEC: dict[str, Any] = {
     },
     "replicas": 4,
     "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
+    "nodeSelector": {"kiln.dev/pool": "serving"},
+    "tolerations": [{"key": "kiln.dev/serving", "operator": "Exists", "effect": "NoSchedule"}],
+    "priorityClassName": "serving-high",
+    "serviceAccountName": "digits-server",
     "monitoring": {"serviceMonitor": {"labels": {"release": "prometheus"}, "intervalSeconds": 10}},
 }
 GATEWAY = {
@@ -142,6 +146,69 @@ def test_pod_is_hardened_and_probed():
     assert dep["spec"]["selector"]["matchLabels"] == {build.LABEL_ISVC: "digits", build.LABEL_TRACK: "canary"}
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert dep["metadata"]["ownerReferences"][0]["uid"] == ISVC["metadata"]["uid"]
+
+
+def test_both_tracks_get_the_same_placement():
+    objs = by_kind(
+        build.children(
+            ISVC,
+            spec(),
+            stable=(1, "u1", DIGEST),
+            stable_replicas=3,
+            canary=(2, "u2", DIGEST),
+            canary_replicas=1,
+        )
+    )
+    for track in ("stable", "canary"):
+        pod = objs[("Deployment", f"digits-{track}")]["spec"]["template"]["spec"]
+        assert pod["nodeSelector"] == {"kiln.dev/pool": "serving"}
+        # CPU only: the user's toleration, no GPU one
+        assert pod["tolerations"] == SPEC["tolerations"]
+        assert pod["priorityClassName"] == "serving-high"
+        assert pod["serviceAccountName"] == "digits-server"
+        assert pod["automountServiceAccountToken"] is False
+
+
+PLACEMENT = ("nodeSelector", "tolerations", "priorityClassName", "serviceAccountName")
+
+
+def test_placement_fields_are_omitted_when_unset():
+    bare = InferenceServiceSpec.model_validate({k: v for k, v in SPEC.items() if k not in PLACEMENT})
+    pod = build.deployment(ISVC, bare, "stable", 1, "u", DIGEST, 1)["spec"]["template"]["spec"]
+    assert not set(PLACEMENT) & set(pod)
+
+
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+@pytest.mark.parametrize(
+    ("resources", "tolerations", "expected"),
+    [
+        # a GPU limit adds the nvidia.com/gpu toleration after the user's
+        ({"limits": {"nvidia.com/gpu": 1}}, None, [GPU_TOLERATION]),
+        (
+            {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}},
+            [{"key": "kiln.dev/serving", "operator": "Exists"}],
+            [{"key": "kiln.dev/serving", "operator": "Exists"}, GPU_TOLERATION],
+        ),
+        # already tolerated: by key, or by an empty key with Exists (tolerates everything)
+        (
+            {"limits": {"nvidia.com/gpu": 1}},
+            [{"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}],
+            [{"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}],
+        ),
+        ({"limits": {"nvidia.com/gpu": 1}}, [{"operator": "Exists"}], [{"operator": "Exists"}]),
+        # no GPU, no toleration
+        ({"limits": {"cpu": "2"}}, None, None),
+    ],
+)
+def test_gpu_toleration(resources: dict, tolerations: list | None, expected: list | None):
+    over: dict[str, Any] = {"resources": resources}
+    over["tolerations"] = tolerations
+    s = spec(**over)
+    for track in ("stable", "canary"):
+        pod = build.deployment(ISVC, s, track, 1, "u", DIGEST, 1)["spec"]["template"]["spec"]
+        assert pod.get("tolerations") == expected
 
 
 def test_server_env():
