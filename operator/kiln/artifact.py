@@ -12,6 +12,16 @@ The digest of an artifact is the sha256 of ``model.safetensors``, written ``sha2
 (the OCI digest notation). The metadata file makes each artifact self-describing, so a registry
 can be rebuilt from the artifact store alone (``kiln registry rebuild``).
 
+Only ``model.safetensors`` is covered by the digest, so what must not change without changing
+the digest lives inside it: the normalisation constants are buffers among the weights, and
+serving settings carried by a version are string entries of the safetensors header's
+``__metadata__``. Today there is one, for FAULT INJECTION only:
+``servingFaultInjectionFailRate`` (:data:`FAULT_INJECTION_FAIL_RATE_KEY`), the fraction of
+inference requests kiln-serve answers 500 on purpose when it serves this artifact, set by the
+trainer hyperparameter of the same name to build deliberately broken versions for
+canary-rollback drills. It is absent from every normal artifact (``metadata.json`` records it
+among the hyperparameters too, for people; the header is what the server reads).
+
 Result protocol: rank 0 of a TrainingJob writes a ``TrainingResult`` JSON document to the
 container's termination message file (``/dev/termination-log``, at most 4096 bytes, as the
 kubelet truncates longer ones: see the Pod API's ``terminationMessagePath``). The operator reads
@@ -22,7 +32,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+import struct
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +51,12 @@ MAX_TERMINATION_MESSAGE_BYTES = 4096
 METADATA_SCHEMA_VERSION = 1
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+#: FAULT INJECTION: the trainer hyperparameter and the key in the weights file's safetensors
+#: header (``__metadata__``) holding the fraction of requests kiln-serve fails on purpose.
+FAULT_INJECTION_FAIL_RATE_KEY = "servingFaultInjectionFailRate"
+#: safetensors refuses headers over 100 MB; so do we (the header is JSON read into memory).
+_MAX_SAFETENSORS_HEADER_BYTES = 100_000_000
 
 
 class ArtifactError(Exception):
@@ -203,6 +221,76 @@ def verify_artifact(artifact_dir: str | Path, expected_digest: str | None = None
     if expected_digest is not None and actual != expected_digest:
         raise ArtifactError(f"artifact {d}: weights digest {actual} != expected {expected_digest}")
     return meta
+
+
+def read_weights_metadata(weights_file: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` string map of a safetensors file's header (empty when it has none).
+
+    Reads only the header (8-byte little-endian length, then JSON), without torch.
+
+    Raises:
+        ArtifactError: the file is missing or its header is not valid safetensors.
+    """
+    p = Path(weights_file)
+    try:
+        with open(p, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) != 8:
+                raise ArtifactError(f"{p} is not a valid safetensors file: shorter than its header length")
+            (size,) = struct.unpack("<Q", prefix)
+            if size > _MAX_SAFETENSORS_HEADER_BYTES:
+                raise ArtifactError(f"{p} is not a valid safetensors file: header of {size} bytes")
+            raw = f.read(size)
+    except FileNotFoundError as e:
+        raise ArtifactError(f"weights file {p} not found") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{p} is not a valid safetensors file: header is not JSON: {e}") from e
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ArtifactError(f"{p}: safetensors __metadata__ must map strings to strings")
+    return dict(meta)
+
+
+def fault_injection_weights_metadata(fail_rate: float) -> dict[str, str] | None:
+    """The safetensors header entries the trainer writes for a FAULT INJECTION rate.
+
+    None for 0 (a normal artifact: nothing is written, so its bytes are as before).
+
+    Raises:
+        ValueError: ``fail_rate`` is not a number in [0, 1].
+    """
+    if not (isinstance(fail_rate, int | float) and math.isfinite(fail_rate) and 0.0 <= fail_rate <= 1.0):
+        raise ValueError(f"{FAULT_INJECTION_FAIL_RATE_KEY} must be a number in [0, 1], got {fail_rate!r}")
+    if fail_rate == 0:
+        return None
+    return {FAULT_INJECTION_FAIL_RATE_KEY: repr(float(fail_rate))}
+
+
+def fault_injection_fail_rate(artifact_dir: str | Path) -> float:
+    """FAULT INJECTION rate an artifact carries (``servingFaultInjectionFailRate`` in the weights
+    header, covered by the digest); 0.0 for a normal artifact.
+
+    Raises:
+        ArtifactError: the weights file is unreadable, or the value is not a number in [0, 1].
+    """
+    weights = Path(artifact_dir) / WEIGHTS_FILE
+    raw = read_weights_metadata(weights).get(FAULT_INJECTION_FAIL_RATE_KEY)
+    if raw is None:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ArtifactError(
+            f"artifact {Path(artifact_dir)}: {FAULT_INJECTION_FAIL_RATE_KEY} in {WEIGHTS_FILE} "
+            f"must be a number in [0, 1], got {raw!r}"
+        )
+    return value
 
 
 def format_termination_message(result: TrainingResult) -> str:

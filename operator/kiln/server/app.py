@@ -74,6 +74,8 @@ class Predictor(Protocol):
     version: str
     digest: str
     config: ModelConfig
+    #: FAULT INJECTION rate carried by the artifact (0.0 for a normal one).
+    fault_injection_fail_rate: float
 
     def predict(self, rows: np.ndarray) -> np.ndarray:
         """Logits for float32 rows."""
@@ -109,8 +111,11 @@ class InferenceServer:
             TensorMetadata(PREDICTED_CLASS, "INT64", [-1]),
         )
         self._output_names = tuple(t.name for t in self.outputs)
+        #: FAULT INJECTION: fraction of infer requests answered 500 on purpose, the larger of
+        #: ``--fail-rate`` and the artifact's ``servingFaultInjectionFailRate``.
+        self.fail_rate = max(settings.fail_rate, model.fault_injection_fail_rate)
         self.metrics = metrics or ServerMetrics(
-            model.name, model.version, digest=model.digest, fail_rate=settings.fail_rate
+            model.name, model.version, digest=model.digest, fail_rate=self.fail_rate
         )
         self.cache = OutputCache(settings.cache_size, model.version)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-forward")
@@ -165,13 +170,22 @@ class InferenceServer:
             s.max_batch_delay_ms,
             s.cache_size,
         )
-        if s.fail_rate > 0:
+        if self.fail_rate > 0:
             log.warning(
                 "FAULT INJECTION ON: %.1f%% of inference requests will be answered 500 on purpose "
-                "(--fail-rate %s); see kiln_inference_injected_failures_total",
-                100 * s.fail_rate,
-                s.fail_rate,
+                "(%s); see kiln_inference_injected_failures_total",
+                100 * self.fail_rate,
+                self._fail_rate_source(),
             )
+
+    def _fail_rate_source(self) -> str:
+        """Where the fault-injection rate comes from, for logs and error messages."""
+        parts = []
+        if self.settings.fail_rate > 0:
+            parts.append(f"--fail-rate {self.settings.fail_rate}")
+        if self.model.fault_injection_fail_rate > 0:
+            parts.append(f"artifact servingFaultInjectionFailRate {self.model.fault_injection_fail_rate}")
+        return ", ".join(parts) + (" (the larger applies)" if len(parts) > 1 else "")
 
     def begin_shutdown(self) -> None:
         """Turn readiness false at once (safe to call from a signal handler on the loop)."""
@@ -360,12 +374,11 @@ class InferenceServer:
             input_size=cfg.inputSize,
             output_names=self._output_names,
         )
-        if self.settings.fail_rate > 0 and self._random.random() < self.settings.fail_rate:
+        if self.fail_rate > 0 and self._random.random() < self.fail_rate:
             self.metrics.injected_failures.inc()
-            log.info("injected failure (fault injection, --fail-rate %s)", self.settings.fail_rate)
-            return _error(
-                500, f"injected failure: fault injection is on (--fail-rate {self.settings.fail_rate})"
-            )
+            source = self._fail_rate_source()
+            log.info("injected failure (fault injection, %s)", source)
+            return _error(500, f"injected failure: fault injection is on ({source})")
         logits: np.ndarray | None = None
         key = ""
         if self.cache.enabled:

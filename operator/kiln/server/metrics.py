@@ -11,8 +11,9 @@ too, so the ``/metrics`` page looks like the default one plus the ``kiln_`` seri
 - ``kiln_inference_inflight_requests{model,version}``: infer requests being handled;
 - ``kiln_inference_cache_requests_total{model,version,result}``: cache ``hit``/``miss``;
 - ``kiln_inference_injected_failures_total{model,version}`` and
-  ``kiln_inference_fault_injection_rate{model,version}``: fault injection (``--fail-rate``), so
-  that injected errors are never mistaken for real ones;
+  ``kiln_inference_fault_injection_rate{model,version}``: fault injection (the larger of
+  ``--fail-rate`` and the artifact's ``servingFaultInjectionFailRate``), so that injected errors
+  are never mistaken for real ones;
 - ``kiln_model_info{model,version,digest}``: always 1, the artifact being served.
 """
 
@@ -85,13 +86,15 @@ class ServerMetrics:
         self.cache_misses = cache.labels(model, version, "miss")
         self.injected_failures = Counter(
             "kiln_inference_injected_failures_total",
-            "Inference requests answered 500 ON PURPOSE by fault injection (--fail-rate); not real errors.",
+            "Inference requests answered 500 ON PURPOSE by fault injection "
+            "(--fail-rate or the artifact's servingFaultInjectionFailRate); not real errors.",
             mv,
             registry=r,
         ).labels(model, version)
         Gauge(
             "kiln_inference_fault_injection_rate",
-            "Configured fraction of inference requests failed on purpose (--fail-rate); 0 in production.",
+            "Fraction of inference requests failed on purpose: the larger of --fail-rate and the "
+            "artifact's servingFaultInjectionFailRate; 0 in production.",
             mv,
             registry=r,
         ).labels(model, version).set(fail_rate)

@@ -4,6 +4,11 @@ The weights digest is checked against the expected one *before* anything is load
 read with ``safetensors.torch.load_file`` (never pickle) into the network rebuilt from
 ``config.json``, with ``load_state_dict(strict=True)``. The model runs in eval mode under
 ``torch.inference_mode``.
+
+FAULT INJECTION: an artifact may carry ``servingFaultInjectionFailRate`` in its weights header
+(covered by the digest; see ``kiln.artifact``), a deliberately broken version for
+canary-rollback drills. It is read here into ``LoadedModel.fault_injection_fail_rate`` and
+logged as a warning; the server then fails that fraction of requests on purpose.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from kiln.artifact import (
+    FAULT_INJECTION_FAIL_RATE_KEY,
     WEIGHTS_FILE,
     ArtifactError,
     ArtifactMetadata,
     ModelConfig,
+    fault_injection_fail_rate,
     read_config,
     uri_to_path,
     verify_artifact,
@@ -53,6 +60,9 @@ class LoadedModel:
     metadata: ArtifactMetadata
     module: torch.nn.Module
     threads: int = field(default_factory=torch.get_num_threads)
+    #: FAULT INJECTION carried by the artifact (its ``servingFaultInjectionFailRate``): the
+    #: fraction of requests to fail on purpose; 0.0 for every normal artifact.
+    fault_injection_fail_rate: float = 0.0
 
     def predict(self, rows: np.ndarray) -> np.ndarray:
         """Logits (float32, ``(n, numClasses)``) for float32 rows of shape ``(n, inputSize)``."""
@@ -102,8 +112,30 @@ def load_model(
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ArtifactError(f"artifact {path}: weights do not match config.json: {e}") from e
+    fail_rate = fault_injection_fail_rate(path)  # in the weights file's header: digest-checked above
     module.eval()
-    model = LoadedModel(name, version, digest, config, metadata, module, threads or torch.get_num_threads())
+    model = LoadedModel(
+        name,
+        version,
+        digest,
+        config,
+        metadata,
+        module,
+        threads or torch.get_num_threads(),
+        fault_injection_fail_rate=fail_rate,
+    )
     model.predict(np.zeros((1, config.inputSize), dtype=np.float32))  # warm up
     log.info("loaded artifact %s (%s) as %s version %s", path, digest, name, version)
+    if fail_rate > 0:
+        log.warning(
+            "FAULT INJECTION: artifact %s (model %s version %s) carries %s=%s: this version answers "
+            "%.1f%% of inference requests with 500 ON PURPOSE (a deliberately broken version for "
+            "canary-rollback drills); it must never serve real traffic",
+            path,
+            name,
+            version,
+            FAULT_INJECTION_FAIL_RATE_KEY,
+            fail_rate,
+            100 * fail_rate,
+        )
     return model

@@ -24,6 +24,11 @@ Environment (set by the operator; every one has a flag that overrides it, see ``
 ``KILN_FAIL_RANK``         ... only on this rank (default: every rank)
 =========================  ==================================================================
 
+FAULT INJECTION FOR ROLLBACK DRILLS: the hyperparameter ``servingFaultInjectionFailRate`` (a
+number in [0, 1], default 0) does not change training; it is written into the artifact's weights
+header (covered by the digest) and makes kiln-serve answer that fraction of requests with 500 on
+purpose, so a deliberately broken version can be rolled out as a canary and rolled back.
+
 Results: rank 0 writes ``<output>/<model>/<job>/`` (``kiln.artifact`` layout) and the
 ``TrainingResult`` JSON to the termination log; failures write ``kiln-train: ...`` there instead.
 Exit codes: 0 success, 1 crash, 2 bad input.

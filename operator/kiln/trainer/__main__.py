@@ -25,11 +25,13 @@ from typing import Any
 
 import kiln
 from kiln.artifact import (
+    FAULT_INJECTION_FAIL_RATE_KEY,
     ArtifactError,
     ArtifactMetadata,
     DatasetInfo,
     ModelConfig,
     TrainingResult,
+    fault_injection_weights_metadata,
     format_termination_message,
     path_to_uri,
     utc_now_rfc3339,
@@ -55,9 +57,15 @@ def setup_logging(rank: int) -> None:
 
 
 def lineage_hyperparameters(config: TrainConfig, precision: str, world_size: int) -> dict[str, Any]:
-    """Hyperparameters as recorded in the artifact: resolved values plus world size."""
+    """Hyperparameters as recorded in the artifact: resolved values plus world size.
+
+    ``servingFaultInjectionFailRate`` appears only when set (> 0): normal artifacts do not
+    mention fault injection at all.
+    """
     hp = config.hyperparameters
     d = hp.model_dump(mode="json")
+    if not hp.servingFaultInjectionFailRate:
+        d.pop(FAULT_INJECTION_FAIL_RATE_KEY)
     d["splitSeed"] = hp.effective_split_seed
     d["precision"] = precision
     d["worldSize"] = world_size
@@ -226,7 +234,23 @@ def run(config: TrainConfig) -> int:
         createdAt=utc_now_rfc3339(),
         framework={"torch": torch.__version__, "kiln": kiln.__version__, "python": platform.python_version()},
     )
-    written = write_artifact(final_dir, result.model.state_dict(), model_config, metadata)
+    fail_rate = hp.servingFaultInjectionFailRate
+    if fail_rate > 0:
+        log.warning(
+            "FAULT INJECTION: %s=%s: kiln-serve will answer %.1f%% of inference requests to this "
+            "artifact with 500 ON PURPOSE (a deliberately broken version for canary-rollback drills); "
+            "never promote it to serve real traffic",
+            FAULT_INJECTION_FAIL_RATE_KEY,
+            fail_rate,
+            100 * fail_rate,
+        )
+    written = write_artifact(
+        final_dir,
+        result.model.state_dict(),
+        model_config,
+        metadata,
+        weights_metadata=fault_injection_weights_metadata(fail_rate),
+    )
     message = format_termination_message(
         TrainingResult(artifactUri=path_to_uri(final_dir), digest=written.weightsDigest, metrics=metrics)
     )

@@ -92,6 +92,22 @@ class Hyperparameters(BaseModel):
         description="auto = bf16 autocast on GPUs that support it, else fp16 with GradScaler; fp32 on CPU. "
         "Mixed precision is only used on GPU.",
     )
+    servingFaultInjectionFailRate: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="FAULT INJECTION for canary-rollback drills, never for real models: the fraction of "
+        "inference requests kiln-serve answers 500 ON PURPOSE when serving this artifact. Recorded in the "
+        "weights file's header (covered by the digest); training itself is unchanged.",
+    )
+
+    @field_validator("servingFaultInjectionFailRate", mode="before")
+    @classmethod
+    def _rate_not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # pydantic would read true as 1.0: every request failed
+            raise ValueError("must be a number in [0, 1], not a boolean")
+        return v
 
     @field_validator("hiddenSizes", mode="before")
     @classmethod

@@ -120,10 +120,16 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def config_fingerprint(hp: Hyperparameters, dataset_digest: str) -> str:
     """Identifies a training configuration; a checkpoint only resumes a run with the same one.
 
-    World size is excluded: the model and optimizer state do not depend on it.
+    World size is excluded: the model and optimizer state do not depend on it. So is the
+    serving fault-injection rate (``servingFaultInjectionFailRate``), which only goes into the
+    artifact written at the end.
     """
     doc = json.dumps(
-        {"hyperparameters": hp.model_dump(mode="json"), "dataset": dataset_digest}, sort_keys=True
+        {
+            "hyperparameters": hp.model_dump(mode="json", exclude={"servingFaultInjectionFailRate"}),
+            "dataset": dataset_digest,
+        },
+        sort_keys=True,
     )
     return "sha256:" + hashlib.sha256(doc.encode()).hexdigest()
 

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -82,6 +83,8 @@ def write_artifact(
     state_dict: dict[str, torch.Tensor],
     config: ModelConfig,
     metadata: ArtifactMetadata,
+    *,
+    weights_metadata: Mapping[str, str] | None = None,
 ) -> ArtifactMetadata:
     """Write weights, config and metadata atomically into ``final_dir``.
 
@@ -89,6 +92,9 @@ def write_artifact(
 
     Args:
         state_dict: the un-wrapped module's ``state_dict()`` (any device).
+        weights_metadata: string entries for the safetensors header's ``__metadata__``, inside
+            the weights file and so covered by the digest (e.g. the FAULT INJECTION rate, see
+            ``kiln.artifact``); None writes no ``__metadata__``.
     Returns:
         The metadata as written.
     Raises:
@@ -102,7 +108,9 @@ def write_artifact(
     tmp.mkdir()
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        save_file(
+            tensors, str(tmp / WEIGHTS_FILE), metadata=dict(weights_metadata) if weights_metadata else None
+        )
         written = metadata.model_copy(update={"weightsDigest": sha256_file(tmp / WEIGHTS_FILE)})
         (tmp / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
         (tmp / METADATA_FILE).write_text(written.model_dump_json(indent=2) + "\n")

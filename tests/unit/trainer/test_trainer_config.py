@@ -91,11 +91,43 @@ def test_defaults_without_optional_env():
         ({"KILN_MODEL_NAME": "../etc"}, [], "not a valid directory name"),
         ({}, ["--backend", "mpi"], "invalid choice"),
         ({}, ["--epochs", "x"], "invalid int value"),
+        # FAULT INJECTION rate of the served artifact: a number in [0, 1]
+        (
+            {"KILN_HYPERPARAMETERS": '{"servingFaultInjectionFailRate": 1.5}'},
+            [],
+            "hyperparameters.servingFaultInjectionFailRate: Input should be less than or equal to 1",
+        ),
+        (
+            {"KILN_HYPERPARAMETERS": '{"servingFaultInjectionFailRate": -0.1}'},
+            [],
+            "hyperparameters.servingFaultInjectionFailRate: Input should be greater than or equal to 0",
+        ),
+        (
+            {"KILN_HYPERPARAMETERS": '{"servingFaultInjectionFailRate": "NaN"}'},
+            [],
+            "hyperparameters.servingFaultInjectionFailRate: Input should be a finite number",
+        ),
+        (
+            {"KILN_HYPERPARAMETERS": '{"servingFaultInjectionFailRate": "often"}'},
+            [],
+            "hyperparameters.servingFaultInjectionFailRate: Input should be a valid number",
+        ),
+        (
+            {"KILN_HYPERPARAMETERS": '{"servingFaultInjectionFailRate": true}'},
+            [],
+            "hyperparameters.servingFaultInjectionFailRate: .*not a boolean",
+        ),
     ],
 )
 def test_bad_configuration_is_a_usage_error(env: dict, argv: list, message: str):
     with pytest.raises(UsageError, match=message):
         resolve_config(argv, {**BASE, **env})
+
+
+def test_serving_fault_injection_rate_defaults_to_zero_and_accepts_strings():
+    assert resolve_config([], BASE).hyperparameters.servingFaultInjectionFailRate == 0.0
+    env = {**BASE, "KILN_HYPERPARAMETERS": '{"servingFaultInjectionFailRate": "0.25"}'}
+    assert resolve_config([], env).hyperparameters.servingFaultInjectionFailRate == 0.25
 
 
 def test_unused_dataset_keys_only_warn():

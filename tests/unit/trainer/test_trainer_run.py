@@ -19,10 +19,13 @@ import torch
 from safetensors.torch import load_file
 
 from kiln.artifact import (
+    FAULT_INJECTION_FAIL_RATE_KEY,
     TerminationMessageError,
+    fault_injection_fail_rate,
     parse_termination_message,
     read_config,
     read_metadata,
+    read_weights_metadata,
     uri_to_path,
     verify_artifact,
 )
@@ -109,6 +112,45 @@ def test_bad_input_exits_2_with_a_failure_termination_message(tmp_path: Path, ru
     env = trainer_env(tmp_path / "out", "bad-csv", dataset={"uri": str(csv), "labelColumn": "label"})
     run = run_inprocess(env)
     assert run.returncode == 2 and "non-numeric: b (string)" in run.termination
+
+
+def test_serving_fault_injection_rate_lands_in_the_artifact(tmp_path: Path, run_inprocess):
+    """A deliberately broken version for rollback drills: the rate is in the weights file's
+    header (covered by the digest) and in metadata.json; the training itself is unchanged."""
+    hp = {**SHORT, "epochs": 2, FAULT_INJECTION_FAIL_RATE_KEY: 0.25}
+    run = run_inprocess(trainer_env(tmp_path / "out", "drill", hyperparameters=hp))
+    _check_success(run, world_size=1)
+    assert "FAULT INJECTION" in run.output and "ON PURPOSE" in run.output
+    digest = parse_termination_message(run.termination).digest
+    assert read_weights_metadata(run.artifact / "model.safetensors") == {
+        FAULT_INJECTION_FAIL_RATE_KEY: "0.25"
+    }
+    assert fault_injection_fail_rate(run.artifact) == 0.25
+    assert read_metadata(run.artifact).hyperparameters[FAULT_INJECTION_FAIL_RATE_KEY] == 0.25
+    from kiln.server.model import load_model
+
+    assert load_model(run.artifact, digest, name="digits", version="1").fault_injection_fail_rate == 0.25
+
+    normal = run_inprocess(trainer_env(tmp_path / "out", "normal", hyperparameters={**SHORT, "epochs": 2}))
+    _check_success(normal, world_size=1)
+    assert "FAULT INJECTION" not in normal.output
+    assert read_weights_metadata(normal.artifact / "model.safetensors") == {}
+    assert FAULT_INJECTION_FAIL_RATE_KEY not in read_metadata(normal.artifact).hyperparameters
+    assert fault_injection_fail_rate(normal.artifact) == 0.0
+    # same weights, different digest: the header is part of the digested bytes
+    drill_w, normal_w = (load_file(str(r.artifact / "model.safetensors")) for r in (run, normal))
+    assert drill_w.keys() == normal_w.keys() and all(torch.equal(drill_w[k], normal_w[k]) for k in drill_w)
+    assert digest != parse_termination_message(normal.termination).digest
+
+
+def test_bad_serving_fault_injection_rate_exits_2(tmp_path: Path, run_inprocess):
+    hp = {FAULT_INJECTION_FAIL_RATE_KEY: 1.5}
+    run = run_inprocess(trainer_env(tmp_path / "out", "bad-rate", hyperparameters=hp))
+    assert run.returncode == 2
+    assert run.termination.startswith(
+        "kiln-train: error (rank 0): hyperparameters.servingFaultInjectionFailRate"
+    )
+    assert not run.artifact.exists()
 
 
 def test_same_seed_same_weights_and_resume_is_exact(tmp_path: Path, run_inprocess):
