@@ -1537,8 +1537,7 @@ def ensure_base(
     d = cache / "base" / key
     if (d / "meta.json").exists():
         return d / "rootfs", key
-    if not shutil.which("debootstrap"):
-        raise BuildError("debootstrap not found (apt-get install debootstrap)")
+    _ensure_debootstrap(log)
     tmp = cache / "base" / f"{key}.tmp"
     if tmp.exists():
         _rmtree(tmp)
@@ -1580,6 +1579,20 @@ def ensure_base(
             _rmtree(tmp)
     log(f"base: {_fmt_size(size)} in {time.monotonic() - t0:.0f}s")
     return d / "rootfs", key
+
+
+def _ensure_debootstrap(log: Callable[[str], None]) -> None:
+    """Install Debian's debootstrap when missing (as hack/cluster installs its node packages)."""
+    if shutil.which("debootstrap"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise BuildError("debootstrap not found (apt-get install debootstrap)")
+    log("installing debootstrap with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "debootstrap"]):
+        proc = subprocess.run(cmd, env=env, text=True, capture_output=True)
+        if proc.returncode != 0:
+            raise BuildError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
 
 
 def _finish_base(rootfs: Path) -> None:

@@ -6,8 +6,9 @@ kiln-operator at pyproject's version and every requirement of the image's extra,
 image has no torch, the base layer is one blob shared by the three. Running the images as pods
 is tested elsewhere; nothing here needs the cluster.
 
-Needs root (overlay mounts, chroot), debootstrap and PyPI. Skipped with the reason when the
-machine cannot build, except under CI=true, where that is a failure.
+Needs root (overlay mounts, chroot), Debian's mirror (debootstrap, installed when missing) and
+PyPI. Skipped with the reason when the machine cannot build, except under CI=true, where that is
+a failure.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ def _requirement_name(req: str) -> str:
 def _cannot_build() -> str | None:
     if os.geteuid() != 0:
         return "building images needs root (overlay mounts, chroot)"
-    for tool in ("debootstrap", "unshare", "mount"):
+    for tool in ("unshare", "mount"):  # debootstrap: the build installs it when missing
         if not shutil.which(tool):
-            return f"{tool} not found (apt-get install debootstrap util-linux mount)"
+            return f"{tool} not found (apt-get install util-linux mount)"
+    if not shutil.which("debootstrap") and not shutil.which("apt-get"):
+        return "debootstrap not found and no apt-get to install it"
     return None
 
 
