@@ -82,6 +82,11 @@ def _clean(node: Any) -> Any:
             node[key] = True
     if node.get("additionalProperties") is False:
         node.pop("additionalProperties")
+    if node.get("x-kubernetes-preserve-unknown-fields") and node.get("additionalProperties") is True:
+        # `additionalProperties: true` means "values of any schema", and the API server then
+        # prunes every field below them ({hostPath: {path: ...}} became {hostPath: {}}):
+        # preserve-unknown-fields alone keeps the whole free-form object.
+        node.pop("additionalProperties")
     if node.get("x-kubernetes-int-or-string"):
         node.pop("type", None)
     if "enum" in node and "type" not in node:
