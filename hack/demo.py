@@ -1,57 +1,93 @@
 #!/usr/bin/env python3
-"""Kiln demo on the local cluster (kwok nodes): train with DDP, register, promote.
+"""Kiln end to end on the local cluster's real node: train, register, promote, serve, canary.
 
-kwok simulates nodes: the scheduler places pods on them and kwok reports them Running, but no
-container runs. So this demo plays the kubelet for the trainer pods, honestly and visibly: it
-runs each pod's own command (torchrun, from the trainer image's entrypoint) with that pod's own
-environment (PET_*, KILN_*) as a process on this machine, then reports each process's exit code
-and termination message in the pod's status, as a kubelet reports a container's. Everything
-else is real: the API server, scheduler, the operator deciding from pod status, the registry.
-Two pod settings need this machine's equivalent, and the demo prints them: node 0's DNS name
-becomes 127.0.0.1 (no cluster DNS without a real node) and the artifact root becomes a local
-directory (the pods' volume).
+Every pod here is real: the kubelet on node ``kiln-real-0`` runs the images hack/images built
+from images/*/Dockerfile, in containerd, on a CNI bridge, behind kube-proxy and CoreDNS.
+
+  0. the cluster (``hack/cluster up --real-node``), the images (``hack/images build --import``),
+     Kiln installed with ``helm upgrade --install`` from charts/kiln, and Prometheus (built by
+     hack/cluster; Debian's has no Kubernetes discovery) on this machine, configured with
+     Kubernetes service discovery from the ServiceMonitors that match ``release=prometheus``
+     (hack/kilndev/prometheus.py writes what prometheus-operator would);
+  1. Model ``digits`` and TrainingJob ``digits-v1``: torchrun in 2 pods, DDP over gloo, node 0
+     found through the job's headless Service;
+  2. version 1 registered in the Model with its accuracy;
+  3. ``kiln promote digits 1 --stage Production``;
+  4. InferenceService ``digits`` serving it; held-out digits sent through the Service's
+     ClusterIP, accuracy measured from the answers;
+  5. ``digits-v2`` trained and promoted while a steady stream of requests runs through the
+     Service; the canary is analysed against Prometheus and promoted; failed requests counted;
+  6. ``digits-v3``, trained with ``servingFaultInjectionFailRate: 1.0`` (its server answers 500
+     on purpose), promoted, and rolled back by the analysis.
+
+Prints progress, a summary table and the figures; ``--json FILE`` writes them for the e2e test.
+Exits non-zero if any step failed.
 """
 
 from __future__ import annotations
 
+import argparse
+import http.client
 import json
 import os
+import random
 import shutil
-import socket
 import subprocess
 import sys
+import threading
 import time
-import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the kubelet stand-in lives with the integration-test helpers
+sys.path.insert(0, str(REPO / "hack"))
 
 from kubernetes import config  # noqa: E402
-from tests.integration.helpers import finish_pod, wait_for  # noqa: E402
 
 from kiln import API_VERSION, kube  # noqa: E402
-from kiln.artifact import uri_to_path, verify_artifact  # noqa: E402
+from kilndev import images as kimages  # noqa: E402
+from kilndev.prometheus import LocalPrometheus  # noqa: E402
 
 NS = "kiln-demo"
+SYSTEM_NS = "kiln-system"
+MONITORING_NS = "monitoring"
 OUT = REPO / "_out" / "demo"
 VENV_BIN = REPO / ".venv" / "bin"
+DEMO_D = REPO / "hack" / "demo.d"
+HOST_ARTIFACTS = Path(os.environ.get("KILN_DEMO_ARTIFACTS", "/var/lib/kiln-demo/artifacts"))
+REAL_NODE_SCHEDULING = {
+    "nodeSelector": {"kiln.dev/pool": "real"},
+    "tolerations": [
+        {"key": "kiln.dev/real-node", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+    ],
+}
+PROMETHEUS_PORT = 19090
+RUNAS = 65532  # the images' user
+
 steps: list[tuple[str, bool, float, str]] = []
+figures: dict[str, Any] = {}
 
 
+# ---------------------------------------------------------------------------------- output
 def say(msg: str) -> None:
     print(f"\n\033[1m==> {msg}\033[0m", flush=True)
 
 
-def run(*cmd: str, env: dict[str, str] | None = None, check: bool = True) -> str:
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
-    return r.stdout
+def note(msg: str) -> None:
+    print(f"    {msg}", flush=True)
+
+
+class StepFailed(RuntimeError):
+    pass
 
 
 class Step:
+    """A named step: prints its title, times it, records ok/failed and a one-line detail."""
+
     def __init__(self, name: str) -> None:
         self.name = name
         self.detail = ""
@@ -63,198 +99,709 @@ class Step:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         ok = exc is None
-        steps.append(
-            (self.name, ok, time.monotonic() - self.t0, self.detail if ok else f"{exc_type.__name__}: {exc}")
-        )
+        secs = time.monotonic() - self.t0
+        steps.append((self.name, ok, secs, self.detail if ok else f"{exc_type.__name__}: {exc}"))
         if not ok:
             print(f"    FAILED: {exc}", flush=True)
-            summary()
-            sys.exit(1)
         return False
 
 
-def summary() -> None:
-    print("\n" + "=" * 100)
-    print(f"{'step':<52} {'result':<7} {'seconds':>8}  detail")
+def summary(total: float) -> None:
+    print("\n" + "=" * 110)
+    print(f"{'step':<58} {'result':<7} {'seconds':>8}  detail")
     for name, ok, secs, detail in steps:
-        print(f"{name:<52} {'ok' if ok else 'FAILED':<7} {secs:>8.1f}  {detail}")
-    print("=" * 100)
+        print(f"{name:<58} {'ok' if ok else 'FAILED':<7} {secs:>8.1f}  {detail}")
+    print(f"{'total':<58} {'':<7} {total:>8.1f}")
+    print("=" * 110)
+    if figures:
+        print("figures:")
+        for k, v in figures.items():
+            print(f"  {k:<52} {v}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# ---------------------------------------------------------------------------------- helpers
+def run(*cmd: str, input: str | None = None, check: bool = True, stream: bool = False) -> str:
+    """Run a command; ``stream`` shows its output live (indented)."""
+    if stream:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            print("    | " + line.rstrip(), flush=True)
+        if proc.wait() != 0 and check:
+            raise StepFailed(f"{' '.join(cmd)} exited {proc.returncode}")
+        return "".join(lines)
+    r = subprocess.run(cmd, capture_output=True, text=True, input=input)
+    if check and r.returncode != 0:
+        raise StepFailed(f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip()[-2000:]}")
+    return r.stdout
+
+
+def poll(
+    what: str,
+    fn: Callable[[], Any],
+    timeout: float,
+    *,
+    progress: Callable[[], str] | None = None,
+    interval: float = 0.25,
+) -> Any:
+    """Call ``fn`` until it returns something truthy; print ``progress()`` whenever it changes.
+
+    Raises StepFailed after ``timeout`` seconds, with the last progress line.
+    """
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        if progress is not None:
+            line = progress()
+            if line != last:
+                note(f"[{time.strftime('%H:%M:%S')}] {line}")
+                last = line
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise StepFailed(f"timed out after {timeout:.0f}s waiting for {what} (last: {last})")
+        time.sleep(interval)
+
+
+class Cluster:
+    """kubectl, helm and an API client for the local cluster."""
+
+    def __init__(self) -> None:
+        env = json.loads(run(str(REPO / "hack" / "cluster"), "env", "--json"))
+        if not env.get("real_node"):
+            raise StepFailed("the local cluster has no real node (hack/cluster up --real-node)")
+        self.env = env
+        self.kubeconfig = env["KUBECONFIG"]
+        self.kubectl_bin = env["kubectl"]
+        self.helm_bin = env["helm"]
+        self.node = env["real_node"]
+        self.api_host = env["api_server"].split("//", 1)[1].rsplit(":", 1)[0]
+        os.environ["KUBECONFIG"] = self.kubeconfig
+        self.api = config.new_client_from_config(config_file=self.kubeconfig)
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        return run(self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *args, input=input, check=check)
+
+    def apply(self, obj: dict[str, Any], namespace: str | None = None) -> None:
+        """``kubectl apply --server-side`` of one object (what a person would type)."""
+        ns = ["-n", namespace] if namespace else []
+        self.kubectl("apply", "--server-side", "--force-conflicts", *ns, "-f", "-", input=yaml.safe_dump(obj))
+
+    def get(self, kind: str, name: str, namespace: str | None = NS, api_version: str = API_VERSION) -> dict:
+        return kube.get(self.api, api_version, kind, namespace, name) or {}
+
+    def pods(self, selector: str, namespace: str = NS) -> list[dict[str, Any]]:
+        return kube.list_objects(self.api, "v1", "Pod", namespace, selector)
+
+
+def pod_phases(pods: list[dict[str, Any]]) -> str:
+    parts = []
+    for p in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        st = p.get("status") or {}
+        phase = st.get("phase", "?")
+        for c in st.get("containerStatuses") or []:
+            waiting = (c.get("state") or {}).get("waiting")
+            if waiting and waiting.get("reason") not in (None, "ContainerCreating"):
+                phase = f"{phase}/{waiting['reason']}"
+        parts.append(f"{p['metadata']['name']}={phase}")
+    return ", ".join(parts) or "no pods yet"
+
+
+# ---------------------------------------------------------------------------------- traffic
+@dataclass
+class Answer:
+    t: float  # monotonic
+    ok: bool
+    version: str | None
+    correct: bool | None
+    error: str = ""
+
+
+@dataclass
+class Traffic:
+    """A steady stream of OIP v2 infer requests through the Service's ClusterIP.
+
+    ``rate`` requests per second over ``workers`` threads; each request opens a new TCP
+    connection so kube-proxy spreads them over the serving pods (a connection is the unit it
+    balances). A request fails on a connection error, a timeout or a non-200 answer.
+    """
+
+    host: str
+    port: int
+    x: Any
+    y: Any
+    rate: float = 20.0
+    workers: int = 4
+    answers: list[Answer] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def one(self, i: int) -> Answer:
+        body = json.dumps(
+            {
+                "inputs": [
+                    {"name": "input-0", "shape": [1, 64], "datatype": "FP32", "data": self.x[i].tolist()}
+                ],
+                "outputs": [{"name": "predicted_class"}],
+            }
+        )
+        t = time.monotonic()
+        try:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
+            try:
+                conn.request("POST", "/v2/models/digits/infer", body, {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                data = r.read()
+            finally:
+                conn.close()
+        except OSError as e:
+            return Answer(t, False, None, None, f"{type(e).__name__}: {e}")
+        if r.status != 200:
+            return Answer(t, False, None, None, f"HTTP {r.status}: {data[:120]!r}")
+        doc = json.loads(data)
+        label = int(doc["outputs"][0]["data"][0])
+        return Answer(t, True, str(doc.get("model_version")), label == int(self.y[i]))
+
+    def _worker(self, seed: int) -> None:
+        rng = random.Random(seed)
+        period = self.workers / self.rate
+        nxt = time.monotonic()
+        while not self._stop.is_set():
+            a = self.one(rng.randrange(len(self.x)))
+            with self._lock:
+                self.answers.append(a)
+            nxt += period
+            self._stop.wait(max(0.0, nxt - time.monotonic()))
+
+    def start(self) -> None:
+        for i in range(self.workers):
+            th = threading.Thread(target=self._worker, args=(i,), daemon=True, name=f"traffic-{i}")
+            th.start()
+            self._threads.append(th)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for th in self._threads:
+            th.join(timeout=10)
+
+    def window(self, t0: float, t1: float | None = None) -> list[Answer]:
+        with self._lock:
+            return [a for a in self.answers if a.t >= t0 and (t1 is None or a.t < t1)]
+
+    def last_versions(self, n: int = 20) -> str:
+        with self._lock:
+            recent = self.answers[-n:]
+        counts: dict[str, int] = {}
+        for a in recent:
+            key = f"v{a.version}" if a.ok else "failed"
+            counts[key] = counts.get(key, 0) + 1
+        return " ".join(f"{k}:{v}" for k, v in sorted(counts.items()))
+
+
+def held_out_digits() -> tuple[Any, Any]:
+    """The trainer's own test split of sklearn's digits (rows it never trained on)."""
+    from kiln.trainer.config import Hyperparameters
+    from kiln.trainer.data import load_builtin, stratified_split
+
+    hp = Hyperparameters()  # the demo's jobs keep the default split (seed 0 for v1)
+    ds = load_builtin("sklearn-digits")
+    split = stratified_split(
+        ds.labels,
+        seed=hp.effective_split_seed,
+        validation_fraction=hp.validationFraction,
+        test_fraction=hp.testFraction,
+    )
+    return ds.features[split.test], ds.labels[split.test]
+
+
+# ---------------------------------------------------------------------------------- the demo
+class Demo:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.c: Cluster
+        self.prom: LocalPrometheus | None = None
+        self.traffic: Traffic | None = None
+
+    # ---- set-up
+    def cluster_and_images(self) -> None:
+        with Step("cluster with a real node (hack/cluster up --real-node)") as s:
+            out = run(str(REPO / "hack" / "cluster"), "up", "--real-node", stream=True)
+            self.c = Cluster()
+            s.detail = out.strip().splitlines()[-2][:110] if out.strip() else "up"
+        with Step("images from images/*/Dockerfile (hack/images build --import)") as s:
+            t0 = time.monotonic()
+            infos = kimages.build(["operator", "trainer", "server"], tag="dev", import_=True)
+            self.images = infos
+            s.detail = ", ".join(f"{n} {i.size / 2**30:.2f} GiB" for n, i in infos.items())
+            figures["images build+import seconds"] = round(time.monotonic() - t0, 1)
+
+    def install(self) -> None:
+        c = self.c
+        with Step("install Kiln with helm (charts/kiln) on the real node") as s:
+            HOST_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            os.chown(HOST_ARTIFACTS, RUNAS, RUNAS)
+            # CRDs first: helm installs charts/kiln/crds on install but never upgrades them
+            c.kubectl(
+                "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "charts" / "kiln" / "crds")
+            )
+            values = {
+                "image": {"repository": "kiln-operator", "tag": "dev", "pullPolicy": "IfNotPresent"},
+                "watchNamespaces": [NS],
+                "artifacts": {"volume": {"hostPath": {"path": str(HOST_ARTIFACTS), "type": "Directory"}}},
+                # a rebuilt image under the same tag rolls the operator
+                "podAnnotations": {"kiln.dev/image-id": self.images["operator"].config_digest},
+                **REAL_NODE_SCHEDULING,
+            }
+            (OUT / "values.yaml").write_text(yaml.safe_dump(values))
+            out = run(
+                self.c.helm_bin,
+                f"--kubeconfig={c.kubeconfig}",
+                "upgrade",
+                "--install",
+                "kiln",
+                str(REPO / "charts" / "kiln"),
+                "--namespace",
+                SYSTEM_NS,
+                "--create-namespace",
+                "-f",
+                str(OUT / "values.yaml"),
+                "--wait",
+                "--timeout",
+                "3m",
+            )
+            note(out.strip().splitlines()[0] if out.strip() else "")
+            pods = c.pods("app.kubernetes.io/name=kiln-operator", SYSTEM_NS)
+            note(
+                pod_phases(pods) + f" on {', '.join(sorted({p['spec'].get('nodeName', '?') for p in pods}))}"
+            )
+            s.detail = f"operator Deployment Ready on {c.node}; helm release kiln in {SYSTEM_NS}"
+
+    def namespace(self) -> None:
+        c = self.c
+        with Step(f"fresh namespace {NS} and artifact store {HOST_ARTIFACTS}") as s:
+            if c.get("Namespace", NS, None, "v1"):
+                c.kubectl("delete", "namespace", NS, "--wait=false")
+                poll("the old namespace to go", lambda: not c.get("Namespace", NS, None, "v1"), 180)
+            c.kubectl("create", "namespace", NS)
+            for child in HOST_ARTIFACTS.iterdir():  # artifacts are immutable per job name
+                shutil.rmtree(child)
+            poll(
+                "the default ServiceAccount",
+                lambda: c.kubectl("-n", NS, "get", "serviceaccount", "default", check=False),
+                30,
+            )
+            s.detail = "empty"
+
+    def prometheus(self) -> None:
+        c = self.c
+        with Step("Prometheus (Kubernetes SD) scraping what ServiceMonitors select") as s:
+            rbac = [
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": MONITORING_NS}},
+                {
+                    "apiVersion": "v1",
+                    "kind": "ServiceAccount",
+                    "metadata": {"name": "prometheus", "namespace": MONITORING_NS},
+                },
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "ClusterRole",
+                    "metadata": {"name": "kiln-demo-prometheus"},
+                    "rules": [
+                        {
+                            "apiGroups": [""],
+                            "resources": ["services", "endpoints", "pods"],
+                            "verbs": ["get", "list", "watch"],
+                        },
+                        {
+                            "apiGroups": ["discovery.k8s.io"],
+                            "resources": ["endpointslices"],
+                            "verbs": ["get", "list", "watch"],
+                        },
+                    ],
+                },
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "ClusterRoleBinding",
+                    "metadata": {"name": "kiln-demo-prometheus"},
+                    "roleRef": {
+                        "apiGroup": "rbac.authorization.k8s.io",
+                        "kind": "ClusterRole",
+                        "name": "kiln-demo-prometheus",
+                    },
+                    "subjects": [
+                        {"kind": "ServiceAccount", "name": "prometheus", "namespace": MONITORING_NS}
+                    ],
+                },
+                # pods reach this machine's Prometheus as http://prometheus.monitoring:9090
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": "prometheus", "namespace": MONITORING_NS},
+                    "spec": {"ports": [{"name": "web", "port": 9090, "targetPort": PROMETHEUS_PORT}]},
+                },
+                {
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "kind": "EndpointSlice",
+                    "metadata": {
+                        "name": "prometheus-host",
+                        "namespace": MONITORING_NS,
+                        "labels": {"kubernetes.io/service-name": "prometheus"},
+                    },
+                    "addressType": "IPv4",
+                    "ports": [{"name": "web", "port": PROMETHEUS_PORT, "protocol": "TCP"}],
+                    "endpoints": [{"addresses": [c.api_host], "conditions": {"ready": True}}],
+                },
+            ]
+            for obj in rbac:
+                c.apply(obj)
+            sd_kubeconfig = OUT / "prometheus-sd.kubeconfig"
+            run(
+                str(REPO / "hack" / "cluster"),
+                "sa-kubeconfig",
+                MONITORING_NS,
+                "prometheus",
+                "--duration=24h",
+                "-o",
+                str(sd_kubeconfig),
+            )
+            workdir = OUT / "prometheus"
+            shutil.rmtree(workdir, ignore_errors=True)
+            self.prom = LocalPrometheus(
+                workdir,
+                binary=c.env["prometheus"],
+                listen=f"{c.api_host}:{PROMETHEUS_PORT}",
+                kubectl=c.kubectl_bin,
+                kubeconfig=c.kubeconfig,
+                sd_kubeconfig=str(sd_kubeconfig),
+                selector={"release": "prometheus"},
+                scrape_interval="2s",
+            )
+            self.prom.start()
+            s.detail = f"{self.prom.address}, serviceMonitorSelector release=prometheus, config {workdir}"
+
+    # ---- training
+    def train(self, name: str, extra_hp: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Apply TrainingJob ``name`` and follow it until its version is registered."""
+        c = self.c
+        job = yaml.safe_load((DEMO_D / "trainingjob.yaml").read_text())
+        job["metadata"]["name"] = name
+        job["spec"]["hyperparameters"].update(extra_hp or {})
+        job["spec"]["output"]["volume"]["hostPath"]["path"] = str(HOST_ARTIFACTS)
+        note(f"kubectl apply -f - <<< TrainingJob {name} (hyperparameters {job['spec']['hyperparameters']})")
+        t0 = time.monotonic()
+        c.apply(job, NS)
+        sel = f"kiln.dev/trainingjob={name}"
+        pods = lambda: c.pods(sel)  # noqa: E731
+        job_state = lambda: c.get("TrainingJob", name).get("status") or {}  # noqa: E731
+
+        def progress() -> str:
+            st = job_state()
+            return f"job {st.get('phase', '-')}; pods: {pod_phases(pods())}"
+
+        poll(
+            "2 trainer pods Running",
+            lambda: (
+                lambda ps: (
+                    len(ps) == 2 and all(p["status"].get("phase") in ("Running", "Succeeded") for p in ps)
+                )
+            )(pods()),
+            240,
+            progress=progress,
+        )
+        running = time.monotonic() - t0
+        ps = pods()
+        note(
+            "scheduled on "
+            + ", ".join(
+                f"{p['metadata']['name']}@{p['spec'].get('nodeName')} ({p['status'].get('podIP')})"
+                for p in ps
+            )
+        )
+
+        def done() -> bool:
+            phase = job_state().get("phase")
+            if phase == "Failed":
+                raise StepFailed(
+                    f"TrainingJob {name} failed: {json.dumps(job_state().get('conditions'))[:600]}"
+                )
+            return bool(
+                phase == "Succeeded"
+                or (all(p["status"].get("phase") == "Succeeded" for p in pods()) and len(pods()) == 2)
+            )
+
+        poll(f"{name} to finish training", done, 600, progress=progress, interval=0.5)
+        trained = time.monotonic() - t0
+        st = poll(
+            f"{name}'s version to be registered",
+            lambda: (lambda s: s if s.get("registeredVersion") else None)(job_state()),
+            120,
+            progress=progress,
+        )
+        registered = time.monotonic() - t0
+        logs = c.kubectl("-n", NS, "logs", f"{name}-node-0", "--tail=3", check=False).strip()
+        for line in logs.splitlines():
+            note(f"{name}-node-0 log: {line[:150]}")
+        result = st.get("result") or {}
+        return {
+            "version": st["registeredVersion"],
+            "accuracy": (result.get("metrics") or {}).get("accuracy"),
+            "running_s": round(running, 1),
+            "trained_s": round(trained, 1),
+            "registered_s": round(registered, 1),
+            "nodes": sorted({p["spec"].get("nodeName") for p in ps}),
+        }
+
+    def promote(self, version: int) -> float:
+        c = self.c
+        t0 = time.monotonic()
+        out = run(
+            str(VENV_BIN / "kiln"), "promote", "digits", str(version), "--stage", "Production", "-n", NS
+        )
+        note(out.strip())
+        poll(
+            f"status.stages.production == {version}",
+            lambda: (
+                ((c.get("Model", "digits").get("status") or {}).get("stages") or {}).get("production")
+                == version
+            ),
+            60,
+        )
+        return time.monotonic() - t0
+
+    def isvc_state(self) -> dict[str, Any]:
+        return self.c.get("InferenceService", "digits").get("status") or {}
+
+    def isvc_progress(self) -> str:
+        st = self.isvc_state()
+        an = st.get("analysis") or {}
+        t = self.traffic
+        return (
+            f"stable v{st.get('stableVersion')} canary v{st.get('canaryVersion')} weight {st.get('canaryWeight')}% "
+            f"phase {st.get('rolloutPhase')} step {st.get('currentStep')} analysis "
+            f"ok={an.get('successes', 0)} failed={an.get('failures', 0)} inconclusive={an.get('inconclusive', 0)}"
+            f"; pods: {pod_phases(self.c.pods('kiln.dev/inferenceservice=digits'))}"
+            + (f"; answers {t.last_versions()}" if t else "")
+        )
+
+    # ---- the six steps
+    def main(self) -> None:
+        c = self.c
+        with Step("1. Model `digits` + TrainingJob digits-v1: DDP across 2 real pods") as s:
+            c.apply(yaml.safe_load((REPO / "examples" / "model.yaml").read_text()), NS)
+            v1 = self.train("digits-v1")
+            figures["v1: apply -> pods Running s"] = v1["running_s"]
+            figures["v1: apply -> training done s"] = v1["trained_s"]
+            figures["v1: apply -> version registered s"] = v1["registered_s"]
+            s.detail = (
+                f"pods Running {v1['running_s']}s, trained {v1['trained_s']}s after apply, on {v1['nodes']}"
+            )
+        with Step("2. version 1 registered in the Model") as s:
+            note(c.kubectl("-n", NS, "get", "ktj,kmodel").strip().replace("\n", "\n    "))
+            note(
+                run(str(VENV_BIN / "kiln"), "versions", "digits", "-n", NS, check=False)
+                .strip()
+                .replace("\n", "\n    ")
+            )
+            if v1["version"] != 1 or (v1["accuracy"] or 0) < 0.9:
+                raise StepFailed(f"expected version 1 with accuracy >= 0.9, got {v1}")
+            figures["v1: registered accuracy"] = v1["accuracy"]
+            s.detail = f"version {v1['version']}, test accuracy {v1['accuracy']:.4f}"
+        with Step("3. promote version 1 to Production") as s:
+            secs = self.promote(1)
+            s.detail = f"status.stages.production = 1 after {secs:.1f}s"
+
+        with Step("4. InferenceService `digits` serving v1; held-out digits via the Service") as s:
+            isvc = yaml.safe_load((DEMO_D / "inferenceservice.yaml").read_text())
+            isvc["spec"]["runtime"]["artifactVolume"]["hostPath"]["path"] = str(HOST_ARTIFACTS)
+            t0 = time.monotonic()
+            c.apply(isvc, NS)
+            poll(
+                "InferenceService Ready with v1",
+                lambda: (lambda st: st.get("stableVersion") == 1 and _ready(st))(self.isvc_state()),
+                240,
+                progress=self.isvc_progress,
+            )
+            figures["isvc: apply -> Ready s"] = round(time.monotonic() - t0, 1)
+            svc = c.get("Service", "digits", NS, "v1")
+            ip = svc["spec"]["clusterIP"]
+            port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "http")
+            x, y = held_out_digits()
+            self.traffic = Traffic(ip, port, x, y)
+            answers = [self.traffic.one(i) for i in range(len(x))]
+            failed = [a for a in answers if not a.ok]
+            if failed:
+                raise StepFailed(f"{len(failed)} of {len(x)} requests failed, e.g. {failed[0].error}")
+            acc = sum(bool(a.correct) for a in answers) / len(answers)
+            figures["v1: accuracy measured through the Service"] = round(acc, 4)
+            note(f"{len(x)} held-out digits -> http://{ip}:{port}/v2/models/digits/infer: accuracy {acc:.4f}")
+            if abs(acc - v1["accuracy"]) > 0.005:
+                raise StepFailed(f"accuracy through the Service {acc:.4f} != registered {v1['accuracy']:.4f}")
+            s.detail = f"Service {ip}:{port}, {len(x)} requests, accuracy {acc:.4f} (registered {v1['accuracy']:.4f})"
+
+        self.traffic.start()
+        with Step("5. v2 trained, promoted, canary under steady load, promoted") as s:
+            v2 = self.train("digits-v2", {"seed": 1, "splitSeed": 0, "epochs": 40})
+            if v2["version"] != 2:
+                raise StepFailed(f"expected version 2, got {v2}")
+            t_promote = time.monotonic()
+            self.promote(2)
+            first_v2 = poll(
+                "the canary (v2) to answer through the Service",
+                lambda: next((a for a in self.traffic.window(t_promote) if a.ok and a.version == "2"), None),
+                240,
+                progress=self.isvc_progress,
+            )
+            figures["v2: promotion -> canary serving s"] = round(first_v2.t - t_promote, 1)
+            poll(
+                "v2 promoted to stable",
+                lambda: (
+                    lambda st: (
+                        st.get("stableVersion") == 2 and st.get("rolloutPhase") == "Promoted" and _ready(st)
+                    )
+                )(self.isvc_state()),
+                300,
+                progress=self.isvc_progress,
+                interval=0.5,
+            )
+            promoted = time.monotonic()
+            # settle: the old stable pods drain; everything answered must be v2 from here
+            poll(
+                "every answer from v2",
+                lambda: (lambda w: len(w) >= 20 and all(a.ok and a.version == "2" for a in w))(
+                    self.traffic.window(time.monotonic() - 2)
+                ),
+                120,
+                progress=self.isvc_progress,
+            )
+            window = self.traffic.window(t_promote)
+            failed = [a for a in window if not a.ok]
+            figures["v2: promotion -> promoted s"] = round(promoted - t_promote, 1)
+            figures["v2: requests during rollout"] = len(window)
+            figures["v2: failed requests during rollout (target 0)"] = len(failed)
+            for a in failed[:5]:
+                note(f"failed request: {a.error}")
+            if failed:
+                raise StepFailed(f"{len(failed)} of {len(window)} requests failed during the rollout")
+            s.detail = (
+                f"v2 (acc {v2['accuracy']:.4f}) promoted {promoted - t_promote:.0f}s after promotion; "
+                f"{len(window)} requests, 0 failed"
+            )
+
+        with Step("6. v3 (fails requests on purpose) rolled back by the analysis") as s:
+            v3 = self.train(
+                "digits-v3", {"seed": 2, "splitSeed": 0, "epochs": 10, "servingFaultInjectionFailRate": 1.0}
+            )
+            if v3["version"] != 3:
+                raise StepFailed(f"expected version 3, got {v3}")
+            t_promote = time.monotonic()
+            self.promote(3)
+            failing: dict[str, float] = {}
+
+            def rolled_back() -> bool:
+                st = self.isvc_state()
+                if (st.get("analysis") or {}).get("failures", 0) > 0 and "t" not in failing:
+                    failing["t"] = time.monotonic()
+                return bool(
+                    st.get("rolloutPhase") == "RolledBack"
+                    and st.get("stableVersion") == 2
+                    and not st.get("canaryVersion")
+                    and not c.pods("kiln.dev/inferenceservice=digits,kiln.dev/track=canary")
+                )
+
+            poll("v3 rolled back", rolled_back, 300, progress=self.isvc_progress, interval=0.5)
+            done = time.monotonic()
+            window = self.traffic.window(t_promote, done)
+            failed = [a for a in window if not a.ok]
+            after = poll(
+                "40 answers after the rollback, all from v2",
+                lambda: (lambda w: w if len(w) >= 40 else None)(self.traffic.window(done)),
+                60,
+            )
+            bad_after = [a for a in after if not a.ok or a.version != "2"]
+            st = self.isvc_state()
+            hist = (c.get("Model", "digits").get("status") or {}).get("history") or []
+            rollback_entries = [h for h in hist if h.get("cause") == "CanaryRollback"]
+            figures["v3: failing analysis -> rollback complete s"] = (
+                round(done - failing["t"], 1) if "t" in failing else None
+            )
+            figures["v3: requests failed by the broken canary"] = len(failed)
+            figures["v3: failed/non-v2 answers after rollback"] = len(bad_after)
+            note(
+                f"InferenceService: rolledBackVersion={st.get('rolledBackVersion')} history={st.get('history', [])[-1:]}"
+            )
+            note(f"Model history: {rollback_entries[-1:]}")
+            if bad_after:
+                raise StepFailed(f"{len(bad_after)} answers after the rollback were not v2: {bad_after[0]}")
+            if not rollback_entries:
+                raise StepFailed("no CanaryRollback entry in the Model's history")
+            s.detail = (
+                f"rolled back {done - failing.get('t', t_promote):.1f}s after the first failed measurement; "
+                f"{len(failed)} requests failed on the canary; stable v2 kept serving"
+            )
+        self.traffic.stop()
+
+    def close(self) -> None:
+        if self.traffic:
+            self.traffic.stop()
+        if self.prom:
+            self.prom.stop()
+
+
+def _ready(status: dict[str, Any]) -> bool:
+    return any(
+        cond.get("type") == "Ready" and cond.get("status") == "True"
+        for cond in status.get("conditions") or []
+    )
 
 
 def main() -> int:
-    env_info = json.loads(run(str(REPO / "hack" / "cluster"), "env", "--json"))
-    kubeconfig, kubectl = env_info["KUBECONFIG"], env_info["kubectl"]
-    os.environ["KUBECONFIG"] = kubeconfig
-    api = config.new_client_from_config(config_file=kubeconfig)
-    k = lambda *a: run(kubectl, f"--kubeconfig={kubeconfig}", *a)  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, help="write steps and figures here")
+    args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    demo_start = time.monotonic()
-
-    with Step("install the CRDs (generated from kiln.api)") as s:
-        k("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-        k("wait", "--for=condition=Established", "--timeout=60s", "-f", str(REPO / "crds"))
-        s.detail = "4 CRDs established"
-
-    with Step("start the Kiln operator") as s:
-        health, metrics = free_port(), free_port()
-        log = open(OUT / "operator.log", "w")  # noqa: SIM115 - kept open for the process' life
-        operator = subprocess.Popen(
-            [
-                str(VENV_BIN / "kiln"),
-                "operator",
-                "--standalone",
-                f"--health-port={health}",
-                f"--metrics-port={metrics}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=os.environ.copy(),
-        )
-        wait_for(
-            lambda: urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2).status == 200,
-            60,
-            message="operator /healthz",
-        )
-        s.detail = f"pid {operator.pid}, /healthz :{health}, /metrics :{metrics}, log {OUT / 'operator.log'}"
-
+    t0 = time.monotonic()
+    demo = Demo(args)
+    ok = True
     try:
-        with Step(f"fresh namespace {NS}") as s:
-            if kube.get(api, "v1", "Namespace", None, NS):
-                kube.delete(api, "v1", "Namespace", None, NS)
-                wait_for(
-                    lambda: kube.get(api, "v1", "Namespace", None, NS) is None,
-                    120,
-                    message="old namespace gone",
-                )
-            k("create", "namespace", NS)
-            shutil.rmtree(OUT / "artifacts", ignore_errors=True)  # artifacts are immutable per job name
-            wait_for(
-                lambda: k("-n", NS, "get", "serviceaccount", "default"), 30, message="default ServiceAccount"
-            )
+        demo.cluster_and_images()
+        demo.install()
+        demo.namespace()
+        demo.prometheus()
+        demo.main()
+    except StepFailed:
+        ok = False
+    except Exception as e:  # a bug or an unexpected API answer: still print the summary
+        ok = False
+        steps.append(("unexpected error", False, 0.0, f"{type(e).__name__}: {e}"))
+        import traceback
 
-        with Step("1. Model `digits` and a 2-node DDP TrainingJob") as s:
-            k("-n", NS, "apply", "-f", str(REPO / "examples" / "model.yaml"))
-            t_apply = time.monotonic()
-            k("-n", NS, "apply", "-f", str(REPO / "hack" / "demo.d" / "trainingjob.yaml"))
-            pods = wait_for(
-                lambda: (
-                    lambda ps: (
-                        ps
-                        if len(ps) == 2 and all(p["status"].get("phase") == "Running" for p in ps)
-                        else None
-                    )
-                )(kube.list_objects(api, "v1", "Pod", NS, "kiln.dev/trainingjob=digits-v1")),
-                60,
-                message="2 trainer pods Running",
-            )
-            t_running = time.monotonic() - t_apply
-            print(k("-n", NS, "get", "pods", "-o", "wide", "-l", "kiln.dev/trainingjob=digits-v1"))
-            s.detail = f"pods Running {t_running:.1f}s after apply, on nodes " + ", ".join(
-                sorted(p["spec"]["nodeName"] for p in pods)
-            )
-
-        with Step("   run the pods' trainer containers (torchrun, gloo)") as s:
-            port = free_port()
-            artifacts = OUT / "artifacts"
-            procs = []
-            for p in sorted(pods, key=lambda p: p["metadata"]["name"]):
-                c = p["spec"]["containers"][0]
-                env = {e["name"]: e.get("value", "") for e in c["env"]}
-                print(
-                    f"    {p['metadata']['name']}: PET_NODE_RANK={env['PET_NODE_RANK']} "
-                    f"PET_NNODES={env['PET_NNODES']} PET_MASTER_ADDR={env['PET_MASTER_ADDR']} -> 127.0.0.1:{port}"
-                )
-                env.update(
-                    PET_MASTER_ADDR="127.0.0.1",
-                    PET_MASTER_PORT=str(port),
-                    KILN_OUTPUT_URI=artifacts.as_uri(),
-                    KILN_TERMINATION_LOG=str(OUT / f"{p['metadata']['name']}.termination-log"),
-                )
-                Path(env["KILN_TERMINATION_LOG"]).unlink(missing_ok=True)
-                # one intra-op thread per process, as torchrun does with several workers per node
-                full_env = {
-                    "OMP_NUM_THREADS": "1",
-                    **os.environ,
-                    **env,
-                    "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-                }
-                logf = open(OUT / f"{p['metadata']['name']}.log", "w")  # noqa: SIM115
-                procs.append(
-                    (
-                        p,
-                        subprocess.Popen(
-                            [str(VENV_BIN / "torchrun"), "--no-python", "kiln-train"],
-                            env=full_env,
-                            stdout=logf,
-                            stderr=subprocess.STDOUT,
-                        ),
-                    )
-                )
-            for p, proc in procs:
-                code = proc.wait(timeout=600)
-                msg_file = OUT / f"{p['metadata']['name']}.termination-log"
-                message = msg_file.read_text() if msg_file.exists() else ""
-                finish_pod(api, NS, p["metadata"]["name"], exit_code=code, message=message)
-                print(f"    {p['metadata']['name']} exited {code}; reported in pod status")
-                if code != 0:
-                    raise RuntimeError(f"trainer exited {code}: see {OUT / (p['metadata']['name'] + '.log')}")
-            t_trained = time.monotonic() - t_apply
-            print("    " + (OUT / "digits-v1-node-0.log").read_text().strip().splitlines()[-1])
-            s.detail = f"training done {t_trained:.1f}s after apply"
-
-        with Step("2. version registered in the Model") as s:
-            job = wait_for(
-                lambda: (lambda j: j if (j.get("status") or {}).get("registeredVersion") else None)(
-                    kube.get(api, API_VERSION, "TrainingJob", NS, "digits-v1")
-                ),
-                60,
-                message="registeredVersion",
-            )
-            t_registered = time.monotonic() - t_apply
-            result = job["status"]["result"]
-            meta = verify_artifact(uri_to_path(result["artifactUri"]), result["digest"])
-            print(k("-n", NS, "get", "ktj,kmodel"))
-            print(run(str(VENV_BIN / "kiln"), "versions", "digits", "-n", NS, check=False))
-            acc = result["metrics"].get("accuracy", float("nan"))
-            s.detail = (
-                f"version {job['status']['registeredVersion']}, test accuracy {acc:.4f}, digest verified "
-                f"({meta.weightsDigest[:19]}...), {t_registered:.1f}s after apply"
-            )
-            if acc < 0.95:
-                raise RuntimeError(f"accuracy {acc:.4f} below 0.95")
-
-        with Step("3. promote version 1 to Production") as s:
-            t0 = time.monotonic()
-            print(run(str(VENV_BIN / "kiln"), "promote", "digits", "1", "--stage", "Production", "-n", NS))
-            wait_for(
-                lambda: (
-                    (
-                        (kube.get(api, API_VERSION, "Model", NS, "digits").get("status") or {}).get("stages")
-                        or {}
-                    ).get("production")
-                    == 1
-                ),
-                60,
-                message="production == 1",
-            )
-            print(k("-n", NS, "get", "kmodel", "digits"))
-            s.detail = f"status.stages.production = 1 after {time.monotonic() - t0:.1f}s"
+        traceback.print_exc()
     finally:
-        operator.terminate()
-        try:
-            operator.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            operator.kill()
-
-    steps.append(("demo total", True, time.monotonic() - demo_start, "serving and canary steps: issue 7"))
-    summary()
-    return 0
+        demo.close()
+    total = time.monotonic() - t0
+    figures["demo wall time s"] = round(total, 1)
+    summary(total)
+    ok = ok and all(s[1] for s in steps)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "ok": ok,
+                    "steps": [
+                        {"name": n, "ok": o, "seconds": round(t, 1), "detail": d} for n, o, t, d in steps
+                    ],
+                    "figures": figures,
+                },
+                indent=1,
+            )
+        )
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

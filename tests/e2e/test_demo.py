@@ -1,0 +1,102 @@
+"""The README's demo, end to end on the real node, with assertions on what it measured.
+
+Runs hack/demo.py (the same code path as `make demo`): images built from images/*/Dockerfile
+and imported, Kiln installed with helm, 2-pod DDP training, registration, promotion, serving
+through the Service, a canary under load analysed by Prometheus (Kubernetes discovery of what the
+ServiceMonitor selects) and promoted, a broken version rolled back. The helm release is removed
+afterwards so the operator it installed never meets the integration tests' objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.conftest import REPO, Cluster
+
+DEMO_TIMEOUT_S = 1800
+
+
+@pytest.fixture(scope="module")
+def demo(real_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("demo") / "demo.json"
+    log = out.with_suffix(".log")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        with open(log, "w") as f:
+            proc = subprocess.run(
+                [sys.executable, str(REPO / "hack" / "demo.py"), "--json", str(out)],
+                cwd=REPO,
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                timeout=DEMO_TIMEOUT_S,
+            )
+        text = log.read_text()
+        print(text[-6000:])
+        assert out.exists(), f"the demo wrote no result (exit {proc.returncode}):\n{text[-4000:]}"
+        result = json.loads(out.read_text())
+        result["returncode"] = proc.returncode
+        result["log"] = text
+        return result
+    finally:
+        env_json = json.loads(
+            subprocess.run(
+                [str(REPO / "hack" / "cluster"), "env", "--json"], capture_output=True, text=True
+            ).stdout
+        )
+        subprocess.run(
+            [
+                env_json["helm"],
+                f"--kubeconfig={env_json['KUBECONFIG']}",
+                "uninstall",
+                "kiln",
+                "-n",
+                "kiln-system",
+                "--wait",
+                "--timeout",
+                "2m",
+            ],
+            capture_output=True,
+        )
+
+
+def test_every_step_succeeded(demo: dict) -> None:
+    failed = [s for s in demo["steps"] if not s["ok"]]
+    assert not failed, failed
+    assert demo["ok"] and demo["returncode"] == 0
+    names = " ".join(s["name"] for s in demo["steps"])
+    for n in ("1.", "2.", "3.", "4.", "5.", "6."):
+        assert n in names
+
+
+def test_training_registered_an_accurate_version(demo: dict) -> None:
+    f = demo["figures"]
+    assert f["v1: registered accuracy"] >= 0.9
+    assert (
+        f["v1: apply -> pods Running s"]
+        < f["v1: apply -> training done s"]
+        <= f["v1: apply -> version registered s"]
+    )
+
+
+def test_answers_through_the_service_match_the_registered_accuracy(demo: dict) -> None:
+    f = demo["figures"]
+    assert abs(f["v1: accuracy measured through the Service"] - f["v1: registered accuracy"]) <= 0.005
+
+
+def test_canary_rollout_lost_no_request(demo: dict) -> None:
+    f = demo["figures"]
+    assert f["v2: requests during rollout"] > 100
+    assert f["v2: failed requests during rollout (target 0)"] == 0
+
+
+def test_broken_version_rolled_back(demo: dict) -> None:
+    f = demo["figures"]
+    assert f["v3: requests failed by the broken canary"] > 0  # the fault injection really ran
+    assert f["v3: failing analysis -> rollback complete s"] is not None
+    assert f["v3: failed/non-v2 answers after rollback"] == 0
