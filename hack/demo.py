@@ -764,6 +764,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="write steps and figures here")
     args = p.parse_args()
+    if os.environ.get("KILN_DEMO_CLUSTER", "local") != "local":
+        print(
+            "hack/demo runs on the local cluster (hack/cluster up --real-node) only: its Prometheus and "
+            "load generator run on this machine and must reach the pod and Service networks, which a "
+            "kind cluster's are not. On kind, follow what hack/kind-up.sh prints.",
+            file=sys.stderr,
+        )
+        return 2
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     demo = Demo(args)

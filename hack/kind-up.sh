@@ -152,9 +152,19 @@ cat <<EOF
   images:     kiln-operator:dev kiln-trainer:dev kiln-server:dev (loaded into the nodes)
   kubeconfig: $KUBECONFIG_OUT (also context kind-$CLUSTER in your default kubeconfig)
 
-Next, run the demo against it:
+Next, install Kiln and train (the same manifests the local demo applies):
 
-  KUBECONFIG=$KUBECONFIG_OUT KILN_DEMO_CLUSTER=kind KILN_DEMO_ARTIFACTS=$HOST_ARTIFACTS hack/demo
+  export KUBECONFIG=$KUBECONFIG_OUT
+  helm upgrade --install kiln charts/kiln -n kiln-system --create-namespace \\
+    --set image.repository=kiln-operator,image.tag=dev,image.pullPolicy=IfNotPresent \\
+    --set-json 'artifacts.volume={"hostPath":{"path":"$ARTIFACTS_IN_NODE","type":"Directory"}}' \\
+    --set-json 'nodeSelector={"kiln.dev/pool":"real"}' \\
+    --set-json 'tolerations=[{"key":"kiln.dev/real-node","operator":"Equal","value":"true","effect":"NoSchedule"}]'
+  kubectl create namespace kiln-demo
+  kubectl -n kiln-demo apply -f examples/model.yaml -f hack/demo.d/trainingjob.yaml
+
+(hack/demo itself runs on the local cluster only: its canary steps use a Prometheus and a load
+generator on the host, which cannot reach kind's pod and Service networks.)
 
 Delete it with: kind delete cluster --name $CLUSTER
 EOF
