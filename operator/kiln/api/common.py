@@ -134,6 +134,41 @@ class LocalObjectReference(KilnModel):
     name: str = Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN, description="Object name.")
 
 
+#: An ``s3://bucket[/prefix]`` URI (bucket names as S3 allows them) or an absolute path / ``file://`` URI.
+STORAGE_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|(file://)?/.*)$"
+
+
+class ObjectStorage(KilnModel):
+    """How pods reach the S3-compatible object store behind ``s3://`` URIs.
+
+    Credentials reach the pods as the standard AWS SDK environment variables, so anything an AWS
+    user already has works: a Secret (``secretRef``), or no Secret at all with a workload identity
+    (IRSA, EKS Pod Identity) on the pods' ServiceAccount. Unset fields take the operator's defaults
+    (Helm values ``artifacts.s3``).
+    """
+
+    secret_ref: LocalObjectReference | None = Field(
+        default=None,
+        description="Secret in this namespace whose keys become the pods' environment (envFrom): "
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, and optionally AWS_SESSION_TOKEN, AWS_REGION, "
+        "AWS_ENDPOINT_URL. Default: the Secret named by the operator's artifacts.s3.secretName; "
+        "without either, the pods' own identity.",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        max_length=1024,
+        pattern=r"^https?://[^/ ]+(/.*)?$",
+        description="Endpoint URL of an S3-compatible store (AWS_ENDPOINT_URL, path-style addressing), "
+        "e.g. http://minio.storage.svc:9000. Default: the operator's artifacts.s3.endpoint; unset means AWS S3.",
+    )
+    region: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=r"^[a-z0-9-]+$",
+        description="Region (AWS_REGION). Default: the operator's artifacts.s3.region.",
+    )
+
+
 class ResourceRequirements(KilnModel):
     """Compute resources, as core/v1 ResourceRequirements (e.g. ``nvidia.com/gpu: 8``)."""
 

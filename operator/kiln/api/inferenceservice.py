@@ -16,6 +16,7 @@ from kiln.api.common import (
     Conditions,
     EnvVar,
     KilnModel,
+    ObjectStorage,
     ResourceRequirements,
     Toleration,
     cel,
@@ -275,6 +276,10 @@ class InferenceServiceSpec(KilnModel):
         default=None,
         max_length=253,
         description="ServiceAccount the server pods run as (its token is not mounted).",
+    )
+    storage: ObjectStorage | None = Field(
+        default=None,
+        description="Credentials and endpoint for s3:// artifacts: a storage-initializer init container downloads and verifies the served version into an emptyDir before the server starts. Default: the operator's.",
     )
     rollout: Rollout = Field(default_factory=Rollout)
     monitoring: Monitoring = Field(

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
-from kiln.api.common import Conditions, FreeForm, KilnModel, cel, with_rules
+from kiln.api.common import STORAGE_URI_PATTERN, Conditions, FreeForm, KilnModel, cel, with_rules
 
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
@@ -112,7 +112,10 @@ class ImportedVersion(KilnModel):
     """A version trained elsewhere: its artifact and the digest it must have."""
 
     artifact_uri: str = Field(
-        min_length=1, max_length=2048, description="Artifact directory (file:// or path)."
+        min_length=1,
+        max_length=2048,
+        pattern=STORAGE_URI_PATTERN,
+        description="Artifact directory: s3://bucket/prefix, file:// URI or absolute path.",
     )
     digest: str = Field(pattern=DIGEST_PATTERN, description="Expected sha256 of the weights, 'sha256:<hex>'.")
     metrics: dict[str, float] | None = Field(default=None, description="Metrics known for it.")
@@ -190,7 +193,9 @@ class ModelVersion(KilnModel):
     )
 
     version: VersionNumber = Field(description="Version number: 1, 2, 3, ... never reused.")
-    artifact_uri: str = Field(max_length=2048, description="Artifact directory (file:// URI).")
+    artifact_uri: str = Field(
+        max_length=2048, description="Artifact directory: s3://bucket/prefix or file:// URI."
+    )
     digest: str = Field(pattern=DIGEST_PATTERN, max_length=71, description="sha256 of the weights file.")
     metrics: dict[str, float] | None = Field(
         default=None, max_length=MAX_VERSION_MAP_KEYS, description="Evaluation metrics."

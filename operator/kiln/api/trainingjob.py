@@ -12,11 +12,13 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from kiln.api.common import (
+    STORAGE_URI_PATTERN,
     Conditions,
     EnvVar,
     FreeFormObject,
     KilnModel,
     LocalObjectReference,
+    ObjectStorage,
     ResourceRequirements,
     Toleration,
     cel,
@@ -71,7 +73,8 @@ class Dataset(KilnModel):
     uri: str | None = Field(
         default=None,
         max_length=2048,
-        description="CSV or Parquet file: a path inside the pod (e.g. on a mounted volume) or file:// URI.",
+        pattern=STORAGE_URI_PATTERN,
+        description="CSV or Parquet file: s3://bucket/key (read with spec.storage's credentials), or a path / file:// URI inside the pod (e.g. on a mounted volume).",
     )
     format: DatasetFormat | None = Field(
         default=None, description="csv or parquet; guessed from the uri suffix when empty."
@@ -99,16 +102,18 @@ class Dataset(KilnModel):
 class Output(KilnModel):
     """Where the artifact (and the per-epoch checkpoints) are written."""
 
-    uri: str = Field(
-        default="file:///var/lib/kiln/artifacts",
+    uri: str | None = Field(
+        default=None,
         min_length=1,
         max_length=2048,
-        pattern=r"^(file://)?/",
-        description="Artifact root: an absolute path or file:// URI inside the pod; the artifact lands in <uri>/<model>/<job>/.",
+        pattern=STORAGE_URI_PATTERN,
+        description="Artifact root: s3://bucket/prefix (an object store, see spec.storage), or an absolute path / file:// URI inside the pod. "
+        "The artifact lands in <uri>/<model>/<job>/, checkpoints in <uri>/<model>/.checkpoints/<job>/. "
+        "Default: the operator's artifact root (Helm values artifacts.s3 or artifacts.volume), else file:///var/lib/kiln/artifacts.",
     )
     volume: FreeFormObject | None = Field(
         default=None,
-        description="core/v1 VolumeSource mounted at the uri's path in every pod (e.g. a PVC or hostPath). Without it the path is the pod's own filesystem.",
+        description="core/v1 VolumeSource mounted at the uri's path in every pod (e.g. a PVC or hostPath), for a file:// uri. Without it the path is the pod's own filesystem.",
     )
 
 
@@ -257,6 +262,10 @@ class TrainingJobSpec(KilnModel):
         description="Delete the pods but keep the job; setting it back to false recreates them.",
     )
     output: Output | None = Field(default=None, description="Where the artifact goes.")
+    storage: ObjectStorage | None = Field(
+        default=None,
+        description="Credentials and endpoint for s3:// URIs (dataset.uri, output.uri). Default: the operator's.",
+    )
 
 
 class TrainingJobPhase(StrEnum):

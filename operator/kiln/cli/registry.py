@@ -16,17 +16,16 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from kiln import API_VERSION, kube
+from kiln import API_VERSION, kube, storage
 from kiln.api.model import Lineage, ModelSpec, ModelStatus, ModelVersion, Stage, VersionSource
-from kiln.artifact import METADATA_FILE, ArtifactError, path_to_uri, read_metadata
+from kiln.artifact import METADATA_FILE, ArtifactError
 from kiln.conditions import get_condition, parse_time, rfc3339
-from kiln.registry import CHANGE_CAUSE_ANNOTATION, merge_patch, record, rollback_annotation
+from kiln.registry import CHANGE_CAUSE_ANNOTATION, artifacts, merge_patch, record, rollback_annotation
 from kiln.registry import rebuild as rebuild_status
 from kiln.registry import register as register_step
 from kiln.registry.stages import Problem, rollback_target, stage_field
@@ -102,9 +101,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--artifacts",
         action="append",
-        type=Path,
         required=True,
-        help="artifact store root as mounted here; scans <root>/<model>/*/ (repeatable)",
+        help="artifact store root: s3://bucket/prefix (credentials from the AWS_* environment) or a "
+        "directory as mounted here; scans <root>/<model>/*/ (repeatable)",
     )
     p.add_argument(
         "--include-unregistered",
@@ -115,7 +114,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--store-uri",
         help="the store root as the operator sees it, for --include-unregistered "
-        "(default: file:// URI of the --artifacts root)",
+        "(default: the --artifacts root itself; needed only for a volume mounted elsewhere here)",
     )
     p.add_argument("--dry-run", action="store_true", help="show what would be restored; change nothing")
     p.set_defaults(func=_guard(cmd_rebuild))
@@ -125,7 +124,7 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except CommandError as e:
+        except (CommandError, storage.StorageError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         except ApiException as e:
@@ -524,41 +523,53 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 @dataclass
 class Found:
-    """An artifact directory of the model found in the store, and what rebuild decided for it."""
+    """An artifact of the model found in the store (its URI as seen from here), and what rebuild
+    decided for it."""
 
-    path: Path
+    uri: str
     registration: record.Registration | None
     problem: Problem | None = None
     note: str = ""
 
 
-def scan(roots: Iterable[Path], namespace: str, model: str) -> tuple[list[Found], list[Path]]:
-    """Artifact directories ``<root>/<model>/*/`` (dot-directories such as checkpoints skipped).
+def scan(roots: Iterable[str], namespace: str, model: str) -> tuple[list[Found], list[str]]:
+    """Artifacts ``<root>/<model>/*/`` in buckets or directories (dot-names such as checkpoints
+    skipped).
 
     Returns:
-        ``(directories with a registration record for the model, directories without one)``.
-        A record for the same model in another namespace counts (a restore may move it).
+        ``(artifacts with a registration record for the model, URIs of those without one that
+        have a metadata.json)``. A record for the same model in another namespace counts (a
+        restore may move it).
+    Raises:
+        kiln.storage.StorageError: a root cannot be listed.
     """
     found: list[Found] = []
-    unregistered: list[Path] = []
+    unregistered: list[str] = []
     for root in roots:
-        base = root / model
-        if not base.is_dir():
-            continue
-        for d in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            f = d / record.RECORD_FILE
+        base = storage.parse(root).join(model)
+        names: dict[str, set[str]] = {}
+        for rel in storage.list_files(base):
+            top, _, rest = rel.partition("/")
+            if rest and not top.startswith("."):
+                names.setdefault(top, set()).add(rest)
+        for name in sorted(names):
+            d = base.join(name)
             reg = None
-            if f.is_file():
+            if record.RECORD_FILE in names[name]:
                 try:
-                    rec = record.parse(f.read_bytes())
-                except (OSError, record.RecordError) as e:
-                    found.append(Found(d, None, Problem("ArtifactInvalid", f"unreadable {f.name}: {e}")))
+                    rec = record.parse(storage.read_bytes(d.join(record.RECORD_FILE)))
+                except (storage.StorageError, record.RecordError) as e:
+                    found.append(
+                        Found(
+                            d.uri, None, Problem("ArtifactInvalid", f"unreadable {record.RECORD_FILE}: {e}")
+                        )
+                    )
                     continue
                 reg = rec.find(namespace, model) or rec.find(None, model)
             if reg is not None:
-                found.append(Found(d, reg))
-            elif (d / METADATA_FILE).is_file():
-                unregistered.append(d)
+                found.append(Found(d.uri, reg))
+            elif METADATA_FILE in names[name]:
+                unregistered.append(d.uri)
     return found, unregistered
 
 
@@ -576,15 +587,13 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     versions into status (existing ones untouched; ``latestVersion`` never decreases). The
     operator's next reconcile brings the declared stages and aliases back into force.
     """
-    from kiln.controllers.model import verify, write_record  # the same checks the operator makes
-
     api, ns = _client(args), _namespace(args)
     found, unregistered = scan(args.artifacts, ns, args.model)
     by_number: dict[int, Found] = {}
     for f in found:
         if f.registration is None:
             continue
-        _, f.problem = verify(path_to_uri(f.path), f.registration.version.digest)
+        _, f.problem = artifacts.verify(f.uri, f.registration.version.digest)
         if f.problem is not None:
             continue
         n = f.registration.version.version
@@ -594,7 +603,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
                 (other, f), key=lambda x: x.registration.registered_at if x.registration else "", reverse=True
             )
             older.problem = Problem(
-                "Duplicate", f"version {n} is also recorded by {newer.path}, registered later"
+                "Duplicate", f"version {n} is also recorded by {newer.uri}, registered later"
             )
             by_number[n] = newer
         else:
@@ -602,32 +611,32 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     restored = [f.registration.version for f in by_number.values() if f.registration is not None]
     reserved = max((f.registration.version.version for f in found if f.registration is not None), default=0)
 
-    extra: list[tuple[Path, Any]] = []
+    extra: list[tuple[str, Any]] = []
     if args.include_unregistered:
         for d in unregistered:
             try:
-                meta = read_metadata(d)
+                meta = storage.read_artifact_metadata(d)
             except ArtifactError as e:
                 found.append(Found(d, None, Problem("ArtifactInvalid", str(e))))
                 continue
             if meta.modelName not in ("", args.model):
                 continue
-            _, problem = verify(path_to_uri(d), meta.weightsDigest)
+            _, problem = artifacts.verify(d, meta.weightsDigest)
             if problem is not None:
                 found.append(Found(d, None, problem))
                 continue
             extra.append((d, meta))
         extra.sort(key=lambda x: (x[1].createdAt, str(x[0])))
-    store_uri = (args.store_uri or path_to_uri(args.artifacts[0])).rstrip("/")
+    store_uri = (args.store_uri or storage.parse(args.artifacts[0]).uri).rstrip("/")
 
-    def attempt() -> tuple[ModelStatus, list[int], list[tuple[Path, ModelVersion]]]:
+    def attempt() -> tuple[ModelStatus, list[int], list[tuple[str, ModelVersion]]]:
         obj = _get(api, ns, args.model)
         spec = ModelSpec.model_validate(obj.get("spec") or {})
         out = rebuild_status(spec, _status(obj), restored, reserved=reserved)
         status, added = out.status, list(out.added)
-        numbered: list[tuple[Path, ModelVersion]] = []
+        numbered: list[tuple[str, ModelVersion]] = []
         for d, meta in extra:
-            uri = f"{store_uri}/{args.model}/{d.name}"
+            uri = f"{store_uri}/{args.model}/{storage.parse(d).name}"
             if any(v.artifact_uri == uri and v.digest == meta.weightsDigest for v in status.versions or []):
                 continue
             step = register_step(
@@ -669,12 +678,12 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
     if not args.dry_run:
         obj = _get(api, ns, args.model)
-        for d, entry in numbered:  # the store is mounted here: record the new numbers for next time
-            write_record(ns, args.model, entry, model_uid=obj["metadata"].get("uid"), directory=d)
+        for d, entry in numbered:  # the store is reachable here: record the new numbers for next time
+            artifacts.write_record(
+                ns, args.model, entry, model_uid=obj["metadata"].get("uid"), registered_at=rfc3339(), at=d
+            )
     rows = []
-    for f in sorted(
-        found, key=lambda f: (f.registration.version.version if f.registration else 0, str(f.path))
-    ):
+    for f in sorted(found, key=lambda f: (f.registration.version.version if f.registration else 0, f.uri)):
         number = f.registration.version.version if f.registration else None
         if f.problem is not None:
             state = f"skipped: {f.problem.reason}: {f.problem.message}"
@@ -683,13 +692,13 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         rows.append(
             (
                 number or "-",
-                str(f.path),
+                f.uri,
                 f.registration.version.digest[7:19] if f.registration else "-",
                 state,
             )
         )
     for d, entry in numbered:
-        rows.append((entry.version, str(d), entry.digest[7:19], "registered (had no record)"))
+        rows.append((entry.version, d, entry.digest[7:19], "registered (had no record)"))
     verb = "would restore" if args.dry_run else "restored"
     if rows:
         print(table(rows, ("VERSION", "ARTIFACT", "DIGEST", "RESULT")))

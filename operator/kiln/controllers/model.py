@@ -33,19 +33,15 @@ number from the artifact store alone.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
-import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from kubernetes import client as k8s
 from pydantic import ValidationError
 
-from kiln import API_VERSION, kube, registry
+from kiln import API_VERSION, kube, registry, storage
 from kiln.api.common import spec_error
 from kiln.api.model import (
     HistoryCause,
@@ -56,26 +52,11 @@ from kiln.api.model import (
     ModelVersion,
     VersionSource,
 )
-from kiln.artifact import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    ArtifactError,
-    ArtifactMetadata,
-    read_metadata,
-    uri_to_path,
-    verify_artifact,
-)
 from kiln.conditions import FALSE, TRUE, get_condition, rfc3339, set_condition
 from kiln.controllers import events
 from kiln.controllers.runtime import ReconcileFn, Result, watch
-from kiln.registry import history, record
-from kiln.registry.stages import (
-    ARTIFACT_INVALID,
-    ARTIFACT_MISSING,
-    DIGEST_MISMATCH,
-    Problem,
-    Refusal,
-)
+from kiln.registry import artifacts, history
+from kiln.registry.stages import Problem, Refusal
 from kiln.registry.versions import find_by_artifact, find_by_training_job
 
 KIND = "Model"
@@ -97,146 +78,16 @@ class RegistrationConflict(RuntimeError):
     """The Model kept changing under a registration for :data:`REGISTER_ATTEMPTS` attempts."""
 
 
-# --- artifacts ---------------------------------------------------------------------------
+class ArtifactRefused(RuntimeError):
+    """An object-store artifact did not verify, so nothing was registered.
 
-
-def verify(artifact_uri: str, digest: str) -> tuple[ArtifactMetadata | None, Problem | None]:
-    """Verify the artifact at ``artifact_uri`` against ``digest`` on the mounted artifact store.
-
-    Returns:
-        ``(metadata, None)`` when it verifies, else ``(None, Problem)`` with reason
-        ArtifactMissing (no such directory, weights or config; or a non-file URI),
-        ArtifactInvalid (unreadable metadata.json) or DigestMismatch (weights differ from
-        ``digest`` or from the digest in metadata.json).
+    ``problem`` says why (reason ArtifactMissing / ArtifactInvalid / DigestMismatch /
+    BucketNotFound / AccessDenied / StoreUnavailable; the last one is transient).
     """
-    try:
-        d = uri_to_path(artifact_uri)
-    except ArtifactError as e:
-        return None, Problem(ARTIFACT_MISSING, str(e))
-    if not d.is_dir():
-        return None, Problem(ARTIFACT_MISSING, f"artifact directory {d} not found")
-    for f in (WEIGHTS_FILE, CONFIG_FILE):
-        if not (d / f).is_file():
-            return None, Problem(ARTIFACT_MISSING, f"artifact {d} is missing {f}")
-    try:
-        read_metadata(d)
-    except ArtifactError as e:
-        return None, Problem(ARTIFACT_INVALID, str(e))
-    try:
-        return verify_artifact(d, digest), None
-    except ArtifactError as e:  # files and metadata are there: what is left is a digest mismatch
-        return None, Problem(DIGEST_MISMATCH, str(e))
-    except OSError as e:
-        return None, Problem(ARTIFACT_MISSING, f"artifact {d}: {e}")
 
-
-class _Checker:
-    """``registry.Check`` over :func:`verify`, caching results for one reconcile or registration."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, str], tuple[ArtifactMetadata | None, Problem | None]] = {}
-
-    def verify(self, artifact_uri: str, digest: str) -> tuple[ArtifactMetadata | None, Problem | None]:
-        key = (artifact_uri, digest)
-        if key not in self._cache:
-            self._cache[key] = verify(artifact_uri, digest)
-        return self._cache[key]
-
-    def __call__(self, v: ModelVersion) -> Problem | None:
-        return self.verify(v.artifact_uri, v.digest)[1]
-
-
-# --- registration records ------------------------------------------------------------------
-
-_recorded: set[tuple[str, str, int, str]] = set()  # (namespace, model, version, digest) known on disk
-_record_lock = threading.Lock()
-
-
-def write_record(
-    namespace: str,
-    model: str,
-    entry: ModelVersion,
-    *,
-    model_uid: str | None = None,
-    directory: Path | None = None,
-) -> bool:
-    """Write (or update) ``<artifact>/kiln-registration.json`` for this version.
-
-    ``directory`` is where the artifact is mounted here (default: the local path of its URI).
-    Best effort: returns False, logging why, when the artifact directory is not on this
-    machine's artifact store or cannot be written; the version stays registered either way.
-    """
-    try:
-        d = directory if directory is not None else uri_to_path(entry.artifact_uri)
-    except ArtifactError:
-        return False
-    if not d.is_dir():
-        log.info(
-            "artifact %s not mounted here; no registration record for %s/%s v%d",
-            d,
-            namespace,
-            model,
-            entry.version,
-        )
-        return False
-    path = d / record.RECORD_FILE
-    with _record_lock:
-        try:
-            current = record.parse(path.read_bytes()) if path.exists() else None
-        except (OSError, record.RecordError) as e:
-            log.warning("replacing unreadable registration record %s: %s", path, e)
-            current = None
-        reg = record.Registration(
-            namespace=namespace, model=model, model_uid=model_uid, registered_at=rfc3339(), version=entry
-        )
-        if current is not None and (old := current.find(namespace, model)) is not None:
-            if old.version == entry and old.model_uid == model_uid:
-                _recorded.add((namespace, model, entry.version, entry.digest))
-                return True
-            reg.registered_at = (
-                old.registered_at if old.version.version == entry.version else reg.registered_at
-            )
-        try:
-            _atomic_write(path, record.dumps(record.upsert(current, reg)))
-        except OSError as e:
-            log.warning("could not write registration record %s: %s", path, e)
-            return False
-        _recorded.add((namespace, model, entry.version, entry.digest))
-        return True
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kiln-registration.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _backfill_records(namespace: str, model: str, uid: str | None, status: ModelStatus) -> None:
-    """Write the records missing for kept versions (e.g. lost to a crash after registration)."""
-    for v in status.versions or []:
-        if (namespace, model, v.version, v.digest) in _recorded:
-            continue
-        try:
-            d = uri_to_path(v.artifact_uri)
-            if not d.is_dir():
-                continue  # not on the store mounted here (or gone): nothing to write to
-            path = d / record.RECORD_FILE
-            if path.exists():
-                reg = record.parse(path.read_bytes()).find(namespace, model)
-                if reg is not None and reg.version.version == v.version and reg.version.digest == v.digest:
-                    _recorded.add((namespace, model, v.version, v.digest))
-                    continue
-        except (ArtifactError, OSError, record.RecordError):
-            pass
-        write_record(namespace, model, v, model_uid=uid)
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(f"{problem.reason}: {problem.message}")
+        self.problem = problem
 
 
 # --- shared helpers --------------------------------------------------------------------------
@@ -363,8 +214,10 @@ def register_version(
     version, its number is returned and nothing is written. Otherwise the version gets number
     ``latestVersion + 1``; concurrent registrations serialise on the Model's
     ``resourceVersion`` (a 409 re-reads and renumbers), so they get distinct consecutive
-    numbers. The artifact is verified once (when the store is mounted): a version whose artifact
-    does not verify is still registered, but ``promotionPolicy`` does not promote it.
+    numbers. The artifact is verified first. An ``s3://`` artifact that does not verify (or a
+    store that cannot be reached) is refused: nothing is registered and the caller retries. A
+    ``file://`` artifact on a volume this operator does not mount is still registered, but
+    ``promotionPolicy`` does not promote it.
 
     Args:
         lineage: Lineage fields, camelCase or snake_case (``source``, ``trainingJob``,
@@ -378,11 +231,14 @@ def register_version(
         ValueError (pydantic.ValidationError): a malformed digest or URI, or a Model whose
             spec or status does not parse.
         RegistrationConflict: the Model kept changing under us for every attempt.
+        ArtifactRefused: an object-store artifact did not verify; nothing was registered.
         kubernetes.client.ApiException: other API errors.
     """
     lin = _lineage(lineage)
-    checker = _Checker()
+    checker = artifacts.Checker()
     meta, problem = checker.verify(artifact_uri, digest)
+    if problem is not None and storage.is_remote(artifact_uri):
+        raise ArtifactRefused(problem)
     created = created_at or (meta.createdAt if meta else None) or rfc3339()
     ModelVersion(
         version=1, artifact_uri=artifact_uri, digest=digest, created_at=created
@@ -393,7 +249,9 @@ def register_version(
             raise ModelNotFound(f"Model {namespace}/{model_name} not found")
         spec, status = load(obj)
         if lin.training_job and (done := find_by_training_job(status, lin.training_job)) is not None:
-            write_record(namespace, model_name, done, model_uid=obj["metadata"].get("uid"))
+            artifacts.write_record(
+                namespace, model_name, done, model_uid=obj["metadata"].get("uid"), registered_at=rfc3339()
+            )
             return done.version
         out = registry.register(
             spec,
@@ -425,7 +283,13 @@ def register_version(
             digest,
             attempt + 1,
         )
-        write_record(namespace, model_name, out.registered, model_uid=obj["metadata"].get("uid"))
+        artifacts.write_record(
+            namespace,
+            model_name,
+            out.registered,
+            model_uid=obj["metadata"].get("uid"),
+            registered_at=rfc3339(),
+        )
         events.record(
             api,
             obj,
@@ -485,7 +349,7 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
     status = ModelStatus.model_validate(raw_status)
     now = rfc3339()
     cause = spec_cause(obj)
-    checker = _Checker()
+    checker = artifacts.Checker()
     changes: list[HistoryEntry] = []
     refusals: list[Refusal] = []
     imported: list[ModelVersion] = []
@@ -554,7 +418,7 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
                 "ImportFailed" if r.target.startswith("import") else "PromotionRefused",
                 r.describe(),
             )
-    _backfill_records(namespace, name, meta.get("uid"), out.status)
+    artifacts.backfill_records(namespace, name, meta.get("uid"), out.status.versions or [], now=now)
     return Result(requeue_after=REFUSAL_RETRY_SECONDS) if refusals else None
 
 

@@ -7,6 +7,7 @@ one level-based reconcile of the job (see :mod:`kiln.controllers.runtime`).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -16,23 +17,26 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from kiln import API_VERSION, kube
+from kiln import API_VERSION, kube, storage
 from kiln.api.common import spec_error
 from kiln.api.trainingjob import TrainingJobSpec
-from kiln.artifact import ArtifactError, read_metadata, uri_to_path
-from kiln.conditions import FALSE, TRUE, set_condition
+from kiln.artifact import ArtifactError
+from kiln.conditions import FALSE, TRUE, get_condition, set_condition
 from kiln.controllers import events
 from kiln.controllers.runtime import ReconcileFn, Result, watch, watch_children
 from kiln.gang import plan
 from kiln.resources import trainingjob as build
+from kiln.resources.storage import StorageDefaults
 
 log = logging.getLogger("kiln.trainingjob")
 KIND = "TrainingJob"
 watch(KIND, API_VERSION, "trainingjobs")
 watch_children(KIND, "v1", "pods", build.LABEL_JOB)
 
-#: Retry interval when the Model to register in is missing or the registration failed.
+#: First retry interval when the Model to register in is missing or the registration failed; it
+#: doubles (the time since Ready went False) up to :data:`REGISTRATION_RETRY_MAX_SECONDS`.
 REGISTRATION_RETRY_SECONDS = 15.0
+REGISTRATION_RETRY_MAX_SECONDS = 300.0
 _creators = ThreadPoolExecutor(max_workers=32, thread_name_prefix="kiln-gang-create")
 
 
@@ -70,14 +74,15 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
         # The gang's pods and its headless Service are created concurrently: the gang is only as
         # fast as its slowest pod, and torchrun's rendezvous retries until node 0's name resolves.
         writes: list[tuple[Callable[..., Any], dict[str, Any]]] = [(kube.apply, build.service(job))]
-        writes += [(kube.create, m) for m in build.pods(job, spec, int(p.status["gang"]))]
+        defaults = StorageDefaults.from_environ(os.environ)
+        writes += [(kube.create, m) for m in build.pods(job, spec, int(p.status["gang"]), defaults)]
         futures = [_creators.submit(write, api, manifest) for write, manifest in writes]
         for f in futures:
             f.result()
     if p.register is not None:
         _register(api, job, spec, p.status, now)
         if p.status.get("registeredVersion") is None:
-            p.requeue(REGISTRATION_RETRY_SECONDS)
+            p.requeue(registration_retry_delay(p.status, now))
     if p.status != old_status:
         try:
             job = kube.patch_status(api, job, p.status, resource_version=job["metadata"]["resourceVersion"])
@@ -91,11 +96,20 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
     return Result(requeue_after=p.requeue_after) if p.requeue_after is not None else None
 
 
+def registration_retry_delay(status: dict[str, Any], now: datetime) -> float:
+    """Seconds until the next registration attempt: the time Ready has been False (so waits
+    double), clamped to [:data:`REGISTRATION_RETRY_SECONDS`, :data:`REGISTRATION_RETRY_MAX_SECONDS`]."""
+    ready = get_condition(status.get("conditions"), "Ready") or {}
+    since = ready.get("lastTransitionTime") if ready.get("status") == FALSE else None
+    waited = (now - datetime.fromisoformat(since.replace("Z", "+00:00"))).total_seconds() if since else 0.0
+    return min(REGISTRATION_RETRY_MAX_SECONDS, max(REGISTRATION_RETRY_SECONDS, waited))
+
+
 def _register(
     api: k8s.ApiClient, job: dict[str, Any], spec: TrainingJobSpec, status: dict[str, Any], now: datetime
 ) -> None:
     """Register the job's result as a new Model version; records the outcome in ``status``."""
-    from kiln.controllers.model import register_version  # the registry's one entry point
+    from kiln.controllers.model import ArtifactRefused, register_version  # the registry's one entry point
 
     assert spec.model_ref is not None
     result = status["result"]
@@ -105,9 +119,9 @@ def _register(
         "image": spec.image,
     }
     try:
-        meta = read_metadata(uri_to_path(result["artifactUri"]))
+        meta = storage.read_artifact_metadata(result["artifactUri"])
     except ArtifactError:
-        meta = None  # the operator may not mount the artifact store; lineage stays partial
+        meta = None  # the operator may not reach the artifact store; lineage stays partial
     if meta and meta.dataset:
         lineage["dataset"] = meta.dataset.name
         lineage["datasetDigest"] = meta.dataset.digest
@@ -125,9 +139,14 @@ def _register(
             hyperparameters=spec.hyperparameters or {},
             lineage=lineage,
         )
-    except (ApiException, LookupError, ValueError) as e:
-        reason = "ModelNotFound" if isinstance(e, LookupError) else "RegistrationFailed"
-        msg = f"could not register in Model {spec.model_ref.name}: {getattr(e, 'reason', None) or e}"
+    except (ApiException, LookupError, ValueError, ArtifactRefused) as e:
+        reason = (
+            "ModelNotFound"
+            if isinstance(e, LookupError)
+            else (e.problem.reason if isinstance(e, ArtifactRefused) else "RegistrationFailed")
+        )
+        detail = e.problem.message if isinstance(e, ArtifactRefused) else (getattr(e, "reason", None) or e)
+        msg = f"could not register in Model {spec.model_ref.name}: {detail}"
         log.warning("%s/%s: %s", job["metadata"]["namespace"], job["metadata"]["name"], msg)
         status["conditions"] = set_condition(
             status.get("conditions"), "Ready", FALSE, reason, msg, generation=gen, now=now

@@ -21,12 +21,14 @@ from kiln.resources.common import (
     pod_placement,
     standard_labels,
 )
+from kiln.resources.storage import StorageDefaults, is_s3, storage_env
 
 LABEL_JOB = "kiln.dev/trainingjob"
 LABEL_RANK = "kiln.dev/node-rank"
 LABEL_GANG = "kiln.dev/gang"
 CONTAINER = "trainer"
-DEFAULT_OUTPUT_URI = "file:///var/lib/kiln/artifacts"
+#: Where a trainer writing to an object store assembles artifacts and checkpoints before upload.
+STAGING_DIR = "/tmp/kiln-staging"
 
 
 def pod_name(job: str, rank: int) -> str:
@@ -86,8 +88,24 @@ def service(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def pod(job: dict[str, Any], spec: TrainingJobSpec, rank: int, gang: int) -> dict[str, Any]:
+def output_uri(spec: TrainingJobSpec, defaults: StorageDefaults) -> str:
+    """The artifact root of a job: ``spec.output.uri``, else the operator's default."""
+    return spec.output.uri if spec.output and spec.output.uri else defaults.artifact_root
+
+
+def pod(
+    job: dict[str, Any],
+    spec: TrainingJobSpec,
+    rank: int,
+    gang: int,
+    defaults: StorageDefaults | None = None,
+) -> dict[str, Any]:
     """Pod of node ``rank`` (0-based) of gang ``gang`` (bumped at every whole-gang restart).
+
+    ``defaults`` is the operator's storage configuration (artifact root, S3 endpoint and Secret)
+    for what ``spec.output`` / ``spec.storage`` leave unset. With an ``s3://`` output or dataset
+    the pod gets the AWS SDK environment (:func:`kiln.resources.storage.storage_env`) and no
+    output volume: the trainer stages files under ``/tmp`` and uploads them.
 
     The pod has ``restartPolicy: Never``: a failure is handled by the operator restarting the
     whole gang, never by the kubelet restarting one member (a lone restarted rank cannot rejoin
@@ -96,8 +114,8 @@ def pod(job: dict[str, Any], spec: TrainingJobSpec, rank: int, gang: int) -> dic
     """
     meta = job["metadata"]
     name, ns = meta["name"], meta["namespace"]
-    output_uri = spec.output.uri if spec.output else DEFAULT_OUTPUT_URI
-    output_dir = _dir_of(output_uri)
+    defaults = defaults or StorageDefaults()
+    out_uri = output_uri(spec, defaults)
     dataset = spec.dataset
     dataset_env: dict[str, Any] = {}
     if dataset.builtin:
@@ -119,29 +137,32 @@ def pod(job: dict[str, Any], spec: TrainingJobSpec, rank: int, gang: int) -> dic
         {"name": "PET_MAX_RESTARTS", "value": "0"},
         {"name": "KILN_HYPERPARAMETERS", "value": json.dumps(spec.hyperparameters or {}, sort_keys=True)},
         {"name": "KILN_DATASET", "value": json.dumps(dataset_env, sort_keys=True)},
-        {"name": "KILN_OUTPUT_URI", "value": output_uri},
+        {"name": "KILN_OUTPUT_URI", "value": out_uri},
         {"name": "KILN_MODEL_NAME", "value": spec.model_ref.name if spec.model_ref else name},
         {"name": "KILN_TRAININGJOB", "value": name},
         {"name": "KILN_IMAGE", "value": spec.image},
         {"name": "KILN_TERMINATION_LOG", "value": TERMINATION_LOG},
     ]
+    env_from: list[dict[str, Any]] = []
+    if is_s3(out_uri) or is_s3(dataset.uri):
+        s3_env, env_from = storage_env(spec.storage, defaults)
+        env += [*s3_env, {"name": "KILN_STAGING_DIR", "value": STAGING_DIR}]
     env += [e.to_api() for e in spec.env or []]
 
     volumes: list[dict[str, Any]] = [
         {"name": "tmp", "emptyDir": {}},
         # DDP's gloo/NCCL and DataLoader workers use shared memory; the runtime default is 64 MiB.
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-        {
-            "name": "output",
-            **(spec.output.volume if spec.output and spec.output.volume else {"emptyDir": {}}),
-        },
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
-        {"name": "output", "mountPath": output_dir},
     ]
-    if dataset.uri and dataset.volume:
+    if not is_s3(out_uri):
+        volume = spec.output.volume if spec.output and spec.output.volume else {"emptyDir": {}}
+        volumes.append({"name": "output", **volume})
+        mounts.append({"name": "output", "mountPath": _dir_of(out_uri)})
+    if dataset.uri and dataset.volume and not is_s3(dataset.uri):
         volumes.append({"name": "dataset", **dataset.volume})
         mounts.append(
             {"name": "dataset", "mountPath": posixpath.dirname(_dir_of(dataset.uri)), "readOnly": True}
@@ -151,6 +172,7 @@ def pod(job: dict[str, Any], spec: TrainingJobSpec, rank: int, gang: int) -> dic
         "name": CONTAINER,
         "image": spec.image,
         "env": env,
+        **({"envFrom": env_from} if env_from else {}),
         "ports": [{"name": "c10d", "containerPort": MASTER_PORT, "protocol": "TCP"}],
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_LOG,
@@ -210,6 +232,8 @@ def pod(job: dict[str, Any], spec: TrainingJobSpec, rank: int, gang: int) -> dic
     }
 
 
-def pods(job: dict[str, Any], spec: TrainingJobSpec, gang: int) -> list[dict[str, Any]]:
-    """All ``numNodes`` pods of gang ``gang``, rank 0 first."""
-    return [pod(job, spec, rank, gang) for rank in range(spec.num_nodes)]
+def pods(
+    job: dict[str, Any], spec: TrainingJobSpec, gang: int, defaults: StorageDefaults | None = None
+) -> list[dict[str, Any]]:
+    """All ``numNodes`` pods of gang ``gang``, rank 0 first (``defaults`` as in :func:`pod`)."""
+    return [pod(job, spec, rank, gang, defaults) for rank in range(spec.num_nodes)]
