@@ -98,6 +98,10 @@ class StorageError(ArtifactError):
         return self.reason == STORE_UNAVAILABLE
 
 
+class DigestMismatch(ArtifactError):
+    """An artifact's weights do not hash to the expected digest (or to its metadata's)."""
+
+
 @dataclass(frozen=True)
 class Location:
     """A parsed storage URI: ``scheme`` ``s3`` (bucket + key prefix) or ``file`` (absolute path).
@@ -601,7 +605,8 @@ def verify_artifact_at(uri: str | Location, expected_digest: str | None = None) 
     Raises:
         StorageError: ObjectNotFound names the missing file (weights, config or metadata); any
             other store error as in the module docstring.
-        ArtifactError: invalid metadata, or a digest that does not match.
+        DigestMismatch: the weights do not match.
+        ArtifactError: invalid metadata.
     """
     loc = parse(uri)
     for f in (WEIGHTS_FILE, CONFIG_FILE):
@@ -610,49 +615,58 @@ def verify_artifact_at(uri: str | Location, expected_digest: str | None = None) 
     meta = read_artifact_metadata(loc)
     actual = sha256(loc.join(WEIGHTS_FILE))
     if actual != meta.weightsDigest:
-        raise ArtifactError(f"artifact {loc.uri}: weights digest {actual} != metadata {meta.weightsDigest}")
+        raise DigestMismatch(f"artifact {loc.uri}: weights digest {actual} != metadata {meta.weightsDigest}")
     if expected_digest is not None and actual != expected_digest:
-        raise ArtifactError(f"artifact {loc.uri}: weights digest {actual} != expected {expected_digest}")
+        raise DigestMismatch(f"artifact {loc.uri}: weights digest {actual} != expected {expected_digest}")
     return meta
 
 
 class VerificationCache:
     """Remembers artifacts that verified, so a store is read whole once per object version.
 
-    An entry is keyed by ``(uri, digest)`` and holds the weights' :class:`ObjectInfo` (size and
-    ETag / mtime+inode) at the time it verified; :meth:`verify` re-hashes only when a HEAD shows
-    the weights object changed. Thread-safe. Bounded: the oldest entries go past ``max_entries``.
+    An entry is keyed by ``(uri, digest)`` and holds the :class:`ObjectInfo` (size and ETag /
+    mtime+inode) of the weights and of ``metadata.json`` at the time it verified; :meth:`verify`
+    re-reads only when a HEAD shows either changed. Thread-safe. Bounded: the oldest entries go
+    past ``max_entries``.
     """
 
     def __init__(self, max_entries: int = 4096) -> None:
         self._lock = threading.Lock()
-        self._ok: dict[tuple[str, str], tuple[ObjectInfo, ArtifactMetadata]] = {}
+        self._ok: dict[tuple[str, str], tuple[tuple[ObjectInfo, ObjectInfo], ArtifactMetadata]] = {}
         self._max = max_entries
 
     def verify(self, uri: str, digest: str) -> ArtifactMetadata:
         """:func:`verify_artifact_at` with the cache in front (same errors)."""
         loc = parse(uri)
-        info = stat(loc.join(WEIGHTS_FILE))
+        try:
+            infos = (stat(loc.join(WEIGHTS_FILE)), stat(loc.join(METADATA_FILE)))
+        except StorageError as e:
+            if e.reason != OBJECT_NOT_FOUND:
+                raise
+            return verify_artifact_at(loc, digest)  # raises, naming what is missing
         with self._lock:
             hit = self._ok.get((loc.uri, digest))
-        if hit is not None and hit[0] == info:
+        if hit is not None and hit[0] == infos:
             return hit[1]
         meta = verify_artifact_at(loc, digest)
         with self._lock:
-            self._ok[(loc.uri, digest)] = (info, meta)
+            self._ok[(loc.uri, digest)] = (infos, meta)
             while len(self._ok) > self._max:
                 self._ok.pop(next(iter(self._ok)))
         return meta
 
 
-def fetch_artifact(uri: str | Location, cache_dir: Path, expected_digest: str) -> Path:
-    """A local, verified copy of the artifact at ``uri``; returns its directory.
+def fetch_artifact(
+    uri: str | Location, cache_dir: Path, expected_digest: str, *, verify: bool = True
+) -> Path:
+    """A local copy of the artifact at ``uri``; returns its directory.
 
     A ``file://`` artifact is used where it is (nothing copied). An ``s3://`` artifact is
     downloaded into ``cache_dir/<digest hex>/`` (assembled under a temporary name, renamed when
-    complete); a copy already there from an earlier start of the same pod is reused. Either way the
-    weights are hashed from the local copy and checked against ``expected_digest`` and the
-    metadata before the path is returned, so every start re-verifies.
+    complete); a copy already there from an earlier start of the same pod is reused. With
+    ``verify`` the weights are hashed from the local copy and checked against
+    ``expected_digest`` and the metadata before the path is returned; without it the caller
+    verifies (the model server does, when it loads).
 
     Raises:
         StorageError: the artifact cannot be read from the store.
@@ -663,7 +677,8 @@ def fetch_artifact(uri: str | Location, cache_dir: Path, expected_digest: str) -
         d = loc.path
         if not d.is_dir():
             raise StorageError(OBJECT_NOT_FOUND, f"artifact directory {d} does not exist")
-        verify_artifact(d, expected_digest)
+        if verify:
+            verify_artifact(d, expected_digest)
         return d
     final = cache_dir / expected_digest.split(":", 1)[-1]
     if not final.is_dir():
@@ -675,5 +690,6 @@ def fetch_artifact(uri: str | Location, cache_dir: Path, expected_digest: str) -
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    verify_artifact(final, expected_digest)
+    if verify:
+        verify_artifact(final, expected_digest)
     return final

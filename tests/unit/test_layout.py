@@ -54,3 +54,23 @@ def test_api_depends_on_nothing_above_it():
             if m.startswith("kiln.") and not m.startswith(("kiln.api", "kiln.artifact")) and m != "kiln"
         }
         assert not bad, f"{f.name} imports {bad}"
+
+
+def test_only_the_registry_artifact_module_touches_the_store():
+    """Artifact-store I/O (kiln.storage, boto3) stays out of the pure layers; in registry/ only
+    artifacts.py (the registry's store client, as rollout/prometheus.py is its Prometheus client)."""
+    for layer in ("api", "resources", "registry", "rollout"):
+        for f in (PKG / layer).rglob("*.py"):
+            if f.relative_to(PKG).as_posix() == "registry/artifacts.py":
+                continue
+            bad = {m for m in _imports(f) if m.startswith(("kiln.storage", "boto3", "botocore"))}
+            assert not bad, f"{f.relative_to(PKG)} imports {bad}"
+
+
+def test_cli_does_not_import_controllers():
+    """The CLI calls the registry's modules, never a controller (and with it kopf)."""
+    for f in (PKG / "cli").rglob("*.py"):
+        if f.name == "operator.py":
+            continue  # `kiln operator` runs the controllers
+        bad = {m for m in _imports(f) if m.startswith(("kiln.controllers", "kopf"))}
+        assert not bad, f"cli/{f.name} imports {bad}"

@@ -13,6 +13,7 @@ from kiln.artifact import TrainingResult, format_termination_message
 from kiln.conditions import get_condition, is_true, rfc3339
 from kiln.gang import backoff_seconds, plan, view
 from kiln.resources import trainingjob as build
+from kiln.resources.storage import StorageDefaults
 from tests.unit.golden import assert_golden
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -359,3 +360,76 @@ def test_pod_failure_policy_ignore_restarts_without_counting():
     p = plan(job(status=st), spec(podFailurePolicy=POLICY), [pod(0), pod(1, "Failed", exit_code=137)], T0)
     assert p.status["restartCount"] == 2 and p.status["gang"] == 1
     assert not is_true(p.status["conditions"], "Failed") and is_true(p.status["conditions"], "Restarting")
+
+
+# --- object storage ---------------------------------------------------------------------------
+
+
+def _container(pod: dict) -> dict:
+    return pod["spec"]["containers"][0]
+
+
+def test_s3_output_gets_sdk_env_and_no_output_volume():
+    s = spec(
+        output={"uri": "s3://kiln-artifacts/models"},
+        storage={
+            "secretRef": {"name": "team-s3"},
+            "endpoint": "http://s3.store.svc:7070",
+            "region": "eu-west-1",
+        },
+    )
+    p = build.pod(job(), s, rank=0, gang=0, defaults=StorageDefaults(secret_name="kiln-s3"))
+    c = _container(p)
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["KILN_OUTPUT_URI"] == "s3://kiln-artifacts/models"
+    assert env["AWS_ENDPOINT_URL"] == "http://s3.store.svc:7070" and env["AWS_REGION"] == "eu-west-1"
+    assert env["KILN_STAGING_DIR"].startswith("/tmp/")
+    assert c["envFrom"] == [{"secretRef": {"name": "team-s3"}}]  # the spec's Secret is required
+    assert "output" not in {v["name"] for v in p["spec"]["volumes"]}
+    assert not any("AWS_SECRET" in str(e) for e in c["env"])  # secrets only by reference
+
+
+def test_operator_defaults_fill_what_the_spec_leaves_unset():
+    d = StorageDefaults(
+        artifact_root="s3://kiln-artifacts/models",
+        secret_name="kiln-s3",
+        endpoint="http://s3:9000",
+        region="us-east-1",
+    )
+    c = _container(build.pod(job(), spec(), rank=0, gang=0, defaults=d))
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["KILN_OUTPUT_URI"] == "s3://kiln-artifacts/models"
+    assert env["AWS_ENDPOINT_URL"] == "http://s3:9000"
+    # The operator's default Secret is optional: a namespace using a workload identity has none.
+    assert c["envFrom"] == [{"secretRef": {"name": "kiln-s3", "optional": True}}]
+
+
+def test_file_output_keeps_its_volume_and_no_sdk_env():
+    s = spec(
+        output={"uri": "file:///data/artifacts", "volume": {"persistentVolumeClaim": {"claimName": "a"}}}
+    )
+    p = build.pod(
+        job(), s, rank=0, gang=0, defaults=StorageDefaults(secret_name="kiln-s3", endpoint="http://s3")
+    )
+    c = _container(p)
+    assert "envFrom" not in c and not any(e["name"].startswith("AWS_") for e in c["env"])
+    assert {"name": "output", "mountPath": "/data/artifacts"} in c["volumeMounts"]
+
+
+def test_s3_dataset_alone_brings_the_sdk_env():
+    s = spec(dataset={"uri": "s3://data/digits.csv", "labelColumn": "label"}, output={"uri": "/out"})
+    env = {e["name"] for e in _container(build.pod(job(), s, rank=0, gang=0))["env"]}
+    assert "KILN_STAGING_DIR" in env
+
+
+def test_storage_defaults_from_environ():
+    d = StorageDefaults.from_environ(
+        {
+            "KILN_ARTIFACT_ROOT": "s3://b/p",
+            "KILN_STORAGE_SECRET_NAME": "s",
+            "AWS_ENDPOINT_URL": "",
+            "AWS_REGION": "r",
+        }
+    )
+    assert d == StorageDefaults(artifact_root="s3://b/p", secret_name="s", endpoint=None, region="r")
+    assert StorageDefaults.from_environ({}).artifact_root == "file:///var/lib/kiln/artifacts"

@@ -19,6 +19,7 @@ that namespace that references it (an in-memory index fed by InferenceService ev
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ from kiln.controllers import events
 from kiln.controllers.runtime import ReconcileFn, Result, enqueue, watch, watch_children
 from kiln.mergepatch import merge_patch
 from kiln.resources import inferenceservice as res
+from kiln.resources.storage import StorageDefaults
 from kiln.rollout.analysis import ERROR, evaluate_metric, render_query
 from kiln.rollout.machine import Action, Decision, Measurement, Observed, analysis_due, decide
 from kiln.rollout.prometheus import PrometheusClient, PrometheusError
@@ -400,6 +402,7 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
         canary=canary,
         canary_replicas=plan.canary_replicas,
         canary_weight=plan.canary_weight,
+        defaults=StorageDefaults.from_environ(os.environ),
     )
     keep = set() if stable is not None else {("Deployment", res.deployment_name(name, res.STABLE))}
     problems = _apply_children(api, obj, manifests, keep)

@@ -44,17 +44,13 @@ def verify(artifact_uri: str, digest: str) -> tuple[ArtifactMetadata | None, Pro
         the bucket and key (or path), never credentials.
     """
     try:
-        storage.read_artifact_metadata(artifact_uri)
-    except storage.StorageError as e:
-        return None, _store_problem(e)
-    except ArtifactError as e:
-        return None, Problem(ARTIFACT_INVALID, str(e))
-    try:
         return _verified.verify(artifact_uri, digest), None
     except storage.StorageError as e:
         return None, _store_problem(e)
-    except ArtifactError as e:  # files and metadata are there: what is left is a digest mismatch
+    except storage.DigestMismatch as e:
         return None, Problem(DIGEST_MISMATCH, str(e))
+    except ArtifactError as e:
+        return None, Problem(ARTIFACT_INVALID, str(e))
 
 
 def _store_problem(e: storage.StorageError) -> Problem:

@@ -29,6 +29,7 @@ from typing import Any
 
 from kiln.api.inferenceservice import METRICS_PORT, SERVER_PORT, InferenceServiceSpec, TrafficRouting
 from kiln.resources.common import child_name, owner_reference, pod_placement, standard_labels
+from kiln.resources.storage import StorageDefaults, is_s3, storage_env
 
 LABEL_ISVC = "kiln.dev/inferenceservice"
 LABEL_TRACK = "kiln.dev/track"
@@ -62,6 +63,12 @@ ENV_MAX_BATCH_DELAY_MS = "KILN_MAX_BATCH_DELAY_MS"
 ENV_CACHE_SIZE = "KILN_CACHE_SIZE"
 ENV_SHUTDOWN_DELAY = "KILN_SHUTDOWN_DELAY_SECONDS"
 ENV_DRAIN_TIMEOUT = "KILN_DRAIN_TIMEOUT_SECONDS"
+ENV_MODEL_DIR = "KILN_MODEL_DIR"
+#: The init container fetching s3:// artifacts (KServe's name for the same job).
+STORAGE_INITIALIZER = "storage-initializer"
+#: emptyDir an s3:// artifact is downloaded into, and where.
+MODEL_VOLUME = "model"
+MODEL_DIR = "/var/lib/kiln/model"
 
 
 def deployment_name(isvc: str, track: str) -> str:
@@ -119,6 +126,44 @@ def server_env(
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
+def storage_initializer(
+    spec: InferenceServiceSpec, server: dict[str, Any], defaults: StorageDefaults
+) -> dict[str, Any]:
+    """The init container that downloads an ``s3://`` artifact into the ``model`` emptyDir and
+    verifies its digest (``kiln-serve --fetch-only``), before the server container starts.
+
+    KServe's ``storage-initializer`` pattern: a failed download leaves the pod in ``Init:Error``
+    / ``Init:CrashLoopBackOff`` (the kubelet retries with its back-off), never Ready, with the
+    cause (bucket, key, reason) in the container's log and termination message. Only this
+    container gets the store's credentials. It asks for the server's CPU and memory (not its
+    GPUs): an init container's requests never add to the pod's.
+    """
+    env, env_from = storage_env(spec.storage, defaults)
+    resources = copy.deepcopy(server.get("resources") or {})
+    for key in ("requests", "limits"):
+        if key in resources:
+            resources[key] = {k: v for k, v in resources[key].items() if not k.endswith("gpu")}
+    init: dict[str, Any] = {
+        "name": STORAGE_INITIALIZER,
+        "image": server["image"],
+        "args": ["--fetch-only"],
+        "env": server["env"] + env,
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": MODEL_VOLUME, "mountPath": MODEL_DIR},
+        ],
+        "securityContext": copy.deepcopy(server["securityContext"]),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if env_from:
+        init["envFrom"] = env_from
+    if "imagePullPolicy" in server:
+        init["imagePullPolicy"] = server["imagePullPolicy"]
+    if any(resources.values()):
+        init["resources"] = resources
+    return init
+
+
 def deployment(
     isvc: dict[str, Any],
     spec: InferenceServiceSpec,
@@ -127,11 +172,15 @@ def deployment(
     artifact_uri: str,
     digest: str,
     replicas: int | None,
+    defaults: StorageDefaults | None = None,
 ) -> dict[str, Any]:
     """A Deployment of kiln-serve for ``track`` serving ``version`` from ``artifact_uri``.
 
     Args:
         replicas: pod count; None leaves it to an HPA (the field is then not applied).
+        defaults: the operator's storage configuration, for an ``s3://`` artifact: then the pod
+            gets a :func:`storage_initializer` and a ``model`` emptyDir the server reads (and
+            re-verifies) the artifact from; ``runtime.artifactVolume`` is for ``file://`` ones.
 
     The selector (immutable) is ``{inferenceservice, track}``; the version is a pod label only,
     so a new version rolls the same Deployment (``maxUnavailable: 0``: capacity never dips).
@@ -147,13 +196,19 @@ def deployment(
     }
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
-    if rt.artifact_volume:
+    remote = is_s3(artifact_uri)
+    env = server_env(spec, version, artifact_uri, digest)
+    if remote:
+        env.append({"name": ENV_MODEL_DIR, "value": MODEL_DIR})
+        volumes.append({"name": MODEL_VOLUME, "emptyDir": {}})
+        mounts.append({"name": MODEL_VOLUME, "mountPath": MODEL_DIR, "readOnly": True})
+    elif rt.artifact_volume:
         volumes.append({"name": "artifacts", **copy.deepcopy(rt.artifact_volume)})
         mounts.append({"name": "artifacts", "mountPath": rt.artifact_mount_path, "readOnly": True})
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": rt.image,
-        "env": server_env(spec, version, artifact_uri, digest),
+        "env": env,
         "ports": [
             {"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
@@ -192,6 +247,11 @@ def deployment(
     if spec.resources:
         container["resources"] = spec.resources.to_api()
     pod_spec: dict[str, Any] = {
+        **(
+            {"initContainers": [storage_initializer(spec, container, defaults or StorageDefaults())]}
+            if remote
+            else {}
+        ),
         "containers": [container],
         "volumes": volumes,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
@@ -363,6 +423,7 @@ def children(
     canary: tuple[int, str, str] | None = None,
     canary_replicas: int = 0,
     canary_weight: int = 0,
+    defaults: StorageDefaults | None = None,
 ) -> list[dict[str, Any]]:
     """Every child the InferenceService wants now.
 
@@ -373,13 +434,14 @@ def children(
         canary: ``(version, artifactUri, digest)`` of the canary, or None (no canary children).
         canary_replicas: canary pods.
         canary_weight: HTTPRoute weight of the canary (GatewayAPI only).
+        defaults: the operator's storage configuration (see :func:`deployment`).
     """
     out: list[dict[str, Any]] = []
     gateway = spec.rollout.traffic_routing == TrafficRouting.GATEWAY_API
     if stable is not None:
-        out.append(deployment(isvc, spec, STABLE, *stable, stable_replicas))
+        out.append(deployment(isvc, spec, STABLE, *stable, stable_replicas, defaults))
     if canary is not None:
-        out.append(deployment(isvc, spec, CANARY, *canary, canary_replicas))
+        out.append(deployment(isvc, spec, CANARY, *canary, canary_replicas, defaults))
     out.append(service(isvc, spec))
     if gateway:
         out.append(track_service(isvc, STABLE))

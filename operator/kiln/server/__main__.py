@@ -1,7 +1,13 @@
 """``kiln-serve``: serve a Kiln artifact over the Open Inference Protocol.
 
-Exit status: 0 after a graceful shutdown (SIGTERM/SIGINT), 1 when the artifact is refused
-(missing files, digest mismatch, weights that do not fit the config), 2 for invalid settings.
+An ``s3://`` artifact is first downloaded into ``--model-dir`` and verified there
+(:func:`kiln.storage.fetch_artifact`); ``--fetch-only`` stops after that, which is what the
+``storage-initializer`` init container of an InferenceService pod runs, so the server container
+finds a verified copy and verifies it again before loading.
+
+Exit status: 0 after a graceful shutdown (SIGTERM/SIGINT) or a successful ``--fetch-only``, 1 when
+the artifact is refused (cannot be downloaded, missing files, digest mismatch, weights that do not
+fit the config), 2 for invalid settings.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from kiln.server.settings import parse_settings
 
@@ -24,19 +31,34 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     )
     log = logging.getLogger("kiln.server")
 
+    from kiln.artifact import ArtifactError
+    from kiln.storage import fetch_artifact
+
+    try:
+        # Verified here only when nothing else follows; load_model verifies before loading.
+        local = fetch_artifact(
+            settings.artifact, Path(settings.model_dir), settings.digest, verify=settings.fetch_only
+        )
+    except ArtifactError as e:
+        log.error("refusing to serve: %s", e)
+        print(f"kiln-serve: refusing to serve artifact {settings.artifact}: {e}", file=sys.stderr)
+        return 1
+    if settings.fetch_only:
+        log.info("artifact %s verified at %s (%s)", settings.artifact, local, settings.digest)
+        return 0
+
     # Drop the *_created series: they double the page size and no Kiln query reads them.
     from prometheus_client import disable_created_metrics
 
     disable_created_metrics()
     # Heavy imports only once the settings are known to be valid.
-    from kiln.artifact import ArtifactError
     from kiln.server.app import serve
     from kiln.server.model import configure_torch, load_model
 
     configure_torch(settings.torch_threads)
     try:
         model = load_model(
-            settings.artifact,
+            local,
             settings.digest,
             name=settings.model_name,
             version=settings.model_version,

@@ -38,6 +38,8 @@ class ServerSettings:
     shutdown_delay_seconds: float = 0.0
     torch_threads: int = 1
     log_level: str = "INFO"
+    model_dir: str = "/tmp/kiln-model"
+    fetch_only: bool = False
 
     def __post_init__(self) -> None:
         problems = validate(self)
@@ -92,7 +94,13 @@ class _Option:
 
 
 OPTIONS: tuple[_Option, ...] = (
-    _Option("artifact", "--artifact", "KILN_ARTIFACT_URI", str, "artifact directory: file:// URI or path"),
+    _Option(
+        "artifact",
+        "--artifact",
+        "KILN_ARTIFACT_URI",
+        str,
+        "artifact: s3://bucket/prefix (downloaded into --model-dir; AWS_* environment), file:// URI or path",
+    ),
     _Option("digest", "--digest", "KILN_ARTIFACT_DIGEST", str, "expected weights digest, sha256:<hex>"),
     _Option("model_name", "--model-name", "KILN_MODEL_NAME", str, "model name in the /v2/models/{name} URLs"),
     _Option("model_version", "--model-version", "KILN_MODEL_VERSION", str, "model version served"),
@@ -138,6 +146,13 @@ OPTIONS: tuple[_Option, ...] = (
     ),
     _Option("torch_threads", "--torch-threads", "KILN_TORCH_THREADS", int, "torch intra-op threads"),
     _Option("log_level", "--log-level", "KILN_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
+    _Option(
+        "model_dir",
+        "--model-dir",
+        "KILN_MODEL_DIR",
+        str,
+        "where an s3:// artifact is downloaded to (a copy verified there is reused at the next start)",
+    ),
 )
 
 ENV_VARS: dict[str, str] = {o.field: o.env for o in OPTIONS}
@@ -163,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             o.flag, dest=o.field, type=o.type, default=None, help=f"{o.help} (env {o.env}; {shown})"
         )
+    p.add_argument(
+        "--fetch-only",
+        action="store_true",
+        help="download (s3://) and verify the artifact into --model-dir, then exit 0 (1 when it fails): "
+        "the storage-initializer init container",
+    )
     return p
 
 
@@ -187,6 +208,7 @@ def parse_settings(
                 parser.error(f"environment variable {o.env}={raw!r} is not a valid {o.type.__name__}")
         if v is not None:
             values[o.field] = v
+    values["fetch_only"] = bool(ns.fetch_only)
     for required in ("artifact", "digest", "model_name"):
         if required not in values:
             opt = next(o for o in OPTIONS if o.field == required)

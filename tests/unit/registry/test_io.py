@@ -23,7 +23,7 @@ from kiln.artifact import (
 )
 from kiln.cli.registry import age, declare, scan, table
 from kiln.controllers import model as controller
-from kiln.registry import CHANGE_CAUSE_ANNOTATION, record, rollback_annotation
+from kiln.registry import CHANGE_CAUSE_ANNOTATION, artifacts, record, rollback_annotation
 
 from .util import NOW, add_versions
 
@@ -44,19 +44,19 @@ def artifact(root: Path, name: str = "job-1") -> tuple[Path, str]:
 
 def test_verify_classifies_problems(tmp_path: Path) -> None:
     d, digest = artifact(tmp_path)
-    meta, problem = controller.verify(path_to_uri(d), digest)
+    meta, problem = artifacts.verify(path_to_uri(d), digest)
     assert problem is None and meta is not None and meta.weightsDigest == digest
-    _, problem = controller.verify(path_to_uri(d), "sha256:" + "0" * 64)
+    _, problem = artifacts.verify(path_to_uri(d), "sha256:" + "0" * 64)
     assert problem is not None and problem.reason == "DigestMismatch"
-    _, problem = controller.verify("s3://bucket/x", digest)
-    assert problem is not None and problem.reason == "ArtifactMissing"
-    _, problem = controller.verify(path_to_uri(tmp_path / "nope"), digest)
+    _, problem = artifacts.verify("gs://bucket/x", digest)  # not a scheme Kiln reads
+    assert problem is not None and problem.reason == "ArtifactMissing" and "gs" in problem.message
+    _, problem = artifacts.verify(path_to_uri(tmp_path / "nope"), digest)
     assert problem is not None and problem.reason == "ArtifactMissing"
     (d / METADATA_FILE).write_text("{}")
-    _, problem = controller.verify(path_to_uri(d), digest)
+    _, problem = artifacts.verify(path_to_uri(d), digest)
     assert problem is not None and problem.reason == "ArtifactInvalid"
     (d / WEIGHTS_FILE).unlink()
-    _, problem = controller.verify(path_to_uri(d), digest)
+    _, problem = artifacts.verify(path_to_uri(d), digest)
     assert problem is not None and problem.reason == "ArtifactMissing" and WEIGHTS_FILE in problem.message
 
 
@@ -66,21 +66,21 @@ def test_write_record_then_scan_finds_it(tmp_path: Path) -> None:
     (tmp_path / "digits" / ".checkpoints").mkdir()
     st = add_versions(ModelStatus(), 1)
     entry = (st.versions or [])[0].model_copy(update={"artifact_uri": path_to_uri(d), "digest": digest})
-    assert controller.write_record("ml", "digits", entry, model_uid="u1")
-    assert controller.write_record("ml", "other", entry)  # a second Model registering the same artifact
-    assert controller.write_record("ml", "digits", entry, model_uid="u1")  # idempotent
+    assert artifacts.write_record("ml", "digits", entry, model_uid="u1", registered_at=NOW)
+    assert artifacts.write_record("ml", "other", entry, registered_at=NOW)  # a second Model, same artifact
+    assert artifacts.write_record("ml", "digits", entry, model_uid="u1", registered_at=NOW)  # idempotent
     rec = record.parse((d / record.RECORD_FILE).read_bytes())
     assert [(r.model, r.version.version) for r in rec.registrations] == [("digits", 1), ("other", 1)]
-    found, unregistered = scan([tmp_path], "ml", "digits")
-    assert [(f.path.name, f.registration.version.version if f.registration else None) for f in found] == [
-        ("job-1", 1)
+    found, unregistered = scan([str(tmp_path)], "ml", "digits")
+    assert [(f.uri, f.registration.version.version if f.registration else None) for f in found] == [
+        (path_to_uri(d), 1)
     ]
-    assert [p.name for p in unregistered] == ["job-2"]
+    assert unregistered == [path_to_uri(tmp_path / "digits" / "job-2")]
     # A restore into another namespace still finds the record.
-    found, _ = scan([tmp_path], "elsewhere", "digits")
+    found, _ = scan([tmp_path.as_uri()], "elsewhere", "digits")
     assert found and found[0].registration is not None and found[0].registration.namespace == "ml"
-    assert not controller.write_record(
-        "ml", "digits", entry.model_copy(update={"artifact_uri": "file:///nope"})
+    assert not artifacts.write_record(
+        "ml", "digits", entry.model_copy(update={"artifact_uri": "file:///nope"}), registered_at=NOW
     )
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from kiln.api.inferenceservice import InferenceServiceSpec
 from kiln.resources import inferenceservice as build
+from kiln.resources.storage import StorageDefaults
 from tests.unit.golden import assert_golden
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -285,3 +286,35 @@ def test_url_and_names():
     long = "x" * 60
     assert len(build.deployment_name(long, "canary")) <= 63
     assert build.deployment_name(long, "canary") != build.deployment_name(long, "stable")
+
+
+def test_s3_artifact_gets_a_storage_initializer():
+    s = spec(
+        storage={"secretRef": {"name": "team-s3"}},
+        resources={"limits": {"nvidia.com/gpu": 1, "memory": "1Gi"}},
+    )
+    d = StorageDefaults(endpoint="http://s3.kiln-s3.svc:9000", region="us-east-1", secret_name="kiln-s3")
+    dep = build.deployment(ISVC, s, build.STABLE, 3, "s3://models/digits/digits-v3", DIGEST, 2, d)
+    pod = dep["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (server,) = pod["containers"]
+    assert init["name"] == "storage-initializer" and init["args"] == ["--fetch-only"]
+    assert init["image"] == server["image"]
+    init_env = {e["name"]: e["value"] for e in init["env"]}
+    server_env = {e["name"]: e["value"] for e in server["env"]}
+    assert init_env["KILN_ARTIFACT_URI"] == server_env["KILN_ARTIFACT_URI"] == "s3://models/digits/digits-v3"
+    assert init_env["KILN_MODEL_DIR"] == server_env["KILN_MODEL_DIR"] == build.MODEL_DIR
+    assert init_env["AWS_ENDPOINT_URL"] == "http://s3.kiln-s3.svc:9000"
+    assert init["envFrom"] == [{"secretRef": {"name": "team-s3"}}]
+    # Only the initializer holds the store's credentials; the server reads the verified copy.
+    assert "envFrom" not in server and "AWS_ENDPOINT_URL" not in server_env
+    assert {"name": "model", "mountPath": build.MODEL_DIR, "readOnly": True} in server["volumeMounts"]
+    assert {"name": "model", "mountPath": build.MODEL_DIR} in init["volumeMounts"]
+    assert {"name": "model", "emptyDir": {}} in pod["volumes"]
+    assert "artifacts" not in {v["name"] for v in pod["volumes"]}  # artifactVolume is for file://
+    assert init["resources"] == {"limits": {"memory": "1Gi"}}  # no GPU for a download
+
+
+def test_file_artifact_has_no_initializer():
+    dep = build.deployment(ISVC, spec(), build.STABLE, 3, "file:///var/lib/kiln/artifacts/d/v3", DIGEST, 2)
+    assert "initContainers" not in dep["spec"]["template"]["spec"]

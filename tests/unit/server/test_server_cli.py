@@ -55,6 +55,7 @@ def test_everything_comes_from_the_environment_and_flags_win() -> None:
         "KILN_TORCH_THREADS": "2",
         "KILN_LOG_LEVEL": "DEBUG",
         "KILN_HOST": "127.0.0.1",
+        "KILN_MODEL_DIR": "/var/lib/kiln/model",
     }
     assert set(env) == set(ENV_VARS.values())
     s = parse_settings([], env)
@@ -63,6 +64,7 @@ def test_everything_comes_from_the_environment_and_flags_win() -> None:
         digest=DIGEST,
         model_name="digits",
         model_version="3",
+        model_dir="/var/lib/kiln/model",
         host="127.0.0.1",
         port=8000,
         metrics_port=9100,
