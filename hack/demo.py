@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO / "hack"))
 
 from kubernetes import config  # noqa: E402
 
-from kiln import API_VERSION, kube  # noqa: E402
+from kiln import API_VERSION, kube, storage  # noqa: E402
 from kilndev import images as kimages  # noqa: E402
 from kilndev.prometheus import LocalPrometheus  # noqa: E402
 
@@ -58,7 +58,11 @@ MONITORING_NS = "monitoring"
 OUT = REPO / "_out" / "demo"
 VENV_BIN = REPO / ".venv" / "bin"
 DEMO_D = REPO / "hack" / "demo.d"
-HOST_ARTIFACTS = Path(os.environ.get("KILN_DEMO_ARTIFACTS", "/var/lib/kiln-demo/artifacts"))
+#: The demo's bucket in the local S3 server (versitygw, started by hack/cluster) and the prefix
+#: under it that is the operator's artifact root (helm values artifacts.s3).
+BUCKET = "kiln-demo"
+PREFIX = "models"
+S3_SECRET = "kiln-s3"
 REAL_NODE_SCHEDULING = {
     "nodeSelector": {"kiln.dev/pool": "real"},
     "tolerations": [
@@ -66,7 +70,6 @@ REAL_NODE_SCHEDULING = {
     ],
 }
 PROMETHEUS_PORT = 19090
-RUNAS = 65532  # the images' user
 
 steps: list[tuple[str, bool, float, str]] = []
 figures: dict[str, Any] = {}
@@ -195,6 +198,36 @@ class Cluster:
 
     def pods(self, selector: str, namespace: str = NS) -> list[dict[str, Any]]:
         return kube.list_objects(self.api, "v1", "Pod", namespace, selector)
+
+    def s3_secret(self, namespace: str) -> dict[str, Any]:
+        """The Secret holding the local S3 server's credentials as the AWS SDKs read them."""
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": S3_SECRET, "namespace": namespace},
+            "type": "Opaque",
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": self.env["KILN_S3_ACCESS_KEY_ID"],
+                "AWS_SECRET_ACCESS_KEY": self.env["KILN_S3_SECRET_ACCESS_KEY"],
+            },
+        }
+
+    def s3_bucket(self) -> str:
+        """Make the demo bucket if missing; this process's kiln.storage then uses the store too."""
+        os.environ.update(
+            {
+                "AWS_ENDPOINT_URL": self.env["KILN_S3_ENDPOINT"],
+                "AWS_ACCESS_KEY_ID": self.env["KILN_S3_ACCESS_KEY_ID"],
+                "AWS_SECRET_ACCESS_KEY": self.env["KILN_S3_SECRET_ACCESS_KEY"],
+                "AWS_REGION": self.env["KILN_S3_REGION"],
+            }
+        )
+        client = storage.s3_client()
+        try:
+            client.head_bucket(Bucket=BUCKET)
+        except Exception:
+            client.create_bucket(Bucket=BUCKET)
+        return f"s3://{BUCKET}"
 
 
 def pod_phases(pods: list[dict[str, Any]]) -> str:
@@ -343,9 +376,9 @@ class Demo:
 
     def install(self) -> None:
         c = self.c
-        with Step("install Kiln with helm (charts/kiln) on the real node") as s:
-            HOST_ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            os.chown(HOST_ARTIFACTS, RUNAS, RUNAS)
+        with Step("install Kiln with helm (charts/kiln) on the real node, artifacts in S3") as s:
+            c.kubectl("create", "namespace", SYSTEM_NS, check=False)
+            c.apply(c.s3_secret(SYSTEM_NS), SYSTEM_NS)
             # CRDs first: helm installs charts/kiln/crds on install but never upgrades them
             c.kubectl(
                 "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "charts" / "kiln" / "crds")
@@ -353,7 +386,15 @@ class Demo:
             values = {
                 "image": {"repository": "kiln-operator", "tag": "dev", "pullPolicy": "IfNotPresent"},
                 "watchNamespaces": [NS],
-                "artifacts": {"volume": {"hostPath": {"path": str(HOST_ARTIFACTS), "type": "Directory"}}},
+                "artifacts": {
+                    "s3": {
+                        "bucket": BUCKET,
+                        "prefix": PREFIX,
+                        "endpoint": c.env["KILN_S3_POD_ENDPOINT"],
+                        "region": c.env["KILN_S3_REGION"],
+                        "secretName": S3_SECRET,
+                    }
+                },
                 # a rebuilt image under the same tag rolls the operator
                 "podAnnotations": {"kiln.dev/image-id": self.images["operator"].config_digest},
                 **REAL_NODE_SCHEDULING,
@@ -384,19 +425,20 @@ class Demo:
 
     def namespace(self) -> None:
         c = self.c
-        with Step(f"fresh namespace {NS} and artifact store {HOST_ARTIFACTS}") as s:
+        with Step(f"fresh namespace {NS}, its S3 Secret, and bucket s3://{BUCKET}/{PREFIX}") as s:
             if c.get("Namespace", NS, None, "v1"):
                 c.kubectl("delete", "namespace", NS, "--wait=false")
                 poll("the old namespace to go", lambda: not c.get("Namespace", NS, None, "v1"), 180)
             c.kubectl("create", "namespace", NS)
-            for child in HOST_ARTIFACTS.iterdir():  # artifacts are immutable per job name
-                shutil.rmtree(child)
+            c.apply(c.s3_secret(NS), NS)  # what a user does: the store's credentials, by name
+            bucket = c.s3_bucket()
+            removed = storage.delete_tree(f"s3://{BUCKET}/{PREFIX}")  # artifacts are immutable per job name
             poll(
                 "the default ServiceAccount",
                 lambda: c.kubectl("-n", NS, "get", "serviceaccount", "default", check=False),
                 30,
             )
-            s.detail = "empty"
+            s.detail = f"bucket {bucket} ({removed} old objects removed), Secret {S3_SECRET}"
 
     def prometheus(self) -> None:
         c = self.c
@@ -492,7 +534,6 @@ class Demo:
         job = yaml.safe_load((DEMO_D / "trainingjob.yaml").read_text())
         job["metadata"]["name"] = name
         job["spec"]["hyperparameters"].update(extra_hp or {})
-        job["spec"]["output"]["volume"]["hostPath"]["path"] = str(HOST_ARTIFACTS)
         note(f"kubectl apply -f - <<< TrainingJob {name} (hyperparameters {job['spec']['hyperparameters']})")
         t0 = time.monotonic()
         c.apply(job, NS)
@@ -550,6 +591,7 @@ class Demo:
         result = st.get("result") or {}
         return {
             "version": st["registeredVersion"],
+            "artifact": result.get("artifactUri"),
             "accuracy": (result.get("metrics") or {}).get("accuracy"),
             "running_s": round(running, 1),
             "trained_s": round(trained, 1),
@@ -610,15 +652,21 @@ class Demo:
             )
             if v1["version"] != 1 or (v1["accuracy"] or 0) < 0.9:
                 raise StepFailed(f"expected version 1 with accuracy >= 0.9, got {v1}")
+            if not str(v1["artifact"]).startswith(f"s3://{BUCKET}/{PREFIX}/"):
+                raise StepFailed(f"expected the artifact in s3://{BUCKET}/{PREFIX}/, got {v1['artifact']}")
+            files = storage.list_files(v1["artifact"])
+            note(f"{v1['artifact']}: {', '.join(files)}")
+            if "kiln-registration.json" not in files:
+                raise StepFailed(f"no registration record next to {v1['artifact']}: {files}")
             figures["v1: registered accuracy"] = v1["accuracy"]
-            s.detail = f"version {v1['version']}, test accuracy {v1['accuracy']:.4f}"
+            figures["v1: artifact"] = v1["artifact"]
+            s.detail = f"version {v1['version']}, test accuracy {v1['accuracy']:.4f}, in {v1['artifact']}"
         with Step("3. promote version 1 to Production") as s:
             secs = self.promote(1)
             s.detail = f"status.stages.production = 1 after {secs:.1f}s"
 
         with Step("4. InferenceService `digits` serving v1; held-out digits via the Service") as s:
             isvc = yaml.safe_load((DEMO_D / "inferenceservice.yaml").read_text())
-            isvc["spec"]["runtime"]["artifactVolume"]["hostPath"]["path"] = str(HOST_ARTIFACTS)
             t0 = time.monotonic()
             c.apply(isvc, NS)
             poll(
