@@ -138,10 +138,100 @@ def backoff_seconds(spec: TrainingJobSpec, restart: int) -> float:
 
 
 def plan(job: dict[str, Any], spec: TrainingJobSpec, pods: list[dict[str, Any]], now: datetime) -> Plan:
-    """Decide the next step of a TrainingJob from its current state (see the module docstring)."""
+    """Decide the next step of a TrainingJob from its current state (see the module docstring).
+
+    One function per phase, in priority order: :func:`_terminal`, :func:`_suspended` (and
+    :func:`_resumed`), then the first of :func:`_deadline`, :func:`_rank0_succeeded`,
+    :func:`_disrupted`, :func:`_pod_failed`, :func:`_gang_missing` that applies, else
+    :func:`_steady`. Each returns the finished :class:`Plan`, or None when it does not apply.
+    """
+    r = _observe(job, spec, pods, now)
+    conditions = r.status.get("conditions")
+    if is_true(conditions, "Succeeded") or is_true(conditions, "Failed"):
+        return _terminal(r)
+    if spec.suspend:
+        return _suspended(r)
+    if is_true(conditions, "Suspended"):
+        _resumed(r)
+    for phase in (_deadline, _rank0_succeeded, _disrupted, _pod_failed, _gang_missing):
+        decided = phase(r)
+        if decided is not None:
+            return decided
+    return _steady(r)
+
+
+@dataclass
+class _Reconcile:
+    """One :func:`plan` call: its inputs, the pods by gang, and the :class:`Plan` being built.
+
+    ``gang`` is ``status.gang`` as the reconcile found it; ``current`` its pods (by rank),
+    ``stale`` the pods of other gangs; ``gen`` the job's ``metadata.generation``.
+    """
+
+    job: dict[str, Any]
+    spec: TrainingJobSpec
+    now: datetime
+    p: Plan
+    gen: int | None
+    views: list[PodView]
+    gang: int
+    current: list[PodView]
+    stale: list[PodView]
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.p.status
+
+    def cond(self, type_: str, value: str, reason: str, message: str = "") -> None:
+        self.status["conditions"] = set_condition(
+            self.status.get("conditions"), type_, value, reason, message, generation=self.gen, now=self.now
+        )
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.p.events.append((type_, reason, message))
+
+    def delete(self, vs: list[PodView]) -> None:
+        """Delete these pods (those not already being deleted)."""
+        self.p.delete_pods.extend((v.name, v.uid) for v in vs if not v.deleting)
+
+    def unfinished(self) -> list[PodView]:
+        """Every pod that still runs or waits (finished pods keep their logs)."""
+        return [v for v in self.views if not v.finished]
+
+    def finish(self, succeeded: bool, reason: str, message: str) -> None:
+        """Mark the job Succeeded or Failed: conditions, phase, ``completionTime``, an Event."""
+        self.cond("Succeeded" if succeeded else "Failed", TRUE, reason, message)
+        self.cond("Running", FALSE, reason, message)
+        self.cond("Restarting", FALSE, reason, message)
+        self.status["phase"] = "Succeeded" if succeeded else "Failed"
+        self.status["completionTime"] = rfc3339(self.now)
+        self.status.pop("nextRestartTime", None)
+        self.event(NORMAL if succeeded else WARNING, reason, message)
+
+    def fail(self, reason: str, message: str) -> Plan:
+        """Fail the job now: delete its unfinished pods, finish it Failed, then the terminal tail."""
+        self.delete(self.unfinished())
+        self.finish(False, reason, message)
+        return self.tail()
+
+    def tail(self) -> Plan:
+        """A terminal job's end of plan: registration, Ready, ``ttlSecondsAfterFinished``."""
+        _terminal_tail(self.job, self.spec, self.p, self.now)
+        return self.p
+
+    def settle(self) -> Plan:
+        """A non-terminal end of plan: the Ready condition from the status built so far."""
+        _ready(self.p, self.now, self.gen)
+        return self.p
+
+
+def _observe(
+    job: dict[str, Any], spec: TrainingJobSpec, pods: list[dict[str, Any]], now: datetime
+) -> _Reconcile:
+    """Start a plan: a copy of the status with the counters defaulted, node counts of the
+    current gang and ``observedGeneration``; the pods split into the current gang and stale."""
     status: dict[str, Any] = copy.deepcopy(job.get("status") or {})
     gen = job.get("metadata", {}).get("generation")
-    p = Plan(status=status)
     views = [view(x) for x in pods]
     gang = int(status.get("gang", 0))
     current = sorted((v for v in views if v.gang == gang), key=lambda v: v.rank)
@@ -156,182 +246,189 @@ def plan(job: dict[str, Any], spec: TrainingJobSpec, pods: list[dict[str, Any]],
         "failed": sum(v.phase == "Failed" for v in current),
     }
     status["observedGeneration"] = gen
+    return _Reconcile(job, spec, now, Plan(status=status), gen, views, gang, current, stale)
 
-    def cond(type_: str, value: str, reason: str, message: str = "") -> None:
-        status["conditions"] = set_condition(
-            status.get("conditions"), type_, value, reason, message, generation=gen, now=now
-        )
 
-    def event(type_: str, reason: str, message: str) -> None:
-        p.events.append((type_, reason, message))
+def _terminal(r: _Reconcile) -> Plan:
+    """Succeeded or Failed: free the GPUs (delete unfinished pods), never recreate, honour the TTL."""
+    r.delete(r.unfinished())
+    return r.tail()
 
-    def delete(vs: list[PodView]) -> None:
-        p.delete_pods.extend((v.name, v.uid) for v in vs if not v.deleting)
 
-    def finish(succeeded: bool, reason: str, message: str) -> None:
-        cond("Succeeded" if succeeded else "Failed", TRUE, reason, message)
-        cond("Running", FALSE, reason, message)
-        cond("Restarting", FALSE, reason, message)
-        status["phase"] = "Succeeded" if succeeded else "Failed"
-        status["completionTime"] = rfc3339(now)
-        status.pop("nextRestartTime", None)
-        event(NORMAL if succeeded else WARNING, reason, message)
+def _suspended(r: _Reconcile) -> Plan:
+    """``spec.suspend``: no pods, job kept. On entering, the gang number moves on (if it had pods)
+    so resuming makes a fresh gang; ``startTime`` is dropped, so the deadline clock restarts."""
+    r.delete(r.views)
+    if not is_true(r.status.get("conditions"), "Suspended"):
+        r.cond("Suspended", TRUE, "Suspended", "spec.suspend is true: pods deleted, job kept")
+        r.cond("Running", FALSE, "Suspended", "")
+        r.event(NORMAL, "Suspended", "job suspended; pods deleted")
+        if r.current:
+            r.status["gang"] = r.gang + 1
+    r.status["phase"] = "Suspended"
+    r.status.pop("startTime", None)
+    return r.settle()
 
-    conditions = status.get("conditions")
-    # 1. Terminal: free the GPUs, never recreate, honour the TTL.
-    if is_true(conditions, "Succeeded") or is_true(conditions, "Failed"):
-        delete([v for v in views if not v.finished])
-        _terminal_tail(job, spec, p, now)
-        return p
 
-    # 2. Suspended: no pods; resume makes a fresh gang with a fresh deadline clock.
-    if spec.suspend:
-        delete(views)
-        if not is_true(conditions, "Suspended"):
-            cond("Suspended", TRUE, "Suspended", "spec.suspend is true: pods deleted, job kept")
-            cond("Running", FALSE, "Suspended", "")
-            event(NORMAL, "Suspended", "job suspended; pods deleted")
-            if current:
-                status["gang"] = gang + 1
-        status["phase"] = "Suspended"
-        status.pop("startTime", None)
-        _ready(p, now, gen)
-        return p
-    if is_true(conditions, "Suspended"):
-        cond("Suspended", FALSE, "Resumed", "spec.suspend is false")
-        event(NORMAL, "Resumed", "job resumed")
+def _resumed(r: _Reconcile) -> None:
+    """A suspended job whose ``spec.suspend`` is false again: Suspended=False and an Event; the
+    phases below then create the new gang."""
+    r.cond("Suspended", FALSE, "Resumed", "spec.suspend is false")
+    r.event(NORMAL, "Resumed", "job resumed")
 
-    # 3. Deadline.
-    start = parse_time(status.get("startTime"))
-    if start and spec.active_deadline_seconds:
-        left = (start + timedelta(seconds=spec.active_deadline_seconds) - now).total_seconds()
-        if left <= 0:
-            delete([v for v in views if not v.finished])
-            finish(
-                False,
-                "DeadlineExceeded",
-                f"job ran longer than activeDeadlineSeconds={spec.active_deadline_seconds}",
-            )
-            _terminal_tail(job, spec, p, now)
-            return p
-        p.requeue(left)
 
-    # 4. Success of rank 0.
-    rank0 = next((v for v in current if v.rank == 0), None)
-    if rank0 and rank0.phase == "Succeeded":
-        delete([v for v in views if not v.finished])
-        try:
-            result = parse_termination_message(rank0.message)
-        except TerminationMessageError as e:
-            status["lastFailure"] = _failure(rank0, now, e.reason, str(e))
-            finish(False, e.reason, f"rank 0 exited 0 but its result is unusable: {e}")
-        else:
-            status["result"] = {
-                "artifactUri": result.artifactUri,
-                "digest": result.digest,
-                "metrics": result.metrics,
-            }
-            finish(True, "Succeeded", f"rank 0 finished; artifact {result.artifactUri}")
-            if spec.model_ref and status.get("registeredVersion") is None:
-                p.register = result
-        _terminal_tail(job, spec, p, now)
-        return p
+def _deadline(r: _Reconcile) -> Plan | None:
+    """``activeDeadlineSeconds`` since ``startTime``: over, the job fails (DeadlineExceeded);
+    else a requeue for when it will be."""
+    start = parse_time(r.status.get("startTime"))
+    limit = r.spec.active_deadline_seconds
+    if not (start and limit):
+        return None
+    left = (start + timedelta(seconds=limit) - r.now).total_seconds()
+    if left > 0:
+        r.p.requeue(left)
+        return None
+    return r.fail("DeadlineExceeded", f"job ran longer than activeDeadlineSeconds={limit}")
 
-    # 5. Failures and disruptions restart the whole gang.
-    failed = [v for v in current if v.phase == "Failed"]
-    started = any(v.phase in ("Running", "Succeeded", "Failed") for v in current)
-    vanished = started and len(current) < spec.num_nodes
-    disrupted = [v for v in current if v.disrupted or (v.deleting and not v.finished)]
-    if disrupted or vanished:
-        first = disrupted[0] if disrupted else None
-        msg = (
-            f"pod {first.name} disrupted ({first.reason or 'deleted'})"
-            if first
-            else f"{spec.num_nodes - len(current)} pod(s) of a running gang vanished"
-        )
-        status["disruptionCount"] = int(status["disruptionCount"]) + 1
-        if first:
-            status["lastFailure"] = _failure(first, now, first.reason or "Disrupted", msg)
-        _restart(p, spec, current, status, now, delay=0.0, reason="Disruption", message=msg + "; not counted")
-        cond("Restarting", TRUE, "Disruption", msg)
-        return p
-    if failed:
-        first = failed[0]
-        status["lastFailure"] = _failure(first, now, first.reason or "Error", first.message)
-        code = f"exit code {first.exit_code}" if first.exit_code is not None else "no exit code"
-        action = failure_action(spec, first.exit_code)
-        if action == PodFailurePolicyAction.FAIL_JOB:
-            delete([v for v in views if not v.finished])
-            finish(
-                False,
-                "PodFailurePolicy",
-                f"pod {first.name} failed ({code}), which podFailurePolicy makes fatal",
-            )
-            _terminal_tail(job, spec, p, now)
-            return p
-        if action == PodFailurePolicyAction.IGNORE:
-            msg = f"pod {first.name} failed ({code}); podFailurePolicy ignores it: restarting the gang, not counted"
-            _restart(p, spec, current, status, now, delay=0.0, reason="PodFailureIgnored", message=msg)
-            cond("Restarting", TRUE, "PodFailureIgnored", msg)
-            return p
-        if int(status["restartCount"]) >= spec.max_restarts:
-            delete([v for v in views if not v.finished])  # finished pods keep their logs
-            finish(
-                False,
-                "BackoffLimitExceeded",
-                f"pod {first.name} failed ({code}) after {status['restartCount']} gang restart(s); maxRestarts={spec.max_restarts}",
-            )
-            _terminal_tail(job, spec, p, now)
-            return p
-        status["restartCount"] = int(status["restartCount"]) + 1
-        delay = backoff_seconds(spec, int(status["restartCount"]))
-        msg = f"pod {first.name} failed ({code}); restarting the gang in {delay:g}s"
-        _restart(p, spec, current, status, now, delay=delay, reason="PodFailed", message=msg)
-        cond("Restarting", TRUE, "PodFailed", msg)
-        return p
 
-    # 6. Create the gang when it has no pods (after the previous gang is gone and the back-off).
-    if len(current) < spec.num_nodes:
-        next_restart = parse_time(status.get("nextRestartTime"))
-        if stale:
-            delete(stale)
-            p.requeue(TERMINATING_POLL_SECONDS)
-            status["phase"] = (
-                "Restarting" if status.get("restartCount") or status.get("disruptionCount") else "Pending"
-            )
-            _ready(p, now, gen)
-            return p
-        if next_restart and next_restart > now:
-            p.requeue((next_restart - now).total_seconds())
-            status["phase"] = "Restarting"
-            _ready(p, now, gen)
-            return p
-        p.create_gang = True
-        status.pop("nextRestartTime", None)
-        if not status.get("startTime"):
-            status["startTime"] = rfc3339(now)
-            if spec.active_deadline_seconds:
-                p.requeue(spec.active_deadline_seconds)
-        was_restarting = is_true(status.get("conditions"), "Restarting")
-        cond("Created", TRUE, "PodsCreated", f"gang {gang}: {spec.num_nodes} pod(s)")
-        if was_restarting:
-            cond("Restarting", FALSE, "GangRecreated", f"gang {gang} created")
-        if not current:
-            event(NORMAL, "GangCreated", f"created gang {gang} of {spec.num_nodes} pod(s)")
-        status["phase"] = "Pending"
-        _ready(p, now, gen)
-        return p
-
-    # 7. Steady state.
-    if all(v.phase == "Running" for v in current):
-        if not is_true(status.get("conditions"), "Running"):
-            cond("Running", TRUE, "AllPodsRunning", f"{len(current)} pod(s) running")
-            event(NORMAL, "Running", f"all {len(current)} pod(s) running")
-        status["phase"] = "Running"
+def _rank0_succeeded(r: _Reconcile) -> Plan | None:
+    """Rank 0 Succeeded: the job succeeds with the result in its termination message (registered
+    next, with a modelRef), or fails when that result is missing or malformed."""
+    rank0 = next((v for v in r.current if v.rank == 0), None)
+    if rank0 is None or rank0.phase != "Succeeded":
+        return None
+    r.delete(r.unfinished())
+    try:
+        result = parse_termination_message(rank0.message)
+    except TerminationMessageError as e:
+        r.status["lastFailure"] = _failure(rank0, r.now, e.reason, str(e))
+        r.finish(False, e.reason, f"rank 0 exited 0 but its result is unusable: {e}")
     else:
-        status["phase"] = "Pending"
-    _ready(p, now, gen)
-    return p
+        r.status["result"] = {
+            "artifactUri": result.artifactUri,
+            "digest": result.digest,
+            "metrics": result.metrics,
+        }
+        r.finish(True, "Succeeded", f"rank 0 finished; artifact {result.artifactUri}")
+        if r.spec.model_ref and r.status.get("registeredVersion") is None:
+            r.p.register = result
+    return r.tail()
+
+
+def _disrupted(r: _Reconcile) -> Plan | None:
+    """A pod evicted, preempted or deleted under the gang, or pods of a started gang vanished
+    (node loss): restart the gang at once, counted in ``disruptionCount``, not ``restartCount``."""
+    current, num_nodes = r.current, r.spec.num_nodes
+    started = any(v.phase in ("Running", "Succeeded", "Failed") for v in current)
+    vanished = started and len(current) < num_nodes
+    disrupted = [v for v in current if v.disrupted or (v.deleting and not v.finished)]
+    if not (disrupted or vanished):
+        return None
+    first = disrupted[0] if disrupted else None
+    msg = (
+        f"pod {first.name} disrupted ({first.reason or 'deleted'})"
+        if first
+        else f"{num_nodes - len(current)} pod(s) of a running gang vanished"
+    )
+    r.status["disruptionCount"] = int(r.status["disruptionCount"]) + 1
+    if first:
+        r.status["lastFailure"] = _failure(first, r.now, first.reason or "Disrupted", msg)
+    _restart(
+        r.p, r.spec, current, r.status, r.now, delay=0.0, reason="Disruption", message=msg + "; not counted"
+    )
+    r.cond("Restarting", TRUE, "Disruption", msg)
+    return r.p
+
+
+def _pod_failed(r: _Reconcile) -> Plan | None:
+    """A pod of the gang Failed (the lowest rank is reported): ``podFailurePolicy`` fails the job
+    (FailJob), restarts the gang uncounted (Ignore), or the failure counts (:func:`_counted_failure`)."""
+    failed = [v for v in r.current if v.phase == "Failed"]
+    if not failed:
+        return None
+    first = failed[0]
+    r.status["lastFailure"] = _failure(first, r.now, first.reason or "Error", first.message)
+    code = f"exit code {first.exit_code}" if first.exit_code is not None else "no exit code"
+    action = failure_action(r.spec, first.exit_code)
+    if action == PodFailurePolicyAction.FAIL_JOB:
+        return r.fail(
+            "PodFailurePolicy", f"pod {first.name} failed ({code}), which podFailurePolicy makes fatal"
+        )
+    if action == PodFailurePolicyAction.IGNORE:
+        msg = (
+            f"pod {first.name} failed ({code}); podFailurePolicy ignores it: restarting the gang, not counted"
+        )
+        _restart(r.p, r.spec, r.current, r.status, r.now, delay=0.0, reason="PodFailureIgnored", message=msg)
+        r.cond("Restarting", TRUE, "PodFailureIgnored", msg)
+        return r.p
+    return _counted_failure(r, first, code)
+
+
+def _counted_failure(r: _Reconcile, first: PodView, code: str) -> Plan:
+    """A failure counted against ``maxRestarts``: past it the job fails (BackoffLimitExceeded),
+    else ``restartCount`` grows and the gang restarts after :func:`backoff_seconds`."""
+    restarts = int(r.status["restartCount"])
+    if restarts >= r.spec.max_restarts:
+        return r.fail(
+            "BackoffLimitExceeded",
+            f"pod {first.name} failed ({code}) after {r.status['restartCount']} gang restart(s); maxRestarts={r.spec.max_restarts}",
+        )
+    r.status["restartCount"] = restarts + 1
+    delay = backoff_seconds(r.spec, restarts + 1)
+    msg = f"pod {first.name} failed ({code}); restarting the gang in {delay:g}s"
+    _restart(r.p, r.spec, r.current, r.status, r.now, delay=delay, reason="PodFailed", message=msg)
+    r.cond("Restarting", TRUE, "PodFailed", msg)
+    return r.p
+
+
+def _gang_missing(r: _Reconcile) -> Plan | None:
+    """The gang lacks pods: first wait for the previous gang's pods to go, then for the
+    restart back-off (``nextRestartTime``), then create it (:func:`_create_gang`)."""
+    if len(r.current) >= r.spec.num_nodes:
+        return None
+    next_restart = parse_time(r.status.get("nextRestartTime"))
+    if r.stale:
+        r.delete(r.stale)
+        r.p.requeue(TERMINATING_POLL_SECONDS)
+        restarted = r.status.get("restartCount") or r.status.get("disruptionCount")
+        r.status["phase"] = "Restarting" if restarted else "Pending"
+        return r.settle()
+    if next_restart and next_restart > r.now:
+        r.p.requeue((next_restart - r.now).total_seconds())
+        r.status["phase"] = "Restarting"
+        return r.settle()
+    return _create_gang(r)
+
+
+def _create_gang(r: _Reconcile) -> Plan:
+    """Create the gang's pods (the controller creates those missing). The first creation starts
+    the ``activeDeadlineSeconds`` clock (``startTime``); a recreation ends Restarting."""
+    r.p.create_gang = True
+    r.status.pop("nextRestartTime", None)
+    if not r.status.get("startTime"):
+        r.status["startTime"] = rfc3339(r.now)
+        if r.spec.active_deadline_seconds:
+            r.p.requeue(r.spec.active_deadline_seconds)
+    was_restarting = is_true(r.status.get("conditions"), "Restarting")
+    r.cond("Created", TRUE, "PodsCreated", f"gang {r.gang}: {r.spec.num_nodes} pod(s)")
+    if was_restarting:
+        r.cond("Restarting", FALSE, "GangRecreated", f"gang {r.gang} created")
+    if not r.current:
+        r.event(NORMAL, "GangCreated", f"created gang {r.gang} of {r.spec.num_nodes} pod(s)")
+    r.status["phase"] = "Pending"
+    return r.settle()
+
+
+def _steady(r: _Reconcile) -> Plan:
+    """The whole gang exists and nothing failed: Running once every pod runs, else Pending."""
+    if all(v.phase == "Running" for v in r.current):
+        if not is_true(r.status.get("conditions"), "Running"):
+            r.cond("Running", TRUE, "AllPodsRunning", f"{len(r.current)} pod(s) running")
+            r.event(NORMAL, "Running", f"all {len(r.current)} pod(s) running")
+        r.status["phase"] = "Running"
+    else:
+        r.status["phase"] = "Pending"
+    return r.settle()
 
 
 def _failure(v: PodView, now: datetime, reason: str, message: str) -> dict[str, Any]:

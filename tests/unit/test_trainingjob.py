@@ -312,6 +312,32 @@ def test_suspend_and_resume():
     assert resumed.status["startTime"] == rfc3339(T0 + timedelta(seconds=5))
 
 
+def test_suspended_job_reconciled_again_stays_put():
+    """Only entering suspension moves the gang on and posts an Event; later reconciles of the
+    suspended job change nothing more. A gang without pods is not moved on."""
+    st = {"gang": 0, "startTime": rfc3339(T0)}
+    first = plan(job(status=st), spec(suspend=True), [pod(0), pod(1)], T0)
+    assert first.status["gang"] == 1 and [e[1] for e in first.events] == ["Suspended"]
+    terminating = [pod(0, deleting=True), pod(1, deleting=True)]
+    again = plan(job(status=first.status), spec(suspend=True), terminating, T0 + timedelta(seconds=5))
+    assert again.status["gang"] == 1 and again.events == [] and again.delete_pods == []
+    assert again.status["phase"] == "Suspended" and again.status["conditions"] == first.status["conditions"]
+    never_started = plan(job(status={"gang": 0}), spec(suspend=True), [], T0)
+    assert never_started.status["gang"] == 0 and is_true(never_started.status["conditions"], "Suspended")
+
+
+def test_partly_created_gang_is_completed_then_pending_until_all_run():
+    """Only rank 0 was created (the operator restarted mid-creation): the next plan creates the
+    rest without a second GangCreated Event; the job stays Pending until every pod runs."""
+    st = {"gang": 0, "startTime": rfc3339(T0)}
+    p = plan(job(status=st), spec(), [pod(0, "Pending")], T0)
+    assert p.create_gang and p.events == [] and p.status["phase"] == "Pending"
+    assert is_true(p.status["conditions"], "Created")
+    p = plan(job(status=p.status), spec(), [pod(0), pod(1, "Pending")], T0 + timedelta(seconds=1))
+    assert not p.create_gang and p.events == [] and p.status["phase"] == "Pending"
+    assert not is_true(p.status["conditions"], "Running")
+
+
 def test_idempotent_when_nothing_changes():
     st = {"gang": 0, "startTime": rfc3339(T0)}
     first = plan(job(status=st), spec(), [pod(0), pod(1)], T0)

@@ -114,6 +114,11 @@ def resolve(
 ) -> Resolution:
     """Compute the stages and aliases in force (rules in the module docstring).
 
+    The rules apply in rank order: valid spec declarations (:func:`_declared_stages`, then
+    :func:`_archived`), kept previous versions of refused declarations (:func:`_kept_stages`),
+    policy picks (:func:`_policy_stages`); aliases (:func:`_aliases`) are independent. Refusals
+    are listed in that order; each artifact is checked at most once.
+
     Args:
         spec: the Model's spec.
         status: the current status (``versions``, ``stages``, ``aliases``, ``policyStages``).
@@ -126,137 +131,218 @@ def resolve(
     Returns:
         The :class:`Resolution`; ``changes`` are history entries stamped ``now``.
     """
-    known = {v.version: v for v in status.versions or []}
+    gate = _Gate({v.version: v for v in status.versions or []}, status.latest_version, check)
     cur = status.stages or StageAssignments()
     decl = spec.stages or StageAssignments()
-    pol = status.policy_stages or StageAssignments()
-    refusals: list[Refusal] = []
-    checked: dict[int, Problem | None] = {}
+    picks = _Picks()
+    _declared_stages(decl, cur, gate, picks)
+    archived = _archived(decl, cur, gate, picks)
+    _kept_stages(decl, cur, gate.known, picks)
+    _policy_stages(decl, status.policy_stages or StageAssignments(), gate.known, picks)
+    cur_aliases = dict(status.aliases or {})
+    aliases = _aliases(spec.aliases or {}, cur_aliases, gate)
 
-    def admissible(target: str, n: int, in_force: bool, *, verify: bool = True) -> bool:
-        if n not in known:
-            detail = "was pruned" if n <= status.latest_version else "is not registered"
-            refusals.append(
-                Refusal(
-                    target, n, VERSION_NOT_FOUND, f"version {n} {detail} (latest is {status.latest_version})"
-                )
-            )
+    stamp = _Stamp(now, spec_cause, registered, policy_notes or {})
+    changes = [
+        *_stage_changes(cur, decl, picks, stamp),
+        *_archive_changes(list(cur.archived or []), archived, stamp),
+        *_alias_changes(cur_aliases, aliases, stamp),
+    ]
+    values = {name: v for name, (v, _) in picks.chosen.items()}
+    stages = StageAssignments(**values, archived=archived or None) if values or archived else None
+    return Resolution(stages=stages, aliases=aliases or None, changes=changes, refusals=gate.refusals)
+
+
+@dataclass
+class _Gate:
+    """Admission of a version to a stage or alias during one :func:`resolve`.
+
+    ``known``: the kept versions by number; ``latest``: ``status.latestVersion``. Collects the
+    refusals in the order they happen and caches ``check``'s answer per version.
+    """
+
+    known: dict[int, ModelVersion]
+    latest: int
+    check: Check
+    checked: dict[int, Problem | None] = field(default_factory=dict)
+    refusals: list[Refusal] = field(default_factory=list)
+
+    def admit(self, target: str, n: int, in_force: bool, *, verify: bool = True) -> bool:
+        """Whether version ``n`` may back ``target``; a refusal is recorded when not.
+
+        The version must be kept (VersionNotFound names pruned vs never registered). Its
+        artifact is verified only when the assignment would change (``in_force`` False) and
+        ``verify`` is set; the check's Problem becomes the refusal.
+        """
+        if n not in self.known:
+            detail = "was pruned" if n <= self.latest else "is not registered"
+            message = f"version {n} {detail} (latest is {self.latest})"
+            self.refusals.append(Refusal(target, n, VERSION_NOT_FOUND, message))
             return False
         if in_force or not verify:
             return True
-        if n not in checked:
-            checked[n] = check(known[n])
-        problem = checked[n]
+        if n not in self.checked:
+            self.checked[n] = self.check(self.known[n])
+        problem = self.checked[n]
         if problem is not None:
-            refusals.append(Refusal(target, n, problem.reason, problem.message))
+            self.refusals.append(Refusal(target, n, problem.reason, problem.message))
             return False
         return True
 
-    chosen: dict[str, tuple[int, str]] = {}  # field -> (version, source: spec | kept | policy)
-    taken: set[int] = set()
+
+@dataclass
+class _Picks:
+    """The stage picks so far: field -> (version, source: spec | kept | policy), and the
+    versions already holding a stage or archived (a version holds at most one)."""
+
+    chosen: dict[str, tuple[int, str]] = field(default_factory=dict)
+    taken: set[int] = field(default_factory=set)
+
+    def take(self, name: str, n: int, source: str) -> None:
+        self.chosen[name] = (n, source)
+        self.taken.add(n)
+
+
+def _declared_stages(decl: StageAssignments, cur: StageAssignments, gate: _Gate, picks: _Picks) -> None:
+    """Rule 1: each stage spec declares, if the gate admits the declared version."""
     for name, _ in STAGE_FIELDS:
         n = getattr(decl, name)
-        if n is not None and admissible(f"stages.{name}", n, getattr(cur, name) == n):
-            chosen[name] = (n, "spec")
-            taken.add(n)
+        if n is not None and gate.admit(f"stages.{name}", n, getattr(cur, name) == n):
+            picks.take(name, n, "spec")
+
+
+def _archived(decl: StageAssignments, cur: StageAssignments, gate: _Gate, picks: _Picks) -> list[int]:
+    """``archived`` from spec only: each declared version that exists (no artifact needed)."""
     archived: list[int] = []
     for n in decl.archived or []:
         # Retiring a version needs no artifact: only that it exists.
-        if admissible("stages.archived", n, n in (cur.archived or []), verify=False):
+        if gate.admit("stages.archived", n, n in (cur.archived or []), verify=False):
             archived.append(n)
-            taken.add(n)
+            picks.taken.add(n)
+    return archived
+
+
+def _kept_stages(
+    decl: StageAssignments, cur: StageAssignments, known: Mapping[int, ModelVersion], picks: _Picks
+) -> None:
+    """Rule 1's refusals: a declared stage whose declaration was refused keeps its previous
+    version, if that is still kept and holds nothing else now."""
     for name, _ in STAGE_FIELDS:
         prev = getattr(cur, name)
-        if getattr(decl, name) is not None and name not in chosen and prev in known and prev not in taken:
-            chosen[name] = (prev, "kept")
-            taken.add(prev)
+        if (
+            getattr(decl, name) is not None
+            and name not in picks.chosen
+            and prev in known
+            and prev not in picks.taken
+        ):
+            picks.take(name, prev, "kept")
+
+
+def _policy_stages(
+    decl: StageAssignments, pol: StageAssignments, known: Mapping[int, ModelVersion], picks: _Picks
+) -> None:
+    """Rule 2: a stage spec does not declare holds the policy's pick, if kept and not taken."""
     for name, _ in STAGE_FIELDS:
         n = getattr(pol, name)
-        if getattr(decl, name) is None and n is not None and n in known and n not in taken:
-            chosen[name] = (n, "policy")
-            taken.add(n)
+        if getattr(decl, name) is None and n is not None and n in known and n not in picks.taken:
+            picks.take(name, n, "policy")
 
-    cur_aliases = dict(status.aliases or {})
+
+def _aliases(declared: Mapping[str, int], cur_aliases: Mapping[str, int], gate: _Gate) -> dict[str, int]:
+    """Rule 4: aliases from spec only, by name; a refused one keeps its previous version (if kept)."""
     aliases: dict[str, int] = {}
-    for a, n in sorted((spec.aliases or {}).items()):
+    for a, n in sorted(declared.items()):
         prev_a = cur_aliases.get(a)
-        if admissible(f"aliases.{a}", n, prev_a == n):
+        if gate.admit(f"aliases.{a}", n, prev_a == n):
             aliases[a] = n
-        elif prev_a is not None and prev_a in known:
+        elif prev_a is not None and prev_a in gate.known:
             aliases[a] = prev_a
+    return aliases
 
-    def spec_or_registration(to: int | None) -> HistoryCause:
-        return HistoryCause.REGISTRATION if to is not None and to == registered else spec_cause
 
+@dataclass(frozen=True)
+class _Stamp:
+    """How :func:`resolve`'s history entries are stamped: time, causes, policy notes."""
+
+    now: str
+    spec_cause: HistoryCause
+    registered: int | None
+    policy_notes: Mapping[str, str]
+
+    def spec_or_registration(self, to: int | None) -> HistoryCause:
+        """Registration for a change to the version registered in this step, else ``spec_cause``."""
+        return HistoryCause.REGISTRATION if to is not None and to == self.registered else self.spec_cause
+
+
+def _stage_changes(
+    cur: StageAssignments, decl: StageAssignments, picks: _Picks, stamp: _Stamp
+) -> list[HistoryEntry]:
+    """One entry per stage whose version changes: cause Policy for a policy pick (noted with its
+    rule), else the spec cause with :func:`_spec_note`."""
     changes: list[HistoryEntry] = []
     for name, stage in STAGE_FIELDS:
         old = getattr(cur, name)
-        new, source = chosen.get(name, (None, "none"))
+        new, source = picks.chosen.get(name, (None, "none"))
         if old == new:
             continue
         if source == "policy":
-            note = (policy_notes or {}).get(name) or "in force from promotionPolicy"
-            changes.append(
-                history.entry(
-                    now,
-                    HistoryCause.POLICY,
-                    stage=stage.value,
-                    from_version=old,
-                    to_version=new,
-                    message=note,
-                )
-            )
+            cause = HistoryCause.POLICY
+            note = stamp.policy_notes.get(name) or "in force from promotionPolicy"
         else:
-            changes.append(
-                history.entry(
-                    now,
-                    spec_or_registration(new),
-                    stage=stage.value,
-                    from_version=old,
-                    to_version=new,
-                    message=_spec_note(name, decl, old, new, taken),
-                )
-            )
-    old_archived = list(cur.archived or [])
-    for n in archived:
-        if n not in old_archived:
-            changes.append(
-                history.entry(
-                    now,
-                    spec_or_registration(n),
-                    stage=Stage.ARCHIVED.value,
-                    to_version=n,
-                    message="spec.stages.archived",
-                )
-            )
-    for n in old_archived:
-        if n not in archived:
-            changes.append(
-                history.entry(
-                    now,
-                    spec_cause,
-                    stage=Stage.ARCHIVED.value,
-                    from_version=n,
-                    message="removed from spec.stages.archived",
-                )
-            )
+            cause = stamp.spec_or_registration(new)
+            note = _spec_note(name, decl, old, new, picks.taken)
+        changes.append(
+            history.entry(stamp.now, cause, stage=stage.value, from_version=old, to_version=new, message=note)
+        )
+    return changes
+
+
+def _archive_changes(old_archived: list[int], archived: list[int], stamp: _Stamp) -> list[HistoryEntry]:
+    """Archived versions added (in spec order), then those no longer archived (in status order)."""
+    added = [
+        history.entry(
+            stamp.now,
+            stamp.spec_or_registration(n),
+            stage=Stage.ARCHIVED.value,
+            to_version=n,
+            message="spec.stages.archived",
+        )
+        for n in archived
+        if n not in old_archived
+    ]
+    removed = [
+        history.entry(
+            stamp.now,
+            stamp.spec_cause,
+            stage=Stage.ARCHIVED.value,
+            from_version=n,
+            message="removed from spec.stages.archived",
+        )
+        for n in old_archived
+        if n not in archived
+    ]
+    return added + removed
+
+
+def _alias_changes(
+    cur_aliases: Mapping[str, int], aliases: Mapping[str, int], stamp: _Stamp
+) -> list[HistoryEntry]:
+    """One entry per alias (by name) set, moved or removed."""
+    changes: list[HistoryEntry] = []
     for a in sorted(set(cur_aliases) | set(aliases)):
         old_v, new_v = cur_aliases.get(a), aliases.get(a)
         if old_v != new_v:
             changes.append(
                 history.entry(
-                    now,
-                    spec_or_registration(new_v),
+                    stamp.now,
+                    stamp.spec_or_registration(new_v),
                     alias=a,
                     from_version=old_v,
                     to_version=new_v,
                     message=f"spec.aliases.{a}",
                 )
             )
-
-    values = {name: v for name, (v, _) in chosen.items()}
-    stages = StageAssignments(**values, archived=archived or None) if values or archived else None
-    return Resolution(stages=stages, aliases=aliases or None, changes=changes, refusals=refusals)
+    return changes
 
 
 def _spec_note(name: str, decl: StageAssignments, old: int | None, new: int | None, taken: set[int]) -> str:
