@@ -24,12 +24,12 @@ def test_delete_file_local(tmp_path: Path):
 def test_delete_file_s3(private_s3: PrivateS3, monkeypatch: pytest.MonkeyPatch):  # noqa: F811
     for k, v in private_s3.aws_env().items():
         monkeypatch.setenv(k, v)
-    private_s3.client().create_bucket(Bucket="b")
-    storage.write_bytes("s3://b/p/x.json", b"{}")
-    storage.write_bytes("s3://b/p/y.json", b"{}")
-    storage.delete_file("s3://b/p/x.json")
-    assert storage.list_files("s3://b/p") == ["y.json"]
-    storage.delete_file("s3://b/p/x.json")  # absent: nothing happens
+    private_s3.client().create_bucket(Bucket="kiln-test")
+    storage.write_bytes("s3://kiln-test/p/x.json", b"{}")
+    storage.write_bytes("s3://kiln-test/p/y.json", b"{}")
+    storage.delete_file("s3://kiln-test/p/x.json")
+    assert storage.list_files("s3://kiln-test/p") == ["y.json"]
+    storage.delete_file("s3://kiln-test/p/x.json")  # absent: nothing happens
     with pytest.raises(storage.StorageError) as e:
         storage.delete_file("s3://no-such-bucket/p/x.json")
     assert e.value.reason == storage.BUCKET_NOT_FOUND and "no-such-bucket" in str(e.value)
