@@ -180,6 +180,11 @@ class DatasetSpec(BaseModel):
         return self.builtin if self.builtin is not None else str(self.uri)
 
 
+def default_staging_dir() -> Path:
+    """``<system temp dir>/kiln-staging`` (``/tmp/kiln-staging`` in the trainer image)."""
+    return Path(tempfile.gettempdir()) / "kiln-staging"
+
+
 @dataclass
 class TrainConfig:
     """Everything one trainer process needs, resolved from environment and flags."""
@@ -195,7 +200,7 @@ class TrainConfig:
     output_remote: storage.Location | None = None
     #: Local scratch space for downloads (datasets, checkpoints) and uploads (``KILN_STAGING_DIR``,
     #: default ``<system temp dir>/kiln-staging``; pods with an s3:// output get an emptyDir there).
-    staging_dir: Path = field(default_factory=lambda: default_staging_dir())
+    staging_dir: Path = field(default_factory=default_staging_dir)
     model_name: str = DEFAULT_MODEL_NAME
     #: TrainingJob name: the artifact's run directory and the key for resuming checkpoints. When
     #: empty, rank 0 uses a UTC timestamp and a restarted run cannot resume (no stable key).
@@ -216,11 +221,6 @@ class TrainConfig:
     fail_after_epoch: int | None = None
     fail_rank: int | None = None
     warnings: list[str] = field(default_factory=list)
-
-
-def default_staging_dir() -> Path:
-    """``<system temp dir>/kiln-staging`` (``/tmp/kiln-staging`` in the trainer image)."""
-    return Path(tempfile.gettempdir()) / "kiln-staging"
 
 
 class _ArgumentParser(argparse.ArgumentParser):
