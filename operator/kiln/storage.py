@@ -551,6 +551,23 @@ def upload_dir(src: Path, uri: str | Location, *, last: Sequence[str] = ()) -> l
     return ordered
 
 
+def delete_file(uri: str | Location) -> None:
+    """Delete one object or file; nothing happens when it does not exist.
+
+    Raises:
+        StorageError: see the module docstring (a missing bucket is BucketNotFound).
+    """
+    loc = parse(uri)
+    if loc.is_local:
+        try:
+            loc.path.unlink(missing_ok=True)
+        except OSError as e:
+            raise _local_errors(loc, "delete", e) from e
+        return
+    with _s3_errors(loc, "delete"):
+        s3_client().delete_object(Bucket=loc.bucket, Key=loc.key)
+
+
 def delete_tree(uri: str | Location) -> int:
     """Delete every object below a prefix (or a local directory tree). Returns how many.
 

@@ -5,8 +5,16 @@ group -> rank 0 decides the plan (already done? resume from which checkpoint?) a
 -> train -> evaluate on the test split -> leave the group -> rank 0 writes the artifact and the
 termination message, then removes the checkpoints.
 
+With an ``s3://`` output (``KILN_OUTPUT_URI``) the pod has no output volume: rank 0 assembles the
+artifact and each checkpoint under ``KILN_STAGING_DIR`` and uploads them (``kiln.storage``), and
+after a gang restart it resumes from the newest checkpoint in the bucket; an ``s3://`` dataset is
+downloaded there first (every rank).
+
 Exit codes: 0 success (also when the artifact of this run already exists: the result is reported
-again, so a restart after a late crash is harmless), 1 crash or internal error, 2 bad input.
+again, so a restart after a late crash is harmless), 1 crash or internal error, or an object store
+still unavailable after botocore's retries (``StoreUnavailable``: the gang restart retries it),
+2 bad input, including an object store that answers no such bucket, no such object or access
+denied (``kiln.storage.StorageError``; the termination message names bucket, key and cause).
 """
 
 from __future__ import annotations
@@ -21,11 +29,13 @@ import tempfile
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kiln
+from kiln import storage
 from kiln.artifact import (
     FAULT_INJECTION_FAIL_RATE_KEY,
+    METADATA_FILE,
     ArtifactError,
     ArtifactMetadata,
     DatasetInfo,
@@ -37,8 +47,13 @@ from kiln.artifact import (
     utc_now_rfc3339,
     verify_artifact,
 )
+from kiln.storage import StorageError
 from kiln.trainer.config import TrainConfig, UsageError, resolve_config, termination_log_from_env
 from kiln.trainer.output import write_failure_message
+
+if TYPE_CHECKING:  # torch-importing modules are loaded lazily, after configuration
+    from kiln.trainer.checkpoint import CheckpointMirror
+    from kiln.trainer.loop import FitResult
 
 log = logging.getLogger("kiln.trainer")
 
@@ -100,12 +115,12 @@ def run(config: TrainConfig) -> int:
     """
     import torch
 
+    from kiln.trainer.checkpoint import CheckpointMirror
     from kiln.trainer.data import load_dataset, normalisation, stratified_split
     from kiln.trainer.distributed import setup_distributed
     from kiln.trainer.loop import SplitTensors, config_fingerprint, evaluate, fit, resolve_precision
     from kiln.trainer.output import (
         run_timestamp,
-        write_artifact,
         write_termination_message,
     )
 
@@ -119,7 +134,7 @@ def run(config: TrainConfig) -> int:
         for w in config.warnings:
             log.warning("%s", w)
 
-    dataset = load_dataset(config.dataset)
+    dataset = load_dataset(config.dataset, config.staging_dir)
     split = stratified_split(
         dataset.labels,
         seed=hp.effective_split_seed,
@@ -139,18 +154,22 @@ def run(config: TrainConfig) -> int:
         plan = ctx.broadcast_object(plan)
         if plan.get("usage_error"):
             raise UsageError(plan["usage_error"])
+        if plan.get("storage_error"):
+            raise StorageError(*plan["storage_error"])
         if plan.get("error"):
             raise RuntimeError(plan["error"])
-        final_dir = Path(plan["artifact_dir"])
         if plan.get("done"):
             if ctx.is_main:
-                log.info("artifact %s of this run already exists; reporting it again", final_dir)
+                log.info("artifact %s of this run already exists; reporting it again", plan["artifact_uri"])
                 write_termination_message(
                     config.termination_log, plan["result"], config.termination_log_explicit
                 )
                 print(plan["result"], flush=True)
             return 0
         ckpt_root = Path(plan["checkpoint_root"])
+        mirror = (
+            CheckpointMirror(storage.parse(plan["checkpoint_remote"])) if plan["checkpoint_remote"] else None
+        )
 
         if ctx.is_main:
             log.info(
@@ -200,6 +219,7 @@ def run(config: TrainConfig) -> int:
             model_config,
             checkpoint_root=ckpt_root,
             keep_checkpoints=config.keep_checkpoints,
+            checkpoint_mirror=mirror,
             fingerprint=fingerprint,
             resume_from=Path(resume) if resume is not None else None,
             fail_after_epoch=config.fail_after_epoch,
@@ -244,38 +264,74 @@ def run(config: TrainConfig) -> int:
             fail_rate,
             100 * fail_rate,
         )
+    _publish(config, plan, result, model_config, metadata, mirror)
+    return 0
+
+
+def _publish(
+    config: TrainConfig,
+    plan: dict[str, Any],
+    result: FitResult,
+    model_config: ModelConfig,
+    metadata: ArtifactMetadata,
+    mirror: CheckpointMirror | None,
+) -> None:
+    """Rank 0 after training: write the artifact (and upload it for an ``s3://`` output), write
+    the termination message, then remove the run's checkpoints (locally and in the bucket).
+
+    ``mirror`` is the bucket copy of the checkpoints (None without an ``s3://`` output).
+
+    Raises:
+        OSError: the artifact cannot be written locally (FileExistsError: it exists).
+        kiln.storage.StorageError: the upload failed.
+    """
+    from kiln.trainer.output import publish_artifact, write_artifact, write_termination_message
+
+    final_dir = Path(plan["artifact_dir"])
+    if config.output_remote is not None:
+        shutil.rmtree(final_dir, ignore_errors=True)  # staging leftovers of an interrupted upload
     written = write_artifact(
         final_dir,
         result.model.state_dict(),
         model_config,
         metadata,
-        weights_metadata=fault_injection_weights_metadata(fail_rate),
+        weights_metadata=fault_injection_weights_metadata(
+            config.hyperparameters.servingFaultInjectionFailRate
+        ),
     )
+    if config.output_remote is not None:
+        publish_artifact(final_dir, storage.parse(plan["artifact_uri"]))
+    metrics = metadata.metrics
     message = format_termination_message(
-        TrainingResult(artifactUri=path_to_uri(final_dir), digest=written.weightsDigest, metrics=metrics)
+        TrainingResult(artifactUri=plan["artifact_uri"], digest=written.weightsDigest, metrics=metrics)
     )
     write_termination_message(config.termination_log, message, config.termination_log_explicit)
     print(message, flush=True)
     log.info(
         "result accuracy=%.4f loss=%.4f val_accuracy=%.4f resumedFromEpoch=%s artifact=%s digest=%s",
-        test_acc,
-        test_loss,
-        last.val_accuracy,
+        metrics["accuracy"],
+        metrics["loss"],
+        metrics["valAccuracy"],
         result.resumed_from_epoch,
-        path_to_uri(final_dir),
+        plan["artifact_uri"],
         written.weightsDigest,
     )
-    _remove_checkpoints(ckpt_root, default_location=config.checkpoint_dir is None)
-    return 0
+    _remove_checkpoints(Path(plan["checkpoint_root"]), default_location=config.checkpoint_dir is None)
+    if mirror is not None:
+        try:
+            mirror.delete_all()
+        except StorageError as e:  # the result stands; stale checkpoints only cost space
+            log.warning("could not delete the checkpoints in %s: %s", mirror.remote, e)
 
 
 def _share_checkpoint(ctx: Any, path: Path, stack: contextlib.ExitStack) -> Path:
     """The checkpoint ``path`` chosen by rank 0, readable on this rank.
 
-    Normally the output is a volume shared by all nodes and every rank reads ``path`` itself.
-    When some rank cannot see it (node-local storage such as hostPath), rank 0 sends the
-    checkpoint's files as bytes over the process group and that rank loads them from a private
-    temporary directory, through the same safetensors/JSON loader (no pickle on disk).
+    With a volume shared by all nodes every rank reads ``path`` itself. When some rank cannot see
+    it (node-local storage such as hostPath, or an ``s3://`` output: rank 0 downloaded the
+    checkpoint from the bucket into its own staging directory), rank 0 sends the checkpoint's
+    files as bytes over the process group and that rank loads them from a private temporary
+    directory, through the same safetensors/JSON loader (no pickle on disk).
     """
     import torch
 
@@ -292,7 +348,7 @@ def _share_checkpoint(ctx: Any, path: Path, stack: contextlib.ExitStack) -> Path
     for name, data in files.items():
         (local / name).write_bytes(data)
     log.warning(
-        "rank %d cannot see checkpoint %s (output not on a volume shared by all nodes); received it from rank 0",
+        "rank %d cannot see checkpoint %s (not on a volume shared by all nodes); received it from rank 0",
         ctx.rank,
         path,
     )
@@ -304,11 +360,15 @@ def _plan(
 ) -> dict[str, Any]:
     """Rank 0's decisions, broadcast to all ranks (plain values only).
 
-    Keys: ``artifact_dir``, ``checkpoint_root``, ``done`` + ``result`` (the artifact already
-    exists for this configuration), ``resume`` (checkpoint path or None), ``usage_error`` /
-    ``error`` (message: every rank raises it).
+    Keys: ``artifact_dir`` (local directory the artifact is assembled in), ``artifact_uri``
+    (where it is published and reported: ``file://`` of ``artifact_dir``, or the ``s3://``
+    prefix), ``checkpoint_root`` (local) and ``checkpoint_remote`` (``s3://`` prefix or None),
+    ``done`` + ``result`` (the artifact already exists for this configuration), ``resume``
+    (local checkpoint path or None; downloaded from the bucket when it came from there),
+    ``usage_error`` / ``error`` (message: every rank raises it), ``storage_error``
+    (``[reason, message]``: every rank raises ``StorageError``).
     """
-    from kiln.trainer.checkpoint import find_resumable
+    from kiln.trainer.checkpoint import CheckpointMirror, find_resumable
     from kiln.trainer.output import artifact_dir, default_checkpoint_root
 
     run_name = config.training_job or timestamp
@@ -316,14 +376,20 @@ def _plan(
     ckpt_root = config.checkpoint_dir or default_checkpoint_root(
         config.output_root, config.model_name, run_name
     )
-    plan: dict[str, Any] = {"artifact_dir": str(final), "checkpoint_root": str(ckpt_root), "resume": None}
+    remote = config.output_remote
+    published = remote.join(config.model_name, run_name) if remote else None
+    mirror = CheckpointMirror(remote.join(config.model_name, ".checkpoints", run_name)) if remote else None
+    plan: dict[str, Any] = {
+        "artifact_dir": str(final),
+        "artifact_uri": published.uri if published else path_to_uri(final),
+        "checkpoint_root": str(ckpt_root),
+        "checkpoint_remote": mirror.remote.uri if mirror else None,
+        "resume": None,
+    }
+    where = f"artifact {published}" if published else f"artifact directory {final}"
     try:
-        if final.exists():
-            try:
-                meta = verify_artifact(final)
-            except ArtifactError as e:
-                plan["error"] = f"artifact directory {final} exists but is not a valid artifact: {e}"
-                return plan
+        meta = _existing_artifact(final, published)
+        if meta is not None:
             same = (
                 meta.dataset is not None
                 and meta.dataset.digest == dataset_digest
@@ -331,23 +397,44 @@ def _plan(
             )
             if not same:
                 plan["usage_error"] = (
-                    f"artifact directory {final} already exists and was trained with a different "
+                    f"{where} already exists and was trained with a different "
                     "dataset or hyperparameters; artifacts are immutable: use a new TrainingJob name"
                 )
                 return plan
             plan["done"] = True
             plan["result"] = format_termination_message(
                 TrainingResult(
-                    artifactUri=path_to_uri(final), digest=meta.weightsDigest, metrics=meta.metrics
+                    artifactUri=plan["artifact_uri"], digest=meta.weightsDigest, metrics=meta.metrics
                 )
             )
             return plan
-        found = find_resumable(ckpt_root, fingerprint)
+        found = find_resumable(ckpt_root, fingerprint, mirror)
         if found is not None:
             plan["resume"] = str(found[1])
+    except StorageError as e:
+        plan["storage_error"] = [e.reason, str(e)]
+    except ArtifactError as e:
+        plan["error"] = f"{where} exists but is not a valid artifact: {e}"
     except OSError as e:
         plan["error"] = f"cannot inspect the output directory: {e}"
     return plan
+
+
+def _existing_artifact(final: Path, published: storage.Location | None) -> ArtifactMetadata | None:
+    """The verified metadata of the artifact already at the target, or None when there is none.
+
+    Local: the directory ``final`` exists. ``s3://``: ``published`` has its ``metadata.json``
+    (the completeness marker; objects of an interrupted upload without it do not count).
+
+    Raises:
+        kiln.storage.StorageError: the store cannot be read.
+        ArtifactError: something is there but it does not verify.
+    """
+    if published is None:
+        return verify_artifact(final) if final.exists() else None
+    if not storage.exists(published.join(METADATA_FILE)):
+        return None
+    return storage.verify_artifact_at(published)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -363,6 +450,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kiln-train: error: {e}", file=sys.stderr, flush=True)
         write_failure_message(term_path, f"error (rank {rank}): {e}", term_explicit)
         return 2
+    except StorageError as e:  # messages name bucket/key and cause, never credentials
+        what = "object store unavailable" if e.transient else "error"
+        print(f"kiln-train: {what}: {e.reason}: {e}", file=sys.stderr, flush=True)
+        write_failure_message(term_path, f"{what} (rank {rank}): {e.reason}: {e}", term_explicit)
+        return 1 if e.transient else 2
     except Exception as e:
         traceback.print_exc()
         sys.stderr.flush()

@@ -13,6 +13,13 @@ A checkpoint directory is written under a temporary name and renamed into place,
 named ``epoch-NNNNNN`` is always complete; a crash mid-write leaves only a ``.tmp-*`` directory,
 which the next save removes. Only the newest ``keep`` checkpoints are kept.
 
+With an ``s3://`` output the same layout exists twice: the checkpoint is written locally (under
+the staging directory) as above, then uploaded by :class:`CheckpointMirror` to
+``<s3 root>/<model>/.checkpoints/<job>/epoch-NNNNNN/`` with ``state.json`` last: an object store
+has no rename, so there a checkpoint is complete when its ``state.json`` exists. The bucket is
+pruned like the directory (newest ``keep`` kept). After a gang restart (new pods, empty disks)
+rank 0 downloads the newest complete checkpoint of the bucket and resumes from it.
+
 RNG state is deliberately not stored: every epoch reseeds all generators from
 ``(seed, epoch, rank)`` (see ``loop.epoch_seed``) and the sampler shuffles with ``seed + epoch``,
 so the random streams of a resumed epoch are the same as in an uninterrupted run, on every rank
@@ -29,12 +36,13 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from kiln import storage
 from kiln.trainer.output import fsync_path
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -123,14 +131,19 @@ def save_checkpoint(
     history: list[dict[str, Any]],
     fingerprint: str,
     keep: int = 2,
+    mirror: CheckpointMirror | None = None,
 ) -> Path:
     """Atomically write the checkpoint of (1-based) ``epoch`` and prune older ones.
+
+    With a ``mirror`` the checkpoint is then uploaded (and the remote copies pruned) before this
+    returns, so a crash after it never loses the epoch.
 
     Returns:
         The checkpoint directory.
     Raises:
         CheckpointError: the optimizer state cannot be stored without pickle.
         OSError: the directory cannot be written.
+        kiln.storage.StorageError: the upload failed.
     """
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
@@ -159,6 +172,8 @@ def save_checkpoint(
     fsync_path(root)
     for _, old in list_checkpoints(root)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
+    if mirror is not None:
+        mirror.upload(final, keep)
     return final
 
 
@@ -214,32 +229,138 @@ def _check_tensor_files(path: Path) -> None:
             raise CheckpointError(f"checkpoint {path}: {name} is unreadable: {e}") from e
 
 
-def find_resumable(root: Path, fingerprint: str) -> tuple[int, Path] | None:
+_Usability = Literal["ok", "unreadable", "damaged", "other-config"]
+
+
+def _usability(path: Path, fingerprint: str) -> _Usability:
+    """Whether the checkpoint directory ``path`` can resume the configuration ``fingerprint``
+    (warns about every reason it cannot)."""
+    try:
+        state = read_checkpoint_state(path)
+    except CheckpointError as e:
+        log.warning("skipping unreadable checkpoint: %s", e)
+        return "unreadable"
+    if state.get("fingerprint") != fingerprint:
+        log.warning(
+            "removing checkpoint %s: it was written for a different configuration "
+            "(hyperparameters or dataset changed)",
+            path,
+        )
+        return "other-config"
+    try:
+        _check_tensor_files(path)
+    except CheckpointError as e:  # e.g. torn by a node crash: fall back to an older one
+        log.warning("skipping damaged checkpoint: %s", e)
+        return "damaged"
+    return "ok"
+
+
+def find_resumable(
+    root: Path, fingerprint: str, mirror: CheckpointMirror | None = None
+) -> tuple[int, Path] | None:
     """The newest complete checkpoint written for this configuration, if any.
 
     Checkpoints with a different fingerprint (another configuration reusing the job name) are
     removed with a warning so they cannot be picked up later; unreadable or damaged ones (e.g. a
     truncated file after a node crash) are skipped, so the run falls back to an older one.
+
+    With a ``mirror``, complete checkpoints in the bucket newer than the best local one are
+    downloaded into ``root`` (newest first) and checked the same way; one of another
+    configuration is removed from the bucket too.
+
+    Raises:
+        kiln.storage.StorageError: the bucket cannot be listed or read.
     """
+    best: tuple[int, Path] | None = None
     for epoch, path in list_checkpoints(root):
-        try:
-            state = read_checkpoint_state(path)
-        except CheckpointError as e:
-            log.warning("skipping unreadable checkpoint: %s", e)
-            continue
-        if state.get("fingerprint") == fingerprint:
-            try:
-                _check_tensor_files(path)
-            except CheckpointError as e:  # e.g. torn by a node crash: fall back to an older one
-                log.warning("skipping damaged checkpoint: %s", e)
-                continue
-        if state.get("fingerprint") != fingerprint:
-            log.warning(
-                "removing checkpoint %s: it was written for a different configuration "
-                "(hyperparameters or dataset changed)",
-                path,
-            )
+        verdict = _usability(path, fingerprint)
+        if verdict == "other-config":
             shutil.rmtree(path, ignore_errors=True)
-            continue
-        return epoch, path
-    return None
+        if verdict == "ok":
+            best = (epoch, path)
+            break
+    if mirror is None:
+        return best
+    for epoch, remote in mirror.list_complete():
+        if best is not None and epoch <= best[0]:
+            break
+        path = mirror.download(remote, root)
+        verdict = _usability(path, fingerprint)
+        if verdict == "ok":
+            log.info("downloaded checkpoint %s to %s", remote, path)
+            return epoch, path
+        shutil.rmtree(path, ignore_errors=True)
+        if verdict == "other-config":
+            mirror.delete(remote)
+    return best
+
+
+class CheckpointMirror:
+    """The bucket copy of one run's checkpoint directory: ``remote`` is
+    ``<s3 root>/<model>/.checkpoints/<job>`` (any ``kiln.storage`` location works).
+
+    Every method raises ``kiln.storage.StorageError`` when the store fails.
+    """
+
+    def __init__(self, remote: storage.Location) -> None:
+        self.remote = remote
+
+    def _scan(self) -> tuple[list[tuple[int, storage.Location]], list[storage.Location]]:
+        """``(complete newest first, incomplete)`` checkpoints below ``remote``."""
+        files: dict[str, set[str]] = {}
+        for rel in storage.list_files(self.remote):
+            head, _, rest = rel.partition("/")
+            if rest:
+                files.setdefault(head, set()).add(rest)
+        complete, incomplete = [], []
+        for name, names in files.items():
+            m = _EPOCH_DIR_RE.match(name)
+            if m is None:
+                continue
+            if STATE_FILE in names:
+                complete.append((int(m.group(1)), self.remote.join(name)))
+            else:
+                incomplete.append(self.remote.join(name))
+        return sorted(complete, key=lambda c: c[0], reverse=True), incomplete
+
+    def list_complete(self) -> list[tuple[int, storage.Location]]:
+        """Complete checkpoints in the bucket (``state.json`` present) as ``(epoch, location)``,
+        newest first."""
+        return self._scan()[0]
+
+    def upload(self, path: Path, keep: int) -> None:
+        """Upload the local checkpoint directory ``path`` (``state.json`` last), then delete all
+        but the newest ``keep`` complete checkpoints and any incomplete one (a torn upload)."""
+        dest = self.remote.join(path.name)
+        # An earlier copy of the same epoch loses its completeness marker before it is replaced.
+        storage.delete_file(dest.join(STATE_FILE))
+        storage.upload_dir(path, dest, last=[STATE_FILE])
+        complete, incomplete = self._scan()
+        for _, old in complete[keep:]:
+            self.delete(old)
+        for torn in incomplete:
+            storage.delete_tree(torn)
+
+    def download(self, remote: storage.Location, root: Path) -> Path:
+        """Copy the checkpoint at ``remote`` to ``root/<its name>`` (assembled under a temporary
+        name, then renamed; an existing directory of that name is replaced)."""
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / remote.name
+        tmp = root / f".tmp-{remote.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            storage.download_dir(remote, tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    def delete(self, remote: storage.Location) -> None:
+        """Delete one checkpoint: its ``state.json`` first, so it is never seen complete but torn."""
+        storage.delete_file(remote.join(STATE_FILE))
+        storage.delete_tree(remote)
+
+    def delete_all(self) -> int:
+        """Delete every object below ``remote`` (after success); returns how many."""
+        return storage.delete_tree(self.remote)

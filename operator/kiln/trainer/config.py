@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Literal, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kiln import storage
 from kiln.artifact import TERMINATION_LOG, ArtifactError, uri_to_path
 
 # Environment variables the operator sets (the trainer's public contract).
@@ -31,6 +33,7 @@ ENV_TRAININGJOB = "KILN_TRAININGJOB"
 ENV_IMAGE = "KILN_IMAGE"
 ENV_TERMINATION_LOG = "KILN_TERMINATION_LOG"
 ENV_CHECKPOINT_DIR = "KILN_CHECKPOINT_DIR"
+ENV_STAGING_DIR = "KILN_STAGING_DIR"
 # Fault injection for tests only (see TrainConfig.fail_after_epoch).
 ENV_FAIL_AFTER_EPOCH = "KILN_FAIL_AFTER_EPOCH"
 ENV_FAIL_RANK = "KILN_FAIL_RANK"
@@ -141,7 +144,8 @@ class Hyperparameters(BaseModel):
 class DatasetSpec(BaseModel):
     """Where the data comes from (``KILN_DATASET``): exactly one of ``builtin`` and ``uri``.
 
-    ``uri`` is a file path or ``file://`` URI of a CSV or Parquet file (or a Parquet directory);
+    ``uri`` is a file path or ``file://`` URI of a CSV or Parquet file (or a Parquet directory),
+    or the ``s3://bucket/key`` of one CSV or Parquet object (downloaded to the staging directory);
     ``format`` is guessed from the suffix when absent; ``labelColumn`` (default ``label``) holds
     the class; every other column (or ``featureColumns`` when given) must be numeric.
     """
@@ -176,13 +180,27 @@ class DatasetSpec(BaseModel):
         return self.builtin if self.builtin is not None else str(self.uri)
 
 
+def default_staging_dir() -> Path:
+    """``<system temp dir>/kiln-staging`` (``/tmp/kiln-staging`` in the trainer image)."""
+    return Path(tempfile.gettempdir()) / "kiln-staging"
+
+
 @dataclass
 class TrainConfig:
     """Everything one trainer process needs, resolved from environment and flags."""
 
     hyperparameters: Hyperparameters
     dataset: DatasetSpec
+    #: Where artifacts and checkpoints are assembled on this machine: the artifact root itself for
+    #: a ``file://`` root, ``<staging_dir>/output`` for an ``s3://`` root (see ``output_remote``).
     output_root: Path
+    #: The ``s3://`` artifact root, or None when ``output_root`` is the artifact root. With one,
+    #: artifacts and checkpoints are written under ``output_root`` first, then uploaded to the same
+    #: layout below this prefix.
+    output_remote: storage.Location | None = None
+    #: Local scratch space for downloads (datasets, checkpoints) and uploads (``KILN_STAGING_DIR``,
+    #: default ``<system temp dir>/kiln-staging``; pods with an s3:// output get an emptyDir there).
+    staging_dir: Path = field(default_factory=default_staging_dir)
     model_name: str = DEFAULT_MODEL_NAME
     #: TrainingJob name: the artifact's run directory and the key for resuming checkpoints. When
     #: empty, rank 0 uses a UTC timestamp and a restarted run cannot resume (no stable key).
@@ -218,15 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a Kiln MLP classifier with PyTorch DDP (run under torchrun, or alone "
         "for one process) and write a versioned artifact plus a result termination message.",
         epilog="Environment: KILN_HYPERPARAMETERS, KILN_DATASET, KILN_OUTPUT_URI, KILN_MODEL_NAME, "
-        "KILN_TRAININGJOB, KILN_IMAGE, KILN_TERMINATION_LOG, KILN_CHECKPOINT_DIR. Exit codes: 0 success, "
+        "KILN_TRAININGJOB, KILN_IMAGE, KILN_TERMINATION_LOG, KILN_CHECKPOINT_DIR, KILN_STAGING_DIR, and the "
+        "AWS_* variables of the AWS SDK for s3:// URIs. Exit codes: 0 success, "
         "1 crash, 2 bad input.",
     )
     p.add_argument(
-        "--dataset", help="builtin name (sklearn-digits), a CSV/Parquet path or file:// URI, or a JSON object"
+        "--dataset",
+        help="builtin name (sklearn-digits), a CSV/Parquet path, file:// or s3:// URI, or a JSON object",
     )
     p.add_argument("--dataset-format", choices=["csv", "parquet"], help="format of --dataset when a path")
     p.add_argument("--label-column", help="label column of a CSV/Parquet dataset (default 'label')")
-    p.add_argument("--output", help="artifact root (path or file:// URI); env KILN_OUTPUT_URI")
+    p.add_argument("--output", help="artifact root (path, file:// or s3:// URI); env KILN_OUTPUT_URI")
     p.add_argument("--model-name", help=f"model name (artifact subdirectory; default {DEFAULT_MODEL_NAME!r})")
     p.add_argument("--training-job", help="TrainingJob name (run directory and resume key)")
     p.add_argument("--image", help="image reference recorded in the artifact lineage")
@@ -244,7 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--checkpoint-dir",
-        help="checkpoint directory (default <output>/<model>/.checkpoints/<job>); env KILN_CHECKPOINT_DIR",
+        help="local checkpoint directory (default <output>/<model>/.checkpoints/<job>, under the staging "
+        "directory for an s3:// output); with an s3:// output every checkpoint is also uploaded to "
+        "<output>/<model>/.checkpoints/<job>/ in the bucket; env KILN_CHECKPOINT_DIR",
+    )
+    p.add_argument(
+        "--staging-dir",
+        help="local scratch directory for s3:// downloads and uploads (default <tmp>/kiln-staging); "
+        "env KILN_STAGING_DIR",
     )
     p.add_argument("--keep-checkpoints", type=int, default=2, help="complete checkpoints kept (default 2)")
     p.add_argument(
@@ -370,13 +397,12 @@ def resolve_config(
     for key in sorted(dataset.model_extra or {}):
         warnings.append(f"dataset key {key!r} is not used by the trainer; ignored")
 
+    staging = args.staging_dir or env.get(ENV_STAGING_DIR, "").strip()
+    staging_dir = Path(staging) if staging else default_staging_dir()
     output = args.output or env.get(ENV_OUTPUT_URI, "").strip()
     if not output:
-        raise UsageError(f"no output: set {ENV_OUTPUT_URI} (file:// URI or path) or --output")
-    try:
-        output_root = uri_to_path(output)
-    except ArtifactError as e:
-        raise UsageError(f"output: {e}") from None
+        raise UsageError(f"no output: set {ENV_OUTPUT_URI} (file:// or s3:// URI, or a path) or --output")
+    output_root, output_remote = _output_root(output, staging_dir)
 
     model_name = _check_name(
         args.model_name or env.get(ENV_MODEL_NAME, "").strip() or DEFAULT_MODEL_NAME, "model name"
@@ -397,6 +423,8 @@ def resolve_config(
         hyperparameters=hyperparameters,
         dataset=dataset,
         output_root=output_root,
+        output_remote=output_remote,
+        staging_dir=staging_dir,
         model_name=model_name,
         training_job=training_job,
         image=args.image or env.get(ENV_IMAGE, "").strip(),
@@ -411,6 +439,19 @@ def resolve_config(
         fail_rank=fail_rank,
         warnings=warnings,
     )
+
+
+def _output_root(output: str, staging_dir: Path) -> tuple[Path, storage.Location | None]:
+    """``(local root, remote root)`` of ``KILN_OUTPUT_URI`` (see ``TrainConfig.output_root``)."""
+    if storage.is_remote(output):
+        try:
+            return staging_dir / "output", storage.parse(output)
+        except storage.StorageError as e:
+            raise UsageError(f"output: {e}") from None
+    try:
+        return uri_to_path(output), None
+    except ArtifactError as e:
+        raise UsageError(f"output: {e}") from None
 
 
 def _optional_int(env: Mapping[str, str], name: str) -> int | None:

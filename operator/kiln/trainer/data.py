@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from kiln import storage
 from kiln.artifact import ArtifactError, uri_to_path
-from kiln.trainer.config import DatasetSpec, UsageError
+from kiln.trainer.config import DatasetSpec, UsageError, default_staging_dir
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -177,8 +178,38 @@ def _infer_format(path: Path) -> str:
     raise UsageError(f"cannot tell the format of {path} from its name; set dataset.format to csv or parquet")
 
 
-def load_table_file(spec: DatasetSpec) -> Dataset:
-    """Load a CSV or Parquet file with a label column (``spec.uri`` must be set).
+def local_dataset_path(uri: str, staging_dir: Path | None = None) -> Path:
+    """The local file of a dataset URI: a path or ``file://`` URI as it is; an ``s3://`` object
+    downloaded to ``<staging_dir>/dataset/<object name>`` (default staging directory:
+    ``config.default_staging_dir()``), replacing an earlier copy.
+
+    Raises:
+        UsageError: an unsupported URI, or a local file that does not exist.
+        kiln.storage.StorageError: the object cannot be downloaded (missing object or bucket,
+            access denied, store unavailable); the message names bucket and key.
+    """
+    if storage.is_remote(uri):
+        try:
+            loc = storage.parse(uri)
+        except storage.StorageError as e:
+            raise UsageError(f"dataset: {e}") from None
+        if not loc.key:
+            raise UsageError(f"dataset {uri}: needs an object key (s3://bucket/key.csv)")
+        dest = (staging_dir or default_staging_dir()) / "dataset" / loc.name
+        storage.download_file(loc, dest)
+        return dest
+    try:
+        path = uri_to_path(uri)
+    except ArtifactError as e:
+        raise UsageError(f"dataset: {e}") from None
+    if not path.exists():
+        raise UsageError(f"dataset file {path} does not exist")
+    return path
+
+
+def load_table_file(spec: DatasetSpec, staging_dir: Path | None = None) -> Dataset:
+    """Load a CSV or Parquet file with a label column (``spec.uri`` must be set); an ``s3://``
+    object is downloaded to ``staging_dir`` first (see ``local_dataset_path``).
 
     Feature columns must be numeric (integer, floating point, boolean or decimal) and have no
     missing values; the label column may hold integers or strings (or integral floats).
@@ -186,21 +217,23 @@ def load_table_file(spec: DatasetSpec) -> Dataset:
     Raises:
         UsageError: unsupported URI scheme, missing file, unreadable file, missing label column,
             non-numeric feature columns, missing values, fewer than two classes.
+        kiln.storage.StorageError: an ``s3://`` object cannot be downloaded.
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     assert spec.uri is not None
+    path: Path | str  # what messages name: the path, or the s3:// URI (never the staging copy)
+    if storage.is_remote(spec.uri):
+        path = spec.uri
+        fmt = spec.format or _infer_format(Path(storage.parse(spec.uri).name))  # before downloading
+        local = local_dataset_path(spec.uri, staging_dir)
+    else:
+        path = local = local_dataset_path(spec.uri, staging_dir)
+        fmt = spec.format or _infer_format(local)
     try:
-        path = uri_to_path(spec.uri)
-    except ArtifactError as e:
-        raise UsageError(f"dataset: {e}") from None
-    if not path.exists():
-        raise UsageError(f"dataset file {path} does not exist")
-    fmt = spec.format or _infer_format(path)
-    try:
-        table = pacsv.read_csv(path) if fmt == "csv" else pq.read_table(path)
+        table = pacsv.read_csv(local) if fmt == "csv" else pq.read_table(local)
     except (pa.ArrowException, OSError) as e:
         raise UsageError(f"cannot read {path} as {fmt}: {e}") from None
 
@@ -272,15 +305,16 @@ def load_table_file(spec: DatasetSpec) -> Dataset:
     return _finish(str(spec.uri), x, y_raw, None, feature_cols)
 
 
-def load_dataset(spec: DatasetSpec) -> Dataset:
-    """Load the data set a ``DatasetSpec`` names.
+def load_dataset(spec: DatasetSpec, staging_dir: Path | None = None) -> Dataset:
+    """Load the data set a ``DatasetSpec`` names (``s3://`` objects via ``staging_dir``).
 
     Raises:
         UsageError: see ``load_builtin`` and ``load_table_file``.
+        kiln.storage.StorageError: an ``s3://`` object cannot be downloaded.
     """
     if spec.builtin is not None:
         return load_builtin(spec.builtin)
-    return load_table_file(spec)
+    return load_table_file(spec, staging_dir)
 
 
 def _round_half_up(x: float) -> int:

@@ -36,7 +36,7 @@ from torch.utils.data import DistributedSampler, TensorDataset
 
 from kiln.artifact import ModelConfig
 from kiln.nn import MLPClassifier, build_model
-from kiln.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from kiln.trainer.checkpoint import CheckpointError, CheckpointMirror, load_checkpoint, save_checkpoint
 from kiln.trainer.config import Hyperparameters, Precision
 from kiln.trainer.distributed import DistContext
 
@@ -227,6 +227,7 @@ def fit(
     *,
     checkpoint_root: Path | None = None,
     keep_checkpoints: int = 2,
+    checkpoint_mirror: CheckpointMirror | None = None,
     fingerprint: str = "",
     resume_from: Path | None = None,
     fail_after_epoch: int | None = None,
@@ -236,7 +237,8 @@ def fit(
     """Train ``hp.epochs`` epochs (continuing after ``resume_from`` when given).
 
     Every rank calls this with the same arguments. Rank 0 writes a checkpoint to
-    ``checkpoint_root`` after every epoch (none when it is None) and logs one line per epoch.
+    ``checkpoint_root`` after every epoch (none when it is None), uploads it to
+    ``checkpoint_mirror`` when given (an ``s3://`` output), and logs one line per epoch.
 
     The model is wrapped in ``DistributedDataParallel`` when ``wrap_ddp`` is True, or (default,
     None) when the process group has more than one rank: with a single process there is nothing
@@ -245,6 +247,7 @@ def fit(
 
     Raises:
         CheckpointError: ``resume_from`` cannot be read or does not fit this model.
+        kiln.storage.StorageError: a checkpoint upload failed (rank 0).
     """
     device = ctx.device
     seed_everything(hp.seed)
@@ -362,6 +365,7 @@ def fit(
                 history=[asdict(h) for h in history],
                 fingerprint=fingerprint,
                 keep=keep_checkpoints,
+                mirror=checkpoint_mirror,
             )
         stats.epoch_seconds = time.perf_counter() - epoch_start
         if ctx.is_main:

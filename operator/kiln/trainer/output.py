@@ -5,6 +5,11 @@ Artifact directory: ``<output root>/<model name>/<run>/`` where ``<run>`` is the
 temporary directory ``.tmp-<run>-<random>`` and renamed into place, so readers never see a
 partial artifact. Artifacts are immutable: an existing directory is never overwritten.
 
+With an ``s3://`` output root the artifact is assembled the same way under the staging directory,
+then uploaded by :func:`publish_artifact` to ``<s3 root>/<model name>/<run>/`` with
+``metadata.json`` last: object stores have no rename, so an artifact prefix is complete when its
+``metadata.json`` exists, and one that has it is never overwritten.
+
 Termination log: on success the ``TrainingResult`` JSON (``kiln.artifact.format_termination_message``);
 on failure one line starting with ``FAILURE_PREFIX`` (``kiln-train: ``), which is not JSON, so the
 operator's ``parse_termination_message`` rejects it and the text lands in ``lastFailure.message``.
@@ -32,6 +37,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from kiln import storage
 from kiln.artifact import (
     CONFIG_FILE,
     MAX_TERMINATION_MESSAGE_BYTES,
@@ -123,6 +129,23 @@ def write_artifact(
         raise
     fsync_path(final_dir.parent)
     return written
+
+
+def publish_artifact(local_dir: Path, remote: storage.Location) -> None:
+    """Upload the artifact directory ``local_dir`` to ``remote`` (``metadata.json`` last), then
+    remove the local copy.
+
+    Objects left under ``remote`` by an earlier, interrupted upload (no ``metadata.json``) are
+    overwritten; a complete artifact there is not.
+
+    Raises:
+        FileExistsError: ``remote`` already holds a complete artifact (artifacts are immutable).
+        kiln.storage.StorageError: the upload failed (the message names bucket and key).
+    """
+    if storage.exists(remote.join(METADATA_FILE)):
+        raise FileExistsError(f"artifact {remote} already exists")
+    storage.upload_dir(local_dir, remote, last=[METADATA_FILE])
+    shutil.rmtree(local_dir, ignore_errors=True)
 
 
 def termination_log_writable(path: Path, explicit: bool) -> bool:

@@ -11,8 +11,10 @@ pytest.importorskip("torch")  # the train extra
 
 import torch
 
+from kiln import storage
 from kiln.artifact import TerminationMessageError, parse_termination_message
 from kiln.trainer.checkpoint import (
+    CheckpointMirror,
     find_resumable,
     join_optimizer_state,
     list_checkpoints,
@@ -20,7 +22,7 @@ from kiln.trainer.checkpoint import (
     save_checkpoint,
     split_optimizer_state,
 )
-from kiln.trainer.config import UsageError, resolve_config
+from kiln.trainer.config import UsageError, default_staging_dir, resolve_config
 from kiln.trainer.output import FAILURE_PREFIX, write_failure_message, write_termination_message
 
 pytestmark = pytest.mark.torch
@@ -67,6 +69,18 @@ def test_dataset_flag_forms():
     assert (c.dataset.uri, c.dataset.format) == ("file:///d.csv", "csv")
 
 
+def test_s3_output_is_staged_locally():
+    env = {**BASE, "KILN_OUTPUT_URI": "s3://bucket/models/", "KILN_STAGING_DIR": "/tmp/stage"}
+    c = resolve_config([], env)
+    assert c.output_remote == storage.Location("s3", "bucket", "models")
+    assert c.staging_dir == Path("/tmp/stage") and c.output_root == Path("/tmp/stage/output")
+    c = resolve_config(["--staging-dir", "/s2"], env)
+    assert c.staging_dir == Path("/s2") and c.output_root == Path("/s2/output")
+    c = resolve_config([], {**BASE, "KILN_OUTPUT_URI": "s3://bucket"})
+    assert c.output_remote == storage.Location("s3", "bucket", "") and c.staging_dir == default_staging_dir()
+    assert resolve_config([], BASE).output_remote is None
+
+
 def test_defaults_without_optional_env():
     c = resolve_config([], BASE)
     assert c.model_name == "model" and c.training_job == ""
@@ -87,7 +101,8 @@ def test_defaults_without_optional_env():
         ({"KILN_DATASET": '{"featureGroup": "fg"}'}, [], r"dataset.featureGroup \('fg'\) must be resolved"),
         ({"KILN_DATASET": '{"uri": "/x", "format": "json"}'}, [], "dataset.format"),
         ({"KILN_OUTPUT_URI": ""}, [], "no output"),
-        ({"KILN_OUTPUT_URI": "s3://b/p"}, [], "unsupported artifact URI scheme"),
+        ({"KILN_OUTPUT_URI": "gs://b/p"}, [], "unsupported artifact URI scheme"),
+        ({"KILN_OUTPUT_URI": "s3:///p"}, [], "needs a bucket"),
         ({"KILN_MODEL_NAME": "../etc"}, [], "not a valid directory name"),
         ({}, ["--backend", "mpi"], "invalid choice"),
         ({}, ["--epochs", "x"], "invalid int value"),
@@ -191,6 +206,55 @@ def test_checkpoints_are_atomic_pruned_and_resume_matching_config(tmp_path: Path
     # A different configuration under the same job name never resumes; its checkpoints go.
     assert find_resumable(root, "B") is None
     assert list_checkpoints(root) == []
+
+
+def _save(root: Path, epoch: int, fingerprint: str = "A", mirror: CheckpointMirror | None = None) -> Path:
+    model, opt = _model_and_optimizer()
+    return save_checkpoint(
+        root,
+        epoch=epoch,
+        model_state=model.state_dict(),
+        optimizer_state=opt.state_dict(),
+        scaler_state=None,
+        history=[{"epoch": epoch}],
+        fingerprint=fingerprint,
+        keep=2,
+        mirror=mirror,
+    )
+
+
+def test_checkpoint_mirror_uploads_prunes_and_resumes_from_the_copy(tmp_path: Path):
+    """CheckpointMirror on a file:// location (the same code path as s3://, see test_trainer_s3):
+    state.json is the completeness marker, pruning follows the local keep, a new machine (empty
+    local root) resumes from the newest complete remote copy, falling back past damaged ones."""
+    remote = storage.parse(str(tmp_path / "bucket" / "ckpt"))
+    mirror = CheckpointMirror(remote)
+    (tmp_path / "bucket" / "ckpt" / "epoch-000009").mkdir(parents=True)  # torn upload: no state.json
+    (tmp_path / "bucket" / "ckpt" / "epoch-000009" / "model.safetensors").write_bytes(b"x")
+    for epoch in (1, 2, 3):
+        _save(tmp_path / "a", epoch, mirror=mirror)
+    assert [e for e, _ in mirror.list_complete()] == [3, 2]
+    assert storage.list_files(remote) == [
+        f"epoch-00000{e}/{f}"
+        for e in (2, 3)
+        for f in ("model.safetensors", "optimizer.safetensors", "state.json")
+    ]  # epoch 1 pruned, the torn epoch 9 removed
+
+    fresh = tmp_path / "b"
+    assert find_resumable(fresh, "A", mirror) == (3, fresh / "epoch-000003")
+    assert load_checkpoint(fresh / "epoch-000003").history == [{"epoch": 3}]
+    # A damaged newest remote copy falls back to the previous one.
+    (tmp_path / "bucket" / "ckpt" / "epoch-000003" / "model.safetensors").write_bytes(b"torn")
+    other = tmp_path / "c"
+    assert find_resumable(other, "A", mirror) == (2, other / "epoch-000002")
+    assert not (other / "epoch-000003").exists()
+    # A local copy at least as new as the bucket's is used without downloading.
+    assert find_resumable(fresh, "A", mirror) == (3, fresh / "epoch-000003")
+    # Another configuration never resumes; its remote checkpoints go too.
+    assert find_resumable(tmp_path / "d", "B", mirror) is None
+    assert mirror.list_complete() == []
+    _save(tmp_path / "e", 1, mirror=mirror)
+    assert mirror.delete_all() == 3 and storage.list_files(remote) == []
 
 
 def test_termination_log_success_and_failure(tmp_path: Path):

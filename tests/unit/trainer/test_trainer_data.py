@@ -131,7 +131,10 @@ def test_integer_labels_and_feature_columns(tmp_path: Path):
             "unknown built-in dataset 'sklearn-nope'; available: sklearn-breast-cancer",
         ),
         ({"uri": "/does/not/exist.csv", "labelColumn": "y"}, "does not exist"),
-        ({"uri": "s3://bucket/x.csv", "labelColumn": "y"}, "unsupported artifact URI scheme"),
+        ({"uri": "gs://bucket/x.csv", "labelColumn": "y"}, "unsupported artifact URI scheme"),
+        # s3:// objects (downloaded; see test_trainer_s3): checked before any request is made
+        ({"uri": "s3://bucket", "labelColumn": "y"}, r"needs an object key \(s3://bucket/key.csv\)"),
+        ({"uri": "s3://bucket/x.bin", "labelColumn": "y"}, "cannot tell the format of x.bin"),
         (
             {"uri": "CSV", "labelColumn": "target"},
             "label column 'target' not found; columns are: f_int, species",
