@@ -117,6 +117,13 @@ def to_structural(model: type) -> dict[str, Any]:
     return _clean(_resolve(raw, defs))
 
 
+def root_rules(kind: Kind) -> list[dict[str, Any]]:
+    """CEL rules of the whole object (e.g. on ``metadata.name``, see :mod:`kiln.api.names`),
+    declared on the kind's resource model with ``with_rules``."""
+    rules: list[dict[str, Any]] = to_structural(kind.resource).get("x-kubernetes-validations", [])
+    return rules
+
+
 def crd_for(kind: Kind) -> dict[str, Any]:
     """The CustomResourceDefinition (apiextensions.k8s.io/v1) of one kind."""
     spec_schema = to_structural(kind.spec)
@@ -134,6 +141,8 @@ def crd_for(kind: Kind) -> dict[str, Any]:
             "status": status_schema,
         },
     }
+    if rules := root_rules(kind):
+        top["x-kubernetes-validations"] = rules
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

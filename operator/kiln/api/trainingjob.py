@@ -23,9 +23,40 @@ from kiln.api.common import (
     immutable,
     with_rules,
 )
+from kiln.api.names import DNS_LABEL_MAX, NAME, cel_string, no_dots, on_create, starts_with_letter
 
 BUILTIN_DATASETS = ("sklearn-digits",)
 MASTER_PORT = 29500
+#: Pod ``i`` of a job is named ``<job>-node-<i>``, which is also its hostname.
+POD_INFIX = "-node-"
+
+
+def max_name_length(num_nodes: int) -> int:
+    """Longest TrainingJob name whose last pod hostname ``<name>-node-<numNodes-1>`` is a DNS label.
+
+    56 for 1-10 nodes, 55 for 11-100, 54 for 101-256 (63 - len('-node-') - digits of the rank).
+    """
+    return DNS_LABEL_MAX - len(POD_INFIX) - len(str(num_nodes - 1))
+
+
+_PURPOSE = "the job's headless Service and its pods' hostnames"
+_LIMIT = f"({DNS_LABEL_MAX - len(POD_INFIX)} - string(self.spec.numNodes - 1).size())"
+#: Root rules on metadata.name (see kiln.api.names); the limit mirrors :func:`max_name_length`.
+NAME_RULES = (
+    starts_with_letter("TrainingJob", _PURPOSE),
+    no_dots("TrainingJob", _PURPOSE),
+    on_create(
+        f"{NAME}.size() <= {_LIMIT}",
+        f"TrainingJob name too long for numNodes: pod hostnames <name>{POD_INFIX}<i> must fit in "
+        f"{DNS_LABEL_MAX} characters (a DNS-1123 label)",
+        message_expression=(
+            f"{cel_string('TrainingJob name must be at most ')} + string({_LIMIT}) + "
+            f"{cel_string(' characters with numNodes ')} + string(self.spec.numNodes) + "
+            f"{cel_string(f': pod hostnames <name>{POD_INFIX}<i> must fit in {DNS_LABEL_MAX} characters (a DNS-1123 label); this one has ')}"
+            f" + string({NAME}.size())"
+        ),
+    ),
+)
 
 NumProcPerNode = Annotated[
     Annotated[int, Field(ge=1, le=64)] | Literal["auto"],
@@ -327,6 +358,8 @@ class TrainingJobStatus(KilnModel):
 
 class TrainingJob(KilnModel):
     """A PyTorch DDP training run: one pod per node, torchrun in each, whole-gang restarts."""
+
+    model_config = with_rules(*NAME_RULES)
 
     api_version: str = "kiln.dev/v1alpha1"
     kind: str = "TrainingJob"

@@ -1,0 +1,85 @@
+"""Admission rules on ``metadata.name`` for kinds whose children take their names from it.
+
+The API server already holds a custom resource's name to a DNS-1123 subdomain: lowercase
+letters, digits, '-' and '.', at most 253 characters, starting and ending with a letter or digit.
+Children derived from the name need more
+(https://kubernetes.io/docs/concepts/overview/working-with-objects/names/):
+
+- a Service name is a DNS-1035 label: at most 63 characters, no '.', starting with a letter;
+- a pod's ``hostname`` and ``subdomain`` are DNS-1123 labels: at most 63 characters, no '.';
+- a label value (children carry ``kiln.dev/<kind>: <name>``) is at most 63 characters;
+- a CronJob name is at most 52 characters (its Jobs append an 11-character suffix).
+
+The rules are CEL ``x-kubernetes-validations`` at the root of the CRD schema, where
+``self.metadata.name`` is accessible, and each message says what is wrong and the limit. They
+are checked on create only (``optionalOldSelf``: ``oldSelf`` has no value then). A name never
+changes, and an object stored before a rule existed must stay updatable: status writes and
+finalizer removal (deletion) are updates too.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+#: Longest DNS label (RFC 1035 / RFC 1123), e.g. a Service name, a pod hostname, a label value.
+DNS_LABEL_MAX = 63
+#: Longest CronJob name (the CronJob controller appends ``-<11 digits>`` to name its Jobs).
+CRONJOB_NAME_MAX = 52
+NAME = "self.metadata.name"
+
+
+def on_create(rule: str, message: str, *, message_expression: str | None = None) -> dict[str, Any]:
+    """A root ``x-kubernetes-validations`` entry checked when the object is created, never after.
+
+    ``message_expression`` (CEL returning a string) may compute the message, e.g. with the
+    actual length; ``message`` is the fallback the API server uses if it fails.
+    """
+    out: dict[str, Any] = {
+        "rule": f"oldSelf.hasValue() || ({rule})",
+        "message": message,
+        "optionalOldSelf": True,
+    }
+    if message_expression:
+        out["messageExpression"] = message_expression
+    return out
+
+
+def cel_string(text: str) -> str:
+    """``text`` as a CEL string literal (JSON's escapes are CEL's)."""
+    return json.dumps(text)
+
+
+def starts_with_letter(kind: str, purpose: str) -> dict[str, Any]:
+    """The name starts with a lowercase letter (DNS-1035), because it names ``purpose``."""
+    return on_create(
+        f"{NAME}.matches('^[a-z]')",
+        f"{kind} name must start with a lowercase letter (a DNS-1035 label): it names {purpose}",
+    )
+
+
+def no_dots(kind: str, purpose: str) -> dict[str, Any]:
+    """The name has no '.', so that it is a DNS label and not only a subdomain."""
+    return on_create(
+        f"!{NAME}.contains('.')",
+        f"{kind} name must not contain '.' (a DNS label): it names {purpose}",
+    )
+
+
+def max_length(kind: str, limit: int, purpose: str) -> dict[str, Any]:
+    """The name has at most ``limit`` characters; the message gives the actual length."""
+    text = f"{kind} name must be at most {limit} characters: it names {purpose}"
+    return on_create(
+        f"{NAME}.size() <= {limit}",
+        text,
+        message_expression=f"{cel_string(text + '; this one has ')} + string({NAME}.size())",
+    )
+
+
+def dns1035_label(kind: str, purpose: str) -> tuple[dict[str, Any], ...]:
+    """The name is a DNS-1035 label (e.g. it names a Service): a letter first, no '.', <= 63."""
+    return (
+        starts_with_letter(kind, purpose),
+        no_dots(kind, purpose),
+        max_length(kind, DNS_LABEL_MAX, purpose),
+    )
