@@ -129,7 +129,7 @@ def crd_for(kind: Kind) -> dict[str, Any]:
     spec_schema = to_structural(kind.spec)
     status_schema = to_structural(kind.status)
     status_schema["description"] = f"Observed state of the {kind.kind}, written by the operator."
-    top = {
+    top: dict[str, Any] = {
         "type": "object",
         "description": (kind.resource.__doc__ or kind.kind).strip().splitlines()[0],
         "required": ["spec"],
