@@ -241,7 +241,8 @@ REJECTED_NAMES: list[tuple[str, str, str, dict[str, Any], str]] = [
         "TrainingJob",
         "1st-run",
         TJ,
-        "TrainingJob name must start with a lowercase letter (a DNS-1035 label)",
+        "metadata.name: Invalid value: TrainingJob name must start with a lowercase letter "
+        "(a DNS-1035 label): it names the job's headless Service and its pods' hostnames",
     ),
     ("tj-dot", "TrainingJob", "run.v1", TJ, "TrainingJob name must not contain '.'"),
     (
@@ -249,22 +250,23 @@ REJECTED_NAMES: list[tuple[str, str, str, dict[str, Any], str]] = [
         "TrainingJob",
         "a" * 57,
         TJ,
-        "TrainingJob name must be at most 56 characters with numNodes 1: pod hostnames <name>-node-<i> "
-        "must fit in 63 characters (a DNS-1123 label); this one has 57",
+        "metadata.name: Invalid value: TrainingJob name too long for numNodes: pod hostnames "
+        "<name>-node-<i> must fit in 63 characters (a DNS-1123 label), so the name may have at most 56 "
+        "with up to 10 nodes, 55 with up to 100 nodes, 54 with up to 256 nodes",
     ),
     (
         "tj-11-nodes-56",
         "TrainingJob",
         "a" * 56,
         merged(TJ, numNodes=11),
-        "at most 55 characters with numNodes 11",
+        "TrainingJob name too long for numNodes",
     ),
     (
         "tj-256-nodes-55",
         "TrainingJob",
         "a" * 55,
         merged(TJ, numNodes=256),
-        "at most 54 characters with numNodes 256",
+        "TrainingJob name too long for numNodes",
     ),
     (
         "isvc-digit-first",
@@ -279,15 +281,15 @@ REJECTED_NAMES: list[tuple[str, str, str, dict[str, Any], str]] = [
         "InferenceService",
         "a" * 64,
         ISVC,
-        "InferenceService name must be at most 63 characters: it names its Service; this one has 64",
+        "metadata.name: Invalid value: InferenceService name must be at most 63 characters: "
+        "it names its Service",
     ),
     (
         "fg-53",
         "FeatureGroup",
         "a" * 53,
         FG,
-        "FeatureGroup name must be at most 52 characters: it names the group's materialization CronJob; "
-        "this one has 53",
+        "FeatureGroup name must be at most 52 characters: it names the group's materialization CronJob",
     ),
 ]
 

@@ -136,7 +136,12 @@ def crd_for(kind: Kind) -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "kiln.dev/v1alpha1"},
             "kind": {"type": "string", "description": kind.kind},
-            "metadata": {"type": "object"},
+            # Only name and generateName may be declared; declaring them lets root rules on the
+            # name report fieldPath metadata.name.
+            "metadata": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "generateName": {"type": "string"}},
+            },
             "spec": spec_schema,
             "status": status_schema,
         },

@@ -23,10 +23,11 @@ from kiln.api.common import (
     immutable,
     with_rules,
 )
-from kiln.api.names import DNS_LABEL_MAX, NAME, cel_string, no_dots, on_create, starts_with_letter
+from kiln.api.names import DNS_LABEL_MAX, NAME, no_dots, on_create, starts_with_letter
 
 BUILTIN_DATASETS = ("sklearn-digits",)
 MASTER_PORT = 29500
+NUM_NODES_MAX = 256
 #: Pod ``i`` of a job is named ``<job>-node-<i>``, which is also its hostname.
 POD_INFIX = "-node-"
 
@@ -40,21 +41,15 @@ def max_name_length(num_nodes: int) -> int:
 
 
 _PURPOSE = "the job's headless Service and its pods' hostnames"
-_LIMIT = f"({DNS_LABEL_MAX - len(POD_INFIX)} - string(self.spec.numNodes - 1).size())"
+_LIMITS = ", ".join(f"{max_name_length(n)} with up to {n} nodes" for n in (10, 100, NUM_NODES_MAX))
 #: Root rules on metadata.name (see kiln.api.names); the limit mirrors :func:`max_name_length`.
 NAME_RULES = (
     starts_with_letter("TrainingJob", _PURPOSE),
     no_dots("TrainingJob", _PURPOSE),
     on_create(
-        f"{NAME}.size() <= {_LIMIT}",
+        f"{NAME}.size() <= {DNS_LABEL_MAX - len(POD_INFIX)} - string(self.spec.numNodes - 1).size()",
         f"TrainingJob name too long for numNodes: pod hostnames <name>{POD_INFIX}<i> must fit in "
-        f"{DNS_LABEL_MAX} characters (a DNS-1123 label)",
-        message_expression=(
-            f"{cel_string('TrainingJob name must be at most ')} + string({_LIMIT}) + "
-            f"{cel_string(' characters with numNodes ')} + string(self.spec.numNodes) + "
-            f"{cel_string(f': pod hostnames <name>{POD_INFIX}<i> must fit in {DNS_LABEL_MAX} characters (a DNS-1123 label); this one has ')}"
-            f" + string({NAME}.size())"
-        ),
+        f"{DNS_LABEL_MAX} characters (a DNS-1123 label), so the name may have at most {_LIMITS}",
     ),
 )
 
@@ -238,7 +233,7 @@ class TrainingJobSpec(KilnModel):
     num_nodes: int = Field(
         default=1,
         ge=1,
-        le=256,
+        le=NUM_NODES_MAX,
         json_schema_extra=immutable("numNodes"),
         description="Number of pods (torchrun nodes), one per Kubernetes node. Immutable.",
     )
