@@ -48,6 +48,41 @@ class Gone(LookupError):
     """The object was deleted since it was read (HTTP 404)."""
 
 
+#: HTTP statuses with which the API server refuses to store an object: 422 Invalid (schema,
+#: name rules), 403 Forbidden (PodSecurity admission, ResourceQuota, RBAC, a webhook's denial).
+REJECTED_STATUSES = (403, 422)
+
+
+class Rejected(ApiException):
+    """The API server refused to store a child object (see :data:`REJECTED_STATUSES`).
+
+    Writing it again cannot succeed until something changes (the parent's spec, the namespace's
+    quota or policy), so callers report it on the parent and back off. ``kind``, ``name`` and
+    ``namespace`` name the child; ``message`` is the server's ``Status`` message.
+    """
+
+    def __init__(self, manifest: dict[str, Any], error: ApiException) -> None:
+        super().__init__(status=error.status, reason=error.reason, body=error.body)
+        self.headers = error.headers
+        meta = manifest.get("metadata") or {}
+        self.kind = str(manifest.get("kind"))
+        self.name = str(meta.get("name"))
+        self.namespace = meta.get("namespace")
+        self.message = server_message(error)
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name} rejected by the API server ({self.status} {self.reason}): {self.message}"
+
+
+def server_message(e: ApiException) -> str:
+    """The ``message`` of the API server's ``Status`` body, else the HTTP reason."""
+    try:
+        message = json.loads(e.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or e.reason or e.status)
+
+
 def path(
     api_version: str,
     kind: str,
@@ -131,15 +166,30 @@ def list_objects(
 
 
 def apply(api: k8s.ApiClient, manifest: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
-    """Server-side apply ``manifest`` as field manager ``kiln``; returns the object as stored."""
+    """Server-side apply ``manifest`` as field manager ``kiln``; returns the object as stored.
+
+    Raises:
+        Rejected: the API server refused the object (422, 403).
+    """
     meta = manifest["metadata"]
     url = path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
     query = [("fieldManager", FIELD_MANAGER)] + ([("force", "true")] if force else [])
-    return request(api, "PATCH", url, body=manifest, query=query, content_type="application/apply-patch+yaml")
+    try:
+        return request(
+            api, "PATCH", url, body=manifest, query=query, content_type="application/apply-patch+yaml"
+        )
+    except ApiException as e:
+        if _status(e) in REJECTED_STATUSES:
+            raise Rejected(manifest, e) from e
+        raise
 
 
 def create(api: k8s.ApiClient, manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """Create ``manifest``; None when an object of that name already exists (409)."""
+    """Create ``manifest``; None when an object of that name already exists (409).
+
+    Raises:
+        Rejected: the API server refused the object (422, 403).
+    """
     meta = manifest["metadata"]
     try:
         return request(
@@ -152,6 +202,8 @@ def create(api: k8s.ApiClient, manifest: dict[str, Any]) -> dict[str, Any] | Non
     except ApiException as e:
         if _status(e) == 409:
             return None
+        if _status(e) in REJECTED_STATUSES:
+            raise Rejected(manifest, e) from e
         raise
 
 

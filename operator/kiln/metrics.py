@@ -6,7 +6,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 RECONCILE_TOTAL = Counter(
     "kiln_reconcile_total",
-    "Reconciles run, by kind and result (success, requeue, gone, error).",
+    "Reconciles run, by kind and result (success, requeue, gone, rejected, error).",
     ["kind", "result"],
 )
 RECONCILE_ERRORS = Counter("kiln_reconcile_errors_total", "Reconciles that raised, by kind.", ["kind"])

@@ -16,7 +16,8 @@ import yaml
 from kubernetes.client.rest import ApiException
 
 from kiln import API_VERSION
-from kiln.kube import create, patch, path, request
+from kiln.api.trainingjob import max_name_length
+from kiln.kube import create, get, patch, path, request
 
 TJ = {"image": "kiln-trainer:dev", "dataset": {"builtin": "sklearn-digits"}}
 ISVC = {"modelRef": {"name": "digits", "stage": "Production"}, "runtime": {"image": "kiln-server:dev"}}
@@ -231,3 +232,104 @@ def test_valid_examples_are_accepted(kube, namespace, kiln_crds):
         request(
             kube, "POST", path(doc["apiVersion"], doc["kind"], namespace), body=doc, query=[("dryRun", "All")]
         )
+
+
+# Names the children cannot carry (kiln.api.names): (id, kind, name, spec, message fragment).
+REJECTED_NAMES: list[tuple[str, str, str, dict[str, Any], str]] = [
+    (
+        "tj-digit-first",
+        "TrainingJob",
+        "1st-run",
+        TJ,
+        "metadata.name: Invalid value: TrainingJob name must start with a lowercase letter "
+        "(a DNS-1035 label): it names the job's headless Service and its pods' hostnames",
+    ),
+    ("tj-dot", "TrainingJob", "run.v1", TJ, "TrainingJob name must not contain '.'"),
+    (
+        "tj-1-node-57",
+        "TrainingJob",
+        "a" * 57,
+        TJ,
+        "metadata.name: Invalid value: TrainingJob name too long for numNodes: pod hostnames "
+        "<name>-node-<i> must fit in 63 characters (a DNS-1123 label), so the name may have at most 56 "
+        "with up to 10 nodes, 55 with up to 100 nodes, 54 with up to 256 nodes",
+    ),
+    (
+        "tj-11-nodes-56",
+        "TrainingJob",
+        "a" * 56,
+        merged(TJ, numNodes=11),
+        "TrainingJob name too long for numNodes",
+    ),
+    (
+        "tj-256-nodes-55",
+        "TrainingJob",
+        "a" * 55,
+        merged(TJ, numNodes=256),
+        "TrainingJob name too long for numNodes",
+    ),
+    (
+        "isvc-digit-first",
+        "InferenceService",
+        "1st-model",
+        ISVC,
+        "InferenceService name must start with a lowercase letter",
+    ),
+    ("isvc-dot", "InferenceService", "digits.v1", ISVC, "InferenceService name must not contain '.'"),
+    (
+        "isvc-64",
+        "InferenceService",
+        "a" * 64,
+        ISVC,
+        "metadata.name: Invalid value: InferenceService name must be at most 63 characters: "
+        "it names its Service",
+    ),
+    (
+        "fg-53",
+        "FeatureGroup",
+        "a" * 53,
+        FG,
+        "FeatureGroup name must be at most 52 characters: it names the group's materialization CronJob",
+    ),
+]
+
+# The longest (or otherwise boundary) names that must still be accepted.
+ACCEPTED_NAMES: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("tj-1-node-56", "TrainingJob", "a" * max_name_length(1), TJ),
+    ("tj-10-nodes-56", "TrainingJob", "a" * max_name_length(10), merged(TJ, numNodes=10)),
+    ("tj-11-nodes-55", "TrainingJob", "a" * max_name_length(11), merged(TJ, numNodes=11)),
+    ("tj-256-nodes-54", "TrainingJob", "a" * max_name_length(256), merged(TJ, numNodes=256)),
+    ("isvc-63", "InferenceService", "a" * 63, ISVC),
+    ("fg-52", "FeatureGroup", "a" * 52, FG),
+    ("fg-digit-first", "FeatureGroup", "1st-features", FG),
+    # no child takes a Model's name: none of the rules apply
+    ("model-digit-first-with-dot", "Model", "1st.model", {}),
+    ("model-253", "Model", "m" * 253, {}),
+]
+
+
+def _named(kind: str, name: str, spec: dict[str, Any], namespace: str) -> dict[str, Any]:
+    body = obj(kind, copy.deepcopy(spec))
+    body["metadata"] = {"name": name, "namespace": namespace}
+    return body
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "spec", "fragment"), [c[1:] for c in REJECTED_NAMES], ids=[c[0] for c in REJECTED_NAMES]
+)
+def test_names_children_cannot_carry_are_rejected(kube, namespace, kiln_crds, kind, name, spec, fragment):
+    with pytest.raises(ApiException) as err:
+        create(kube, _named(kind, name, spec, namespace))
+    assert err.value.status == 422, _message(err.value)
+    assert fragment in _message(err.value), _message(err.value)
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "spec"), [c[1:] for c in ACCEPTED_NAMES], ids=[c[0] for c in ACCEPTED_NAMES]
+)
+def test_boundary_names_are_accepted_and_stay_updatable(kube, namespace, kiln_crds, kind, name, spec):
+    assert create(kube, _named(kind, name, spec, namespace)) is not None
+    # the rules hold on create only: updates (labels, status, finalizers) never re-check the name
+    patch(kube, API_VERSION, kind, namespace, name, {"metadata": {"labels": {"kiln.dev/test": "updated"}}})
+    stored = get(kube, API_VERSION, kind, namespace, name)
+    assert stored is not None and stored["metadata"]["labels"]["kiln.dev/test"] == "updated"

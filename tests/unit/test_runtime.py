@@ -113,3 +113,36 @@ def test_object_gone_mid_reconcile_is_not_an_error():
         assert calls == ["a"] and ("ns", "a") not in q._failures
 
     asyncio.run(main())
+
+
+def test_rejected_child_backs_off_without_traceback(caplog):
+    from kubernetes.client.rest import ApiException
+
+    from kiln.kube import Rejected
+
+    pod = {"kind": "Pod", "metadata": {"name": "a-node-0", "namespace": "ns"}}
+    denied = ApiException(status=403, reason="Forbidden", body='{"message": "exceeded quota: q"}')
+
+    async def main():
+        calls: list[float] = []
+        loop = asyncio.get_running_loop()
+
+        def reconcile(ns, name):
+            calls.append(loop.time())
+            raise Rejected(pod, denied)
+
+        q = WorkQueue("T", reconcile)
+        q.enqueue(("ns", "a"))
+        await _until(lambda: len(calls) == 2, timeout=5)
+        await q.close()
+        assert calls[1] - calls[0] >= 0.9  # the error back-off, not a hot loop
+        assert q._failures[("ns", "a")] >= 1
+
+    with caplog.at_level("WARNING", logger="kiln.runtime"):
+        asyncio.run(main())
+    records = [r for r in caplog.records if r.name == "kiln.runtime"]
+    assert records and all(r.exc_info is None for r in records)
+    assert (
+        "Pod a-node-0 rejected by the API server (403 Forbidden): exceeded quota: q"
+        in records[0].getMessage()
+    )

@@ -75,7 +75,7 @@ class KilnModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-def with_rules(*rules: dict[str, str]) -> ConfigDict:
+def with_rules(*rules: dict[str, Any]) -> ConfigDict:
     """A model config adding CEL ``x-kubernetes-validations`` to the model's schema."""
     validations: Any = list(rules)  # JSON values; pydantic's JsonValue type is invariant
     return ConfigDict(**KilnModel.model_config, json_schema_extra={"x-kubernetes-validations": validations})

@@ -117,23 +117,37 @@ def to_structural(model: type) -> dict[str, Any]:
     return _clean(_resolve(raw, defs))
 
 
+def root_rules(kind: Kind) -> list[dict[str, Any]]:
+    """CEL rules of the whole object (e.g. on ``metadata.name``, see :mod:`kiln.api.names`),
+    declared on the kind's resource model with ``with_rules``."""
+    rules: list[dict[str, Any]] = to_structural(kind.resource).get("x-kubernetes-validations", [])
+    return rules
+
+
 def crd_for(kind: Kind) -> dict[str, Any]:
     """The CustomResourceDefinition (apiextensions.k8s.io/v1) of one kind."""
     spec_schema = to_structural(kind.spec)
     status_schema = to_structural(kind.status)
     status_schema["description"] = f"Observed state of the {kind.kind}, written by the operator."
-    top = {
+    top: dict[str, Any] = {
         "type": "object",
         "description": (kind.resource.__doc__ or kind.kind).strip().splitlines()[0],
         "required": ["spec"],
         "properties": {
             "apiVersion": {"type": "string", "description": "kiln.dev/v1alpha1"},
             "kind": {"type": "string", "description": kind.kind},
-            "metadata": {"type": "object"},
+            # Only name and generateName may be declared; declaring them lets root rules on the
+            # name report fieldPath metadata.name.
+            "metadata": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "generateName": {"type": "string"}},
+            },
             "spec": spec_schema,
             "status": status_schema,
         },
     }
+    if rules := root_rules(kind):
+        top["x-kubernetes-validations"] = rules
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from kiln.api.common import Conditions, KilnModel, cel, with_rules
+from kiln.api.names import CRONJOB_NAME_MAX, max_length
 
 IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
@@ -169,6 +170,10 @@ class FeatureGroupStatus(KilnModel):
 
 class FeatureGroup(KilnModel):
     """Feature definitions with point-in-time training data and online lookup."""
+
+    model_config = with_rules(
+        max_length("FeatureGroup", CRONJOB_NAME_MAX, "the group's materialization CronJob")
+    )
 
     api_version: str = "kiln.dev/v1alpha1"
     kind: str = "FeatureGroup"

@@ -23,6 +23,7 @@ from kiln.api.common import (
     with_rules,
 )
 from kiln.api.model import ALIAS_PATTERN, VersionNumber
+from kiln.api.names import dns1035_label
 
 SERVER_PORT = 8080
 METRICS_PORT = 9090
@@ -356,6 +357,9 @@ class InferenceServiceStatus(KilnModel):
 
 class InferenceService(KilnModel):
     """Serves a Model version; rolls new versions out as Prometheus-guarded canaries."""
+
+    # The name is the Service callers use and the kiln.dev/inferenceservice label of every child.
+    model_config = with_rules(*dns1035_label("InferenceService", "its Service"))
 
     api_version: str = "kiln.dev/v1alpha1"
     kind: str = "InferenceService"

@@ -267,6 +267,8 @@ class ModelStatus(KilnModel):
 class Model(KilnModel):
     """A registry of model versions with stages, aliases, lineage and an audit trail."""
 
+    # No rule on metadata.name (kiln.api.names): no child object takes its name from a Model.
+
     api_version: str = "kiln.dev/v1alpha1"
     kind: str = "Model"
     metadata: dict[str, Any] = Field(default_factory=dict)

@@ -25,9 +25,35 @@ from kiln.api.common import (
     immutable,
     with_rules,
 )
+from kiln.api.names import DNS_LABEL_MAX, NAME, no_dots, on_create, starts_with_letter
 
 BUILTIN_DATASETS = ("sklearn-digits",)
 MASTER_PORT = 29500
+NUM_NODES_MAX = 256
+#: Pod ``i`` of a job is named ``<job>-node-<i>``, which is also its hostname.
+POD_INFIX = "-node-"
+
+
+def max_name_length(num_nodes: int) -> int:
+    """Longest TrainingJob name whose last pod hostname ``<name>-node-<numNodes-1>`` is a DNS label.
+
+    56 for 1-10 nodes, 55 for 11-100, 54 for 101-256 (63 - len('-node-') - digits of the rank).
+    """
+    return DNS_LABEL_MAX - len(POD_INFIX) - len(str(num_nodes - 1))
+
+
+_PURPOSE = "the job's headless Service and its pods' hostnames"
+_LIMITS = ", ".join(f"{max_name_length(n)} with up to {n} nodes" for n in (10, 100, NUM_NODES_MAX))
+#: Root rules on metadata.name (see kiln.api.names); the limit mirrors :func:`max_name_length`.
+NAME_RULES = (
+    starts_with_letter("TrainingJob", _PURPOSE),
+    no_dots("TrainingJob", _PURPOSE),
+    on_create(
+        f"{NAME}.size() <= {DNS_LABEL_MAX - len(POD_INFIX)} - string(self.spec.numNodes - 1).size()",
+        f"TrainingJob name too long for numNodes: pod hostnames <name>{POD_INFIX}<i> must fit in "
+        f"{DNS_LABEL_MAX} characters (a DNS-1123 label), so the name may have at most {_LIMITS}",
+    ),
+)
 
 NumProcPerNode = Annotated[
     Annotated[int, Field(ge=1, le=64)] | Literal["auto"],
@@ -212,7 +238,7 @@ class TrainingJobSpec(KilnModel):
     num_nodes: int = Field(
         default=1,
         ge=1,
-        le=256,
+        le=NUM_NODES_MAX,
         json_schema_extra=immutable("numNodes"),
         description="Number of pods (torchrun nodes), one per Kubernetes node. Immutable.",
     )
@@ -336,6 +362,8 @@ class TrainingJobStatus(KilnModel):
 
 class TrainingJob(KilnModel):
     """A PyTorch DDP training run: one pod per node, torchrun in each, whole-gang restarts."""
+
+    model_config = with_rules(*NAME_RULES)
 
     api_version: str = "kiln.dev/v1alpha1"
     kind: str = "TrainingJob"

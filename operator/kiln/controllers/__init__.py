@@ -13,6 +13,7 @@ import kopf
 
 from kiln.controllers import featuregroup, inferenceservice, model, trainingjob
 from kiln.controllers.client import api_client
+from kiln.controllers.rejections import reporting_rejections
 from kiln.controllers.runtime import QUEUES, WorkQueue
 
 CONTROLLERS = (trainingjob, model, inferenceservice, featuregroup)
@@ -32,7 +33,8 @@ async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     workers = int(os.environ.get("KILN_WORKERS", "16"))
     api = api_client()
     for c in CONTROLLERS:
-        QUEUES.add(WorkQueue(c.KIND, c.reconciler(api), workers=workers))
+        reconcile = reporting_rejections(api, c.KIND, c.reconciler(api))
+        QUEUES.add(WorkQueue(c.KIND, reconcile, workers=workers))
 
 
 @kopf.on.cleanup()

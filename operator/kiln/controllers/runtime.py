@@ -9,7 +9,9 @@ controller-runtime's workqueue:
 - events arriving while an object is being reconciled coalesce into one more run;
 - a reconcile returns :class:`Result` with ``requeue_after`` for time-based work (back-off,
   deadlines, TTLs, rollout pauses, analysis intervals);
-- an exception is logged, counted and retried with per-object exponential back-off.
+- an exception is logged, counted and retried with per-object exponential back-off; a child
+  the API server refused (:class:`kiln.kube.Rejected`, already reported on the parent by
+  :mod:`kiln.controllers.rejections`) is logged in one line, without a traceback.
 
 Why not kopf's ``on.create/update`` and ``@kopf.timer``: timers make kopf put a finalizer on
 every object (deletion then hangs whenever the operator is down), and kopf's per-handler
@@ -30,7 +32,7 @@ from typing import Any
 
 import kopf
 
-from kiln.kube import Gone
+from kiln.kube import Gone, Rejected
 from kiln.metrics import QUEUE_DEPTH, RECONCILE_DURATION, RECONCILE_ERRORS, RECONCILE_TOTAL
 
 log = logging.getLogger("kiln.runtime")
@@ -140,6 +142,10 @@ class WorkQueue:
             # it through their ownerReferences).
             RECONCILE_TOTAL.labels(self.kind, "gone").inc()
             return None, False
+        except Rejected as e:
+            RECONCILE_TOTAL.labels(self.kind, "rejected").inc()
+            log.warning("reconcile of %s %s/%s: %s; retrying with back-off", self.kind, ns, name, e)
+            return None, True
         except Exception:
             RECONCILE_ERRORS.labels(self.kind).inc()
             RECONCILE_TOTAL.labels(self.kind, "error").inc()

@@ -13,7 +13,7 @@ import json
 import posixpath
 from typing import Any
 
-from kiln.api.trainingjob import MASTER_PORT, TrainingJobSpec
+from kiln.api.trainingjob import MASTER_PORT, POD_INFIX, TrainingJobSpec
 from kiln.artifact import TERMINATION_LOG, uri_to_path
 from kiln.resources.common import (
     gpu_count,
@@ -32,8 +32,12 @@ STAGING_DIR = "/tmp/kiln-staging"
 
 
 def pod_name(job: str, rank: int) -> str:
-    """``<job>-node-<rank>``: the pod (and hostname) of one torchrun node."""
-    return f"{job}-node-{rank}"
+    """``<job>-node-<rank>``: the pod (and hostname) of one torchrun node.
+
+    A DNS-1123 label (<= 63 characters) for every rank when the job's name passed admission
+    (:func:`kiln.api.trainingjob.max_name_length`).
+    """
+    return f"{job}{POD_INFIX}{rank}"
 
 
 def service_name(job: str) -> str:
