@@ -36,7 +36,7 @@ from typing import Any
 
 from kiln.api.trainingjob import PodFailurePolicyAction, TrainingJobSpec
 from kiln.artifact import TerminationMessageError, TrainingResult, parse_termination_message
-from kiln.conditions import FALSE, TRUE, is_true, parse_time, rfc3339, set_condition
+from kiln.conditions import FALSE, TRUE, is_true, parse_time, rfc3339, set_condition, set_stalled
 from kiln.resources.trainingjob import CONTAINER, LABEL_GANG, LABEL_RANK
 
 NORMAL, WARNING = "Normal", "Warning"
@@ -371,7 +371,11 @@ def _restart(
 
 
 def _ready(p: Plan, now: datetime, gen: int | None) -> None:
-    """Ready is True once the job Succeeded and (with a modelRef) its version is registered."""
+    """Ready is True once the job Succeeded and (with a modelRef) its version is registered.
+
+    A Failed job is also ``Stalled=True`` with the failure's reason and message (kstatus:
+    Failed), since nothing but a new job gets it further; otherwise there is no Stalled condition.
+    """
     st = p.status
     c = st.get("conditions")
     if is_true(c, "Succeeded"):
@@ -394,6 +398,9 @@ def _ready(p: Plan, now: datetime, gen: int | None) -> None:
     else:
         value, reason, msg = FALSE, st.get("phase") or "Pending", "training in progress"
     st["conditions"] = set_condition(c, "Ready", value, reason, msg, generation=gen, now=now)
+    st["conditions"] = set_stalled(
+        st["conditions"], is_true(c, "Failed"), reason, msg, generation=gen, now=now
+    )
 
 
 def _terminal_tail(job: dict[str, Any], spec: TrainingJobSpec, p: Plan, now: datetime) -> None:

@@ -54,3 +54,13 @@ def test_api_depends_on_nothing_above_it():
             if m.startswith("kiln.") and not m.startswith(("kiln.api", "kiln.artifact")) and m != "kiln"
         }
         assert not bad, f"{f.name} imports {bad}"
+
+
+def test_one_status_write_path():
+    """Status is written only by kiln.status.write_status (diff with nulls, resourceVersion
+    precondition, skip when unchanged); kube.patch_status is its transport, nobody else's."""
+    for f in PKG.rglob("*.py"):
+        if f in (PKG / "status.py", PKG / "kube.py"):
+            continue
+        text = f.read_text()
+        assert "patch_status(" not in text, f"{f.relative_to(PKG)} writes status around kiln.status"

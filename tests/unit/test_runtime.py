@@ -113,3 +113,32 @@ def test_object_gone_mid_reconcile_is_not_an_error():
         assert calls == ["a"] and ("ns", "a") not in q._failures
 
     asyncio.run(main())
+
+
+def test_conflict_reruns_at_once_and_is_not_an_error():
+    """A 409 from a write guarded by resourceVersion: another run right away, no back-off, no error."""
+    from kiln.kube import Conflict
+    from kiln.metrics import RECONCILE_ERRORS, RECONCILE_TOTAL
+
+    async def main():
+        calls: list[float] = []
+        loop = asyncio.get_running_loop()
+        errors = RECONCILE_ERRORS.labels("C")._value.get()
+        conflicts = RECONCILE_TOTAL.labels("C", "conflict")._value.get()
+
+        def reconcile(ns, name):
+            calls.append(loop.time())
+            if len(calls) == 1:
+                raise Conflict("the object has been modified")
+            return None
+
+        q = WorkQueue("C", reconcile)
+        q.enqueue(("ns", "a"))
+        await _until(lambda: len(calls) == 2 and not q.keys_in_flight())
+        await q.close()
+        assert calls[1] - calls[0] < 0.5  # not the 1 s error back-off
+        assert ("ns", "a") not in q._failures
+        assert RECONCILE_ERRORS.labels("C")._value.get() == errors
+        assert RECONCILE_TOTAL.labels("C", "conflict")._value.get() == conflicts + 1
+
+    asyncio.run(main())

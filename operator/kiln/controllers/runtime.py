@@ -9,7 +9,10 @@ controller-runtime's workqueue:
 - events arriving while an object is being reconciled coalesce into one more run;
 - a reconcile returns :class:`Result` with ``requeue_after`` for time-based work (back-off,
   deadlines, TTLs, rollout pauses, analysis intervals);
-- an exception is logged, counted and retried with per-object exponential back-off.
+- :class:`kiln.kube.Conflict` (HTTP 409 from a write guarded by ``resourceVersion``, see
+  :mod:`kiln.status`) means another writer got there first and nothing was written: the key
+  runs again at once from a fresh read, counted as ``result="conflict"``, not logged as an error;
+- any other exception is logged, counted and retried with per-object exponential back-off.
 
 Why not kopf's ``on.create/update`` and ``@kopf.timer``: timers make kopf put a finalizer on
 every object (deletion then hangs whenever the operator is down), and kopf's per-handler
@@ -30,7 +33,7 @@ from typing import Any
 
 import kopf
 
-from kiln.kube import Gone
+from kiln.kube import Conflict, Gone
 from kiln.metrics import QUEUE_DEPTH, RECONCILE_DURATION, RECONCILE_ERRORS, RECONCILE_TOTAL
 
 log = logging.getLogger("kiln.runtime")
@@ -139,6 +142,12 @@ class WorkQueue:
             # Deleted between the read and a write: nothing left to reconcile (children go with
             # it through their ownerReferences).
             RECONCILE_TOTAL.labels(self.kind, "gone").inc()
+            return None, False
+        except Conflict:
+            # Another writer changed the object since our read; nothing was written. Decide
+            # again from a fresh read, now (marking the key dirty makes _run loop once more).
+            RECONCILE_TOTAL.labels(self.kind, "conflict").inc()
+            self._dirty.add(key)
             return None, False
         except Exception:
             RECONCILE_ERRORS.labels(self.kind).inc()
