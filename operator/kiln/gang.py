@@ -201,6 +201,12 @@ def plan(job: dict[str, Any], spec: TrainingJobSpec, pods: list[dict[str, Any]],
         cond("Suspended", FALSE, "Resumed", "spec.suspend is false")
         event(NORMAL, "Resumed", "job resumed")
 
+    # The gang exists but its creation is not recorded: the status write after creating it lost
+    # a 409 to another writer. Record it now (the deadline clock starts from this reconcile).
+    if current and not status.get("startTime"):
+        status["startTime"] = rfc3339(now)
+        cond("Created", TRUE, "PodsCreated", f"gang {gang}: {len(current)} pod(s)")
+
     # 3. Deadline.
     start = parse_time(status.get("startTime"))
     if start and spec.active_deadline_seconds:

@@ -58,7 +58,7 @@ def diff(old: Mapping[str, Any] | None, new: Status) -> dict[str, Any]:
     return merge_patch(old or {}, as_dict(new))
 
 
-def write_status(api: k8s.ApiClient, obj: Mapping[str, Any], status: Status) -> dict[str, Any]:
+def write_status(api: k8s.ApiClient, obj: dict[str, Any], status: Status) -> dict[str, Any]:
     """Make ``status`` the whole status of ``obj`` (as read), or do nothing if it already is.
 
     Args:

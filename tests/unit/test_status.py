@@ -18,7 +18,12 @@ from kiln.resources import trainingjob as build
 from kiln.status import diff, write_status
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-SPEC = {"image": "kiln-trainer:dev", "dataset": {"builtin": "sklearn-digits"}, "numNodes": 2, "maxRestarts": 3}
+SPEC = {
+    "image": "kiln-trainer:dev",
+    "dataset": {"builtin": "sklearn-digits"},
+    "numNodes": 2,
+    "maxRestarts": 3,
+}
 
 
 def _job(status: dict[str, Any], **spec: Any) -> dict[str, Any]:
@@ -85,14 +90,18 @@ def test_gang_restart_then_recreate_patch_removes_next_restart_time() -> None:
 
 def test_unchanged_conditions_keep_last_transition_time_so_the_diff_is_empty() -> None:
     conds = set_condition(None, "Ready", "False", "Running", "in progress", generation=1, now=T0)
-    again = set_condition(conds, "Ready", "False", "Running", "in progress", generation=1, now=T0 + timedelta(hours=1))
+    again = set_condition(
+        conds, "Ready", "False", "Running", "in progress", generation=1, now=T0 + timedelta(hours=1)
+    )
     assert diff({"conditions": conds}, {"conditions": again}) == {}
 
 
 def test_stalled_is_present_only_while_true() -> None:
     conds = set_stalled(None, True, "BackoffLimitExceeded", "too many restarts", generation=2, now=T0)
     c = get_condition(conds, "Stalled")
-    assert c and c["status"] == "True" and c["reason"] == "BackoffLimitExceeded" and c["observedGeneration"] == 2
+    assert (
+        c and c["status"] == "True" and c["reason"] == "BackoffLimitExceeded" and c["observedGeneration"] == 2
+    )
     assert get_condition(set_stalled(conds, False), "Stalled") is None
 
 

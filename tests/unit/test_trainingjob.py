@@ -359,3 +359,10 @@ def test_pod_failure_policy_ignore_restarts_without_counting():
     p = plan(job(status=st), spec(podFailurePolicy=POLICY), [pod(0), pod(1, "Failed", exit_code=137)], T0)
     assert p.status["restartCount"] == 2 and p.status["gang"] == 1
     assert not is_true(p.status["conditions"], "Failed") and is_true(p.status["conditions"], "Restarting")
+
+
+def test_gang_whose_creation_was_not_recorded_gets_its_start_time():
+    """The status write after creating the gang lost a 409: the next plan records the gang."""
+    p = plan(job(status={"gang": 0}), spec(), [pod(0, "Pending"), pod(1, "Pending")], T0)
+    assert not p.create_gang and p.status["startTime"] == rfc3339(T0)
+    assert is_true(p.status["conditions"], "Created")

@@ -411,7 +411,9 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
 
     # A 409 (the object changed since it was read) propagates: the work queue decides again at
     # once, before any Event or Model history entry of this decision is posted.
-    write_status(api, obj, InferenceServiceStatus.model_validate(_status(obj, spec, d, deps, problems, gen, now)))
+    write_status(
+        api, obj, InferenceServiceStatus.model_validate(_status(obj, spec, d, deps, problems, gen, now))
+    )
     for a in d.actions:
         if a.kind == "Event":
             events.record(api, obj, a.type, a.reason, a.message)

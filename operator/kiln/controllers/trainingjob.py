@@ -51,7 +51,13 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
         # until the spec changes.
         gen = job["metadata"].get("generation")
         conds = set_condition(
-            old_status.get("conditions"), "Ready", FALSE, "InvalidSpec", spec_error(e), generation=gen, now=now
+            old_status.get("conditions"),
+            "Ready",
+            FALSE,
+            "InvalidSpec",
+            spec_error(e),
+            generation=gen,
+            now=now,
         )
         conds = set_stalled(conds, True, "InvalidSpec", spec_error(e), generation=gen, now=now)
         new = {**old_status, "conditions": conds, "observedGeneration": gen}
