@@ -489,12 +489,13 @@ def _status(
     # A rolled-back canary is terminal for that version: nothing is retried until the model
     # resolves to another version (a new promotion, or a spec.modelRef change).
     rolled_back = st.rollout_phase == "RolledBack" and st.canary_version is None
+    why = (st.history or [])[-1].message if st.history else None  # the rollback's own entry
     conds = set_stalled(
         conds,
         rolled_back,
         "RolledBack",
-        f"canary version {st.rolled_back_version} was rolled back; serving stable version "
-        f"{st.stable_version}. {d.rollout_healthy.message}",
+        f"canary version {st.rolled_back_version} was rolled back ({why or 'no details'}); serving "
+        f"stable version {st.stable_version}; promote another version to roll out again",
         generation=gen,
         now=now,
     )
