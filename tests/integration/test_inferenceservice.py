@@ -580,7 +580,12 @@ def test_rolled_back_canary_is_failed_for_gitops_tools(api, store, namespace, op
     assert kstatus(obj)["status"] == "InProgress" and argocd_health(obj)["status"] == "Progressing"
 
     patch_spec(api, ns, {"rollout": {"abort": True}})
-    st = wait_status(api, ns, lambda s: s.get("rolloutPhase") == "RolledBack", message="rolled back")
+    st = wait_status(
+        api,
+        ns,
+        lambda s: s.get("rolloutPhase") == "RolledBack" and get_condition(s.get("conditions"), "Stalled"),
+        message="rolled back, Stalled",
+    )
     stalled = get_condition(st["conditions"], "Stalled")
     assert stalled["status"] == "True" and stalled["reason"] == "RolledBack"
     assert "canary version 2 was rolled back" in stalled["message"]
@@ -597,8 +602,12 @@ def test_rolled_back_canary_is_failed_for_gitops_tools(api, store, namespace, op
 
     # a new version is a new rollout: no longer stalled
     set_production(api, ns, [v1, v2, v3], production=3)
-    st = wait_status(api, ns, lambda s: s.get("canaryVersion") == 3, message="canary 3")
-    assert get_condition(st["conditions"], "Stalled") is None
+    wait_status(
+        api,
+        ns,
+        lambda s: s.get("canaryVersion") == 3 and not get_condition(s.get("conditions"), "Stalled"),
+        message="canary 3, not Stalled",
+    )
     obj = isvc(api, ns)
     assert kstatus(obj)["status"] == "InProgress" and argocd_health(obj)["status"] == "Progressing"
 

@@ -229,7 +229,10 @@ def test_refused_promotions_keep_the_previous_version(
         obj = wait_reconciled(
             kube,
             namespace,
-            lambda o: ready(o).get("status") == "False",
+            lambda o, reason=reason, permanent=permanent: (
+                ready(o).get("reason") == reason
+                and (get_condition(o["status"]["conditions"], "Stalled") is not None) == permanent
+            ),
             message=f"refusal of version {version}",
         )
         cond = ready(obj)
@@ -246,7 +249,11 @@ def test_refused_promotions_keep_the_previous_version(
             assert kstatus(obj)["status"] == "InProgress" and argocd_health(obj)["status"] == "Progressing"
     # The same checks guard aliases.
     patch_spec(kube, namespace, {"stages": {"production": 1}, "aliases": {"champion": 3}})
-    obj = wait_reconciled(kube, namespace, lambda o: ready(o).get("status") == "False")
+    obj = wait_reconciled(
+        kube,
+        namespace,
+        lambda o: ready(o).get("status") == "False" and get_condition(o["status"]["conditions"], "Stalled"),
+    )
     assert ready(obj)["reason"] == "DigestMismatch" and "aliases.champion: version 3" in ready(obj)["message"]
     assert obj["status"]["aliases"] == {"champion": 1}
     assert get_condition(obj["status"]["conditions"], "Stalled")["reason"] == "DigestMismatch"

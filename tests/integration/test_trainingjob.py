@@ -134,16 +134,20 @@ def test_pod_failure_restarts_gang_then_fails_after_max_restarts(kube_api, names
     assert job["status"]["lastFailure"]["pod"] == "digits-node-1"
     gang1 = running_gang(kube_api, namespace, 1)
     assert len(gang1) == 2  # both pods recreated, not just the failed one
+    # the back-off is over: the restart time is removed from the stored status, not left behind
+    wait_status(
+        kube_api,
+        namespace,
+        lambda s: s.get("gang") == 1 and s.get("phase") == "Running" and "nextRestartTime" not in s,
+        what="gang 1 Running without nextRestartTime",
+    )
+    finish_pod(kube_api, namespace, "digits-node-0", exit_code=2, message="NCCL timeout")
     job = wait_status(
         kube_api,
         namespace,
-        lambda s: s.get("gang") == 1 and s.get("phase") == "Running",
-        what="gang 1 Running",
+        lambda s: s.get("phase") == "Failed" and cond(s, "Stalled") == "True",
+        what="phase Failed, Stalled",
     )
-    # the back-off is over: the restart time is removed from the stored status, not left behind
-    assert "nextRestartTime" not in job["status"]
-    finish_pod(kube_api, namespace, "digits-node-0", exit_code=2, message="NCCL timeout")
-    job = wait_status(kube_api, namespace, lambda s: s.get("phase") == "Failed", what="phase Failed")
     st = job["status"]
     assert get_condition(st["conditions"], "Failed")["reason"] == "BackoffLimitExceeded"
     assert st["lastFailure"]["exitCode"] == 2 and "NCCL timeout" in st["lastFailure"]["message"]
@@ -231,7 +235,12 @@ def test_pod_failure_policy_fails_fast_on_permanent_errors(kube_api, namespace, 
     finish_pod(
         kube_api, namespace, "digits-node-0", exit_code=2, message="kiln-train: error: no column 'label'"
     )
-    job = wait_status(kube_api, namespace, lambda s: s.get("phase") == "Failed", what="Failed at once")
+    job = wait_status(
+        kube_api,
+        namespace,
+        lambda s: s.get("phase") == "Failed" and cond(s, "Stalled") == "True",
+        what="Failed at once, Stalled",
+    )
     st = job["status"]
     assert get_condition(st["conditions"], "Failed")["reason"] == "PodFailurePolicy"
     assert st["restartCount"] == 0 and "no column" in st["lastFailure"]["message"]
@@ -253,9 +262,13 @@ def test_suspend_and_resume(kube_api, namespace, operator):
     running_gang(kube_api, namespace, 0)
     started = wait_status(kube_api, namespace, lambda s: s.get("startTime"), what="startTime")["status"]
     kube.patch(kube_api, API_VERSION, "TrainingJob", namespace, "digits", {"spec": {"suspend": True}})
-    job = wait_status(kube_api, namespace, lambda s: s.get("phase") == "Suspended", what="Suspended")
     # suspended time must not count toward activeDeadlineSeconds: the clock is removed
-    assert "startTime" not in job["status"]
+    job = wait_status(
+        kube_api,
+        namespace,
+        lambda s: s.get("phase") == "Suspended" and "startTime" not in s,
+        what="Suspended without startTime",
+    )
     assert argocd_health(job)["status"] == "Suspended"
     wait_for(lambda: not pods(kube_api, namespace), 30, message="pods deleted")
     kube.patch(kube_api, API_VERSION, "TrainingJob", namespace, "digits", {"spec": {"suspend": False}})
