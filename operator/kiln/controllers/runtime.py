@@ -11,7 +11,9 @@ controller-runtime's workqueue:
   deadlines, TTLs, rollout pauses, analysis intervals);
 - :class:`kiln.kube.Conflict` (HTTP 409 from a write guarded by ``resourceVersion``, see
   :mod:`kiln.status`) means another writer got there first and nothing was written: the key
-  runs again at once from a fresh read, counted as ``result="conflict"``, not logged as an error;
+  runs again at once from a fresh read, counted as ``result="conflict"``, not logged as an error
+  (after :data:`IMMEDIATE_CONFLICT_RERUNS` conflicts in a row, with a short growing delay, so
+  writers that keep colliding spread out instead of hammering the API server);
 - any other exception is logged, counted and retried with per-object exponential back-off.
 
 Why not kopf's ``on.create/update`` and ``@kopf.timer``: timers make kopf put a finalizer on
@@ -39,6 +41,9 @@ from kiln.metrics import QUEUE_DEPTH, RECONCILE_DURATION, RECONCILE_ERRORS, RECO
 log = logging.getLogger("kiln.runtime")
 
 Key = tuple[str, str]  # (namespace, name)
+
+#: Conflicts in a row that re-run a key at once; later ones wait 0.1 s * 2^k (capped at 5 s).
+IMMEDIATE_CONFLICT_RERUNS = 3
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class WorkQueue:
         self._dirty: set[Key] = set()
         self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
         self._failures: dict[Key, int] = {}
+        self._conflicts: dict[Key, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
         # Reconciles block on API calls: give them their own threads (asyncio's default executor
@@ -142,20 +148,27 @@ class WorkQueue:
             # Deleted between the read and a write: nothing left to reconcile (children go with
             # it through their ownerReferences).
             RECONCILE_TOTAL.labels(self.kind, "gone").inc()
+            self._conflicts.pop(key, None)
             return None, False
         except Conflict:
             # Another writer changed the object since our read; nothing was written. Decide
             # again from a fresh read, now (marking the key dirty makes _run loop once more).
             RECONCILE_TOTAL.labels(self.kind, "conflict").inc()
-            self._dirty.add(key)
-            return None, False
+            n = self._conflicts.get(key, 0) + 1
+            self._conflicts[key] = n
+            if n <= IMMEDIATE_CONFLICT_RERUNS:
+                self._dirty.add(key)
+                return None, False
+            return Result(requeue_after=min(5.0, 0.1 * 2 ** (n - IMMEDIATE_CONFLICT_RERUNS))), False
         except Exception:
             RECONCILE_ERRORS.labels(self.kind).inc()
             RECONCILE_TOTAL.labels(self.kind, "error").inc()
             log.exception("reconcile of %s %s/%s failed; retrying with back-off", self.kind, ns, name)
+            self._conflicts.pop(key, None)
             return None, True
         finally:
             RECONCILE_DURATION.labels(self.kind).observe(time.perf_counter() - t0)
+        self._conflicts.pop(key, None)
         RECONCILE_TOTAL.labels(
             self.kind, "requeue" if result and result.requeue_after is not None else "success"
         ).inc()
