@@ -13,8 +13,9 @@
    that was read: a precondition, so the API server answers 409 Conflict if anything changed
    since, and the patch (a diff against exactly that version) never applies to another one;
 4. lets the 409 out as :class:`kiln.kube.Conflict`, which the work queue
-   (:mod:`kiln.controllers.runtime`) turns into an immediate re-run from a fresh read, not an
-   error: nothing was written, so deciding again is always safe.
+   (:mod:`kiln.controllers.runtime`) turns into an immediate re-run from a fresh read (with a
+   short delay only after several conflicts in a row), not an error: nothing was written, so
+   deciding again is always safe. In-place retry loops (the registry's) catch it themselves.
 
 Why a merge patch with nulls and not server-side apply of the status subresource: with the
 resourceVersion precondition the diff is computed against exactly the stored status, so the
