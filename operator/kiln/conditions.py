@@ -10,6 +10,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
+#: kstatus' condition for a failure the controller cannot get past without a person
+#: (https://github.com/kubernetes-sigs/cli-utils/blob/master/pkg/kstatus/README.md).
+STALLED = "Stalled"
 
 
 def rfc3339(t: datetime | None = None) -> str:
@@ -81,3 +84,29 @@ def is_true(conditions: list[dict[str, Any]] | None, type_: str) -> bool:
     """Whether condition ``type_`` exists with status True."""
     c = get_condition(conditions, type_)
     return bool(c and c.get("status") == TRUE)
+
+
+def remove_condition(conditions: list[dict[str, Any]] | None, type_: str) -> list[dict[str, Any]]:
+    """Return a new condition list without condition ``type_``."""
+    return [dict(c) for c in conditions or [] if c.get("type") != type_]
+
+
+def set_stalled(
+    conditions: list[dict[str, Any]] | None,
+    stalled: bool,
+    reason: str = "",
+    message: str = "",
+    *,
+    generation: int | None = None,
+    now: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Set kstatus' ``Stalled`` condition: True with ``reason``/``message`` when ``stalled``,
+    else removed.
+
+    kstatus conditions are "abnormal-true": present only while True. With ``Ready=False`` and
+    ``observedGeneration`` current, ``Stalled=True`` makes kstatus-based tools (Flux, kpt,
+    Config Sync, ``kubectl wait``-like pollers) report Failed instead of InProgress forever.
+    """
+    if stalled:
+        return set_condition(conditions, STALLED, TRUE, reason, message, generation=generation, now=now)
+    return remove_condition(conditions, STALLED)

@@ -36,7 +36,7 @@ from typing import Any
 
 from kiln.api.trainingjob import PodFailurePolicyAction, TrainingJobSpec
 from kiln.artifact import TerminationMessageError, TrainingResult, parse_termination_message
-from kiln.conditions import FALSE, TRUE, is_true, parse_time, rfc3339, set_condition
+from kiln.conditions import FALSE, TRUE, is_true, parse_time, rfc3339, set_condition, set_stalled
 from kiln.resources.trainingjob import CONTAINER, LABEL_GANG, LABEL_RANK
 
 NORMAL, WARNING = "Normal", "Warning"
@@ -153,6 +153,7 @@ def plan(job: dict[str, Any], spec: TrainingJobSpec, pods: list[dict[str, Any]],
         return _suspended(r)
     if is_true(conditions, "Suspended"):
         _resumed(r)
+    _unrecorded_gang(r)
     for phase in (_deadline, _rank0_succeeded, _disrupted, _pod_failed, _gang_missing):
         decided = phase(r)
         if decided is not None:
@@ -275,6 +276,14 @@ def _resumed(r: _Reconcile) -> None:
     phases below then create the new gang."""
     r.cond("Suspended", FALSE, "Resumed", "spec.suspend is false")
     r.event(NORMAL, "Resumed", "job resumed")
+
+
+def _unrecorded_gang(r: _Reconcile) -> None:
+    """The gang exists but its creation is not recorded: the status write after creating it lost
+    a 409 to another writer. Record it now (the deadline clock starts from this reconcile)."""
+    if r.current and not r.status.get("startTime"):
+        r.status["startTime"] = rfc3339(r.now)
+        r.cond("Created", TRUE, "PodsCreated", f"gang {r.gang}: {len(r.current)} pod(s)")
 
 
 def _deadline(r: _Reconcile) -> Plan | None:
@@ -468,7 +477,11 @@ def _restart(
 
 
 def _ready(p: Plan, now: datetime, gen: int | None) -> None:
-    """Ready is True once the job Succeeded and (with a modelRef) its version is registered."""
+    """Ready is True once the job Succeeded and (with a modelRef) its version is registered.
+
+    A Failed job is also ``Stalled=True`` with the failure's reason and message (kstatus:
+    Failed), since nothing but a new job gets it further; otherwise there is no Stalled condition.
+    """
     st = p.status
     c = st.get("conditions")
     if is_true(c, "Succeeded"):
@@ -491,6 +504,9 @@ def _ready(p: Plan, now: datetime, gen: int | None) -> None:
     else:
         value, reason, msg = FALSE, st.get("phase") or "Pending", "training in progress"
     st["conditions"] = set_condition(c, "Ready", value, reason, msg, generation=gen, now=now)
+    st["conditions"] = set_stalled(
+        st["conditions"], is_true(c, "Failed"), reason, msg, generation=gen, now=now
+    )
 
 
 def _terminal_tail(job: dict[str, Any], spec: TrainingJobSpec, p: Plan, now: datetime) -> None:

@@ -3,8 +3,9 @@
 Paths come from a fixed table of the kinds Kiln reads and writes, so no discovery round-trips
 are needed. Writes of children use server-side apply with field manager ``kiln``
 (https://kubernetes.io/docs/reference/using-api/server-side-apply/); status writes use JSON
-merge patches on the ``status`` subresource, optionally guarded by ``resourceVersion``
-(optimistic concurrency: the API server answers 409 Conflict when the object changed).
+merge patches on the ``status`` subresource guarded by ``resourceVersion`` (optimistic
+concurrency: the API server answers 409 Conflict when the object changed), computed and sent by
+:func:`kiln.status.write_status`, the one status-write path (:func:`patch_status` is its transport).
 """
 
 from __future__ import annotations
@@ -236,7 +237,8 @@ def delete(
 def patch_status(
     api: k8s.ApiClient, obj: dict[str, Any], status: dict[str, Any], *, resource_version: str | None = None
 ) -> dict[str, Any]:
-    """JSON-merge-patch ``status`` into ``obj``'s status subresource.
+    """JSON-merge-patch ``status`` into ``obj``'s status subresource (the transport of
+    :func:`kiln.status.write_status`; controllers call that, never this).
 
     With ``resource_version`` the patch applies only if the object is unchanged since then.
 

@@ -6,7 +6,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 RECONCILE_TOTAL = Counter(
     "kiln_reconcile_total",
-    "Reconciles run, by kind and result (success, requeue, gone, rejected, error).",
+    "Reconciles run, by kind and result (success, requeue, gone, conflict, rejected, error).",
     ["kind", "result"],
 )
 RECONCILE_ERRORS = Counter("kiln_reconcile_errors_total", "Reconciles that raised, by kind.", ["kind"])
@@ -21,4 +21,9 @@ API_REQUESTS = Counter(
     "kiln_api_requests_total",
     "Requests the reconcilers sent to the API server, by verb and code.",
     ["verb", "code"],
+)
+STATUS_WRITES = Counter(
+    "kiln_status_writes_total",
+    "Status writes by kind and result: written, skipped (nothing changed), conflict (409: requeued).",
+    ["kind", "result"],
 )

@@ -34,6 +34,7 @@ from kubernetes import client
 from kiln import API_VERSION, kube
 from kiln.conditions import get_condition, rfc3339
 
+from .health import argocd_health, kstatus
 from .helpers import run_operator, wait_for
 
 MODEL = "digits"
@@ -558,6 +559,57 @@ def test_model_resolution_errors_and_model_watch(api, store, namespace, operator
     )
     reasons = event_reasons(api, ns)
     assert "ModelNotFound" in reasons and "VersionNotResolved" in reasons
+
+
+def test_rolled_back_canary_is_failed_for_gitops_tools(api, store, namespace, operator):
+    """After a rollback, kstatus (Flux, kpt) says Failed and Argo CD Degraded, through a spec change,
+    until the model resolves to a new version."""
+    ns = namespace
+    v1, v2, v3 = store.version(1), store.version(2), store.version(3)
+    create_model(api, ns, [v1], production=1)
+    create_isvc(api, ns, rollout={"steps": [{"weight": 50, "pauseSeconds": 3600}]})
+    wait_status(
+        api, ns, lambda s: (get_condition(s.get("conditions"), "Ready") or {}).get("status") == "True"
+    )
+    obj = isvc(api, ns)
+    assert kstatus(obj)["status"] == "Current" and argocd_health(obj)["status"] == "Healthy"
+
+    set_production(api, ns, [v1, v2], production=2)
+    wait_status(api, ns, lambda s: s.get("canaryVersion") == 2, message="canary 2")
+    obj = isvc(api, ns)
+    assert kstatus(obj)["status"] == "InProgress" and argocd_health(obj)["status"] == "Progressing"
+
+    patch_spec(api, ns, {"rollout": {"abort": True}})
+    st = wait_status(
+        api,
+        ns,
+        lambda s: s.get("rolloutPhase") == "RolledBack" and get_condition(s.get("conditions"), "Stalled"),
+        message="rolled back, Stalled",
+    )
+    stalled = get_condition(st["conditions"], "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "RolledBack"
+    assert "canary version 2 was rolled back" in stalled["message"]
+    obj = isvc(api, ns)
+    assert kstatus(obj) == {"status": "Failed", "message": stalled["message"]}
+    health = argocd_health(obj)
+    assert health["status"] == "Degraded" and health["message"].startswith("RolledBack: ")
+
+    # a spec change alone does not retry the version: still Failed, for the new generation
+    patch_spec(api, ns, {"rollout": {"abort": False}})
+    gen = isvc(api, ns)["metadata"]["generation"]
+    wait_status(api, ns, lambda s: s.get("observedGeneration") == gen, message="new generation seen")
+    assert kstatus(isvc(api, ns))["status"] == "Failed"
+
+    # a new version is a new rollout: no longer stalled
+    set_production(api, ns, [v1, v2, v3], production=3)
+    wait_status(
+        api,
+        ns,
+        lambda s: s.get("canaryVersion") == 3 and not get_condition(s.get("conditions"), "Stalled"),
+        message="canary 3, not Stalled",
+    )
+    obj = isvc(api, ns)
+    assert kstatus(obj)["status"] == "InProgress" and argocd_health(obj)["status"] == "Progressing"
 
 
 def test_gateway_api_canary_and_hpa(api, store, namespace, operator):

@@ -32,6 +32,7 @@ from kiln.controllers.model import ModelNotFound, register_version
 from kiln.registry import record
 
 from .conftest import Cluster
+from .health import argocd_health, kstatus
 from .helpers import wait_for
 
 LINEAGE = {"source": "TrainingJob", "image": "kiln-trainer:dev", "dataset": "sklearn-digits"}
@@ -204,22 +205,34 @@ def test_refused_promotions_keep_the_previous_version(
     obj = wait_reconciled(kube, namespace, lambda o: ready(o).get("status") == "True")
     assert stages(obj) == {"production": 1} and obj["status"]["aliases"] == {"champion": 1}
 
+    assert kstatus(obj)["status"] == "Current" and argocd_health(obj)["status"] == "Healthy"
+
+    # (version, damage, reason, stalled: only a person can resolve it)
     cases = [
-        (99, lambda: None, "VersionNotFound"),
-        (2, lambda: (tmp_path / "digits" / "job-2" / "model.safetensors").unlink(), "ArtifactMissing"),
+        (99, lambda: None, "VersionNotFound", False),  # not issued yet: a registration may bring it
+        (
+            2,
+            lambda: (tmp_path / "digits" / "job-2" / "model.safetensors").unlink(),
+            "ArtifactMissing",
+            False,  # it may be copied in later
+        ),
         (
             3,
             lambda: (tmp_path / "digits" / "job-3" / "model.safetensors").write_bytes(b"tampered"),
             "DigestMismatch",
+            True,  # registered digests are immutable
         ),
     ]
-    for version, damage, reason in cases:
+    for version, damage, reason, permanent in cases:
         damage()
         patch_spec(kube, namespace, {"stages": {"production": version}})
         obj = wait_reconciled(
             kube,
             namespace,
-            lambda o: ready(o).get("status") == "False",
+            lambda o, reason=reason, permanent=permanent: (
+                ready(o).get("reason") == reason
+                and (get_condition(o["status"]["conditions"], "Stalled") is not None) == permanent
+            ),
             message=f"refusal of version {version}",
         )
         cond = ready(obj)
@@ -227,11 +240,23 @@ def test_refused_promotions_keep_the_previous_version(
         assert f"stages.production: version {version} refused ({reason})" in cond["message"]
         assert cond["observedGeneration"] == obj["metadata"]["generation"]
         assert stages(obj) == {"production": 1}, "the previous version must stay in force"
+        stalled = get_condition(obj["status"]["conditions"], "Stalled")
+        if permanent:
+            assert stalled and stalled["status"] == "True" and stalled["reason"] == reason
+            assert kstatus(obj)["status"] == "Failed" and argocd_health(obj)["status"] == "Degraded"
+        else:
+            assert stalled is None
+            assert kstatus(obj)["status"] == "InProgress" and argocd_health(obj)["status"] == "Progressing"
     # The same checks guard aliases.
     patch_spec(kube, namespace, {"stages": {"production": 1}, "aliases": {"champion": 3}})
-    obj = wait_reconciled(kube, namespace, lambda o: ready(o).get("status") == "False")
+    obj = wait_reconciled(
+        kube,
+        namespace,
+        lambda o: ready(o).get("status") == "False" and get_condition(o["status"]["conditions"], "Stalled"),
+    )
     assert ready(obj)["reason"] == "DigestMismatch" and "aliases.champion: version 3" in ready(obj)["message"]
     assert obj["status"]["aliases"] == {"champion": 1}
+    assert get_condition(obj["status"]["conditions"], "Stalled")["reason"] == "DigestMismatch"
     refused = [e for e in events(kube, namespace) if e.reason == "PromotionRefused"]
     assert refused and all(e.type == "Warning" for e in refused)
     # Nothing in force changed, so the audit trail only has the first assignments.

@@ -12,6 +12,7 @@ from kiln import API_VERSION, kube
 from kiln.artifact import TrainingResult, format_termination_message
 from kiln.conditions import get_condition
 
+from .health import argocd_health, kstatus
 from .helpers import finish_pod, run_operator, wait_for
 
 DIGEST = "sha256:" + "5e" * 32
@@ -121,6 +122,7 @@ def test_creates_service_and_pods_on_gpu_nodes(kube_api, namespace, operator):
     assert cond(st, "Created") == "True" and cond(st, "Running") == "True" and cond(st, "Ready") == "False"
     assert st["nodes"]["running"] == 2 and st["observedGeneration"] == job["metadata"]["generation"]
     assert st["startTime"]
+    assert kstatus(job)["status"] == "InProgress" and argocd_health(job)["status"] == "Progressing"
 
 
 def test_pod_failure_restarts_gang_then_fails_after_max_restarts(kube_api, namespace, operator):
@@ -132,12 +134,28 @@ def test_pod_failure_restarts_gang_then_fails_after_max_restarts(kube_api, names
     assert job["status"]["lastFailure"]["pod"] == "digits-node-1"
     gang1 = running_gang(kube_api, namespace, 1)
     assert len(gang1) == 2  # both pods recreated, not just the failed one
+    # the back-off is over: the restart time is removed from the stored status, not left behind
+    wait_status(
+        kube_api,
+        namespace,
+        lambda s: s.get("gang") == 1 and s.get("phase") == "Running" and "nextRestartTime" not in s,
+        what="gang 1 Running without nextRestartTime",
+    )
     finish_pod(kube_api, namespace, "digits-node-0", exit_code=2, message="NCCL timeout")
-    job = wait_status(kube_api, namespace, lambda s: s.get("phase") == "Failed", what="phase Failed")
+    job = wait_status(
+        kube_api,
+        namespace,
+        lambda s: s.get("phase") == "Failed" and cond(s, "Stalled") == "True",
+        what="phase Failed, Stalled",
+    )
     st = job["status"]
     assert get_condition(st["conditions"], "Failed")["reason"] == "BackoffLimitExceeded"
     assert st["lastFailure"]["exitCode"] == 2 and "NCCL timeout" in st["lastFailure"]["message"]
     assert st["completionTime"]
+    stalled = get_condition(st["conditions"], "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "BackoffLimitExceeded"
+    assert kstatus(job) == {"status": "Failed", "message": stalled["message"]}
+    assert argocd_health(job)["status"] == "Degraded"
     # the still-running rank 1 is deleted so its GPUs are freed
     wait_for(
         lambda: (
@@ -163,6 +181,8 @@ def test_success_fills_result(kube_api, namespace, operator):
         "metrics": {"accuracy": 0.97},
     }
     assert cond(st, "Ready") == "True"  # no modelRef: nothing to register
+    assert cond(st, "Stalled") is None
+    assert kstatus(job)["status"] == "Current" and argocd_health(job)["status"] == "Healthy"
     # rank 1 was still running: deleted; and a deleted child of a terminal job is not recreated
     wait_for(
         lambda: (
@@ -215,10 +235,17 @@ def test_pod_failure_policy_fails_fast_on_permanent_errors(kube_api, namespace, 
     finish_pod(
         kube_api, namespace, "digits-node-0", exit_code=2, message="kiln-train: error: no column 'label'"
     )
-    job = wait_status(kube_api, namespace, lambda s: s.get("phase") == "Failed", what="Failed at once")
+    job = wait_status(
+        kube_api,
+        namespace,
+        lambda s: s.get("phase") == "Failed" and cond(s, "Stalled") == "True",
+        what="Failed at once, Stalled",
+    )
     st = job["status"]
     assert get_condition(st["conditions"], "Failed")["reason"] == "PodFailurePolicy"
     assert st["restartCount"] == 0 and "no column" in st["lastFailure"]["message"]
+    assert get_condition(st["conditions"], "Stalled")["reason"] == "PodFailurePolicy"
+    assert kstatus(job)["status"] == "Failed" and argocd_health(job)["status"] == "Degraded"
 
 
 @pytest.mark.parametrize(("message", "reason"), [("", "ResultMissing"), ("oops", "ResultMalformed")])
@@ -233,13 +260,22 @@ def test_unusable_result_is_a_clear_failure(kube_api, namespace, operator, messa
 def test_suspend_and_resume(kube_api, namespace, operator):
     make_job(kube_api, namespace)
     running_gang(kube_api, namespace, 0)
+    started = wait_status(kube_api, namespace, lambda s: s.get("startTime"), what="startTime")["status"]
     kube.patch(kube_api, API_VERSION, "TrainingJob", namespace, "digits", {"spec": {"suspend": True}})
-    wait_status(kube_api, namespace, lambda s: s.get("phase") == "Suspended", what="Suspended")
+    # suspended time must not count toward activeDeadlineSeconds: the clock is removed
+    job = wait_status(
+        kube_api,
+        namespace,
+        lambda s: s.get("phase") == "Suspended" and "startTime" not in s,
+        what="Suspended without startTime",
+    )
+    assert argocd_health(job)["status"] == "Suspended"
     wait_for(lambda: not pods(kube_api, namespace), 30, message="pods deleted")
     kube.patch(kube_api, API_VERSION, "TrainingJob", namespace, "digits", {"spec": {"suspend": False}})
     job = wait_status(kube_api, namespace, lambda s: s.get("phase") == "Running", what="resumed")
     assert cond(job["status"], "Suspended") == "False"
     assert job["status"]["restartCount"] == 0
+    assert job["status"]["startTime"] >= started["startTime"]
 
 
 def test_active_deadline(kube_api, namespace, operator):

@@ -56,6 +56,16 @@ def test_api_depends_on_nothing_above_it():
         assert not bad, f"{f.name} imports {bad}"
 
 
+def test_one_status_write_path():
+    """Status is written only by kiln.status.write_status (diff with nulls, resourceVersion
+    precondition, skip when unchanged); kube.patch_status is its transport, nobody else's."""
+    for f in PKG.rglob("*.py"):
+        if f in (PKG / "status.py", PKG / "kube.py"):
+            continue
+        text = f.read_text()
+        assert "patch_status(" not in text, f"{f.relative_to(PKG)} writes status around kiln.status"
+
+
 def test_only_the_registry_artifact_module_touches_the_store():
     """Artifact-store I/O (kiln.storage, boto3) stays out of the pure layers; in registry/ only
     artifacts.py (the registry's store client, as rollout/prometheus.py is its Prometheus client)."""

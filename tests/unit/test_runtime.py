@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 
 from kiln.controllers.runtime import Result, WorkQueue
@@ -111,6 +112,63 @@ def test_object_gone_mid_reconcile_is_not_an_error():
         await _until(lambda: calls and not q.keys_in_flight())
         await q.close()
         assert calls == ["a"] and ("ns", "a") not in q._failures
+
+    asyncio.run(main())
+
+
+def test_conflict_reruns_at_once_and_is_not_an_error():
+    """A 409 from a write guarded by resourceVersion: another run right away, no back-off, no error."""
+    from kiln.kube import Conflict
+    from kiln.metrics import RECONCILE_ERRORS, RECONCILE_TOTAL
+
+    async def main():
+        calls: list[float] = []
+        loop = asyncio.get_running_loop()
+        errors = RECONCILE_ERRORS.labels("C")._value.get()
+        conflicts = RECONCILE_TOTAL.labels("C", "conflict")._value.get()
+
+        def reconcile(ns, name):
+            calls.append(loop.time())
+            if len(calls) == 1:
+                raise Conflict("the object has been modified")
+            return None
+
+        q = WorkQueue("C", reconcile)
+        q.enqueue(("ns", "a"))
+        await _until(lambda: len(calls) == 2 and not q.keys_in_flight())
+        await q.close()
+        assert calls[1] - calls[0] < 0.5  # not the 1 s error back-off
+        assert ("ns", "a") not in q._failures
+        assert RECONCILE_ERRORS.labels("C")._value.get() == errors
+        assert RECONCILE_TOTAL.labels("C", "conflict")._value.get() == conflicts + 1
+
+    asyncio.run(main())
+
+
+def test_conflicts_in_a_row_slow_down():
+    """A key that keeps conflicting re-runs at once a few times, then with a growing delay."""
+    from kiln.controllers.runtime import IMMEDIATE_CONFLICT_RERUNS
+    from kiln.kube import Conflict
+
+    async def main():
+        calls: list[float] = []
+        loop = asyncio.get_running_loop()
+
+        def reconcile(ns, name):
+            calls.append(loop.time())
+            if len(calls) <= IMMEDIATE_CONFLICT_RERUNS + 2:
+                raise Conflict("the object has been modified")
+            return None
+
+        q = WorkQueue("C2", reconcile)
+        q.enqueue(("ns", "a"))
+        await _until(lambda: len(calls) == IMMEDIATE_CONFLICT_RERUNS + 3 and not q.keys_in_flight())
+        await q.close()
+        gaps = [b - a for a, b in itertools.pairwise(calls)]
+        first_delayed = gaps[IMMEDIATE_CONFLICT_RERUNS]
+        assert max(gaps[:IMMEDIATE_CONFLICT_RERUNS]) < first_delayed  # the first ones at once
+        assert first_delayed >= 0.19 and gaps[IMMEDIATE_CONFLICT_RERUNS + 1] >= 0.39
+        assert ("ns", "a") not in q._conflicts
 
     asyncio.run(main())
 

@@ -459,3 +459,10 @@ def test_storage_defaults_from_environ():
     )
     assert d == StorageDefaults(artifact_root="s3://b/p", secret_name="s", endpoint=None, region="r")
     assert StorageDefaults.from_environ({}).artifact_root == "file:///var/lib/kiln/artifacts"
+
+
+def test_gang_whose_creation_was_not_recorded_gets_its_start_time():
+    """The status write after creating the gang lost a 409: the next plan records the gang."""
+    p = plan(job(status={"gang": 0}), spec(), [pod(0, "Pending"), pod(1, "Pending")], T0)
+    assert not p.create_gang and p.status["startTime"] == rfc3339(T0)
+    assert is_true(p.status["conditions"], "Created")

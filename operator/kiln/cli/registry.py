@@ -30,6 +30,7 @@ from kiln.registry import rebuild as rebuild_status
 from kiln.registry import register as register_step
 from kiln.registry.stages import Problem, rollback_target, stage_field
 from kiln.registry.versions import get_version
+from kiln.status import write_status
 
 KIND = "Model"
 STAGE_CHOICES = ("Development", "Staging", "Production", "Archived")
@@ -662,9 +663,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
             added.append(step.registered.version)
             numbered.append((d, step.registered))
         if not args.dry_run:
-            patch = merge_patch(obj.get("status"), status.to_api())
-            if patch:
-                kube.patch_status(api, obj, patch, resource_version=obj["metadata"]["resourceVersion"])
+            write_status(api, obj, status)
         return status, added, numbered
 
     for _ in range(10):

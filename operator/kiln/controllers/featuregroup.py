@@ -14,27 +14,32 @@ from kubernetes import client as k8s
 from pydantic import ValidationError
 
 from kiln import API_VERSION, kube
-from kiln.api import FeatureGroupSpec
+from kiln.api import FeatureGroupSpec, FeatureGroupStatus
 from kiln.api.common import spec_error
-from kiln.conditions import FALSE, set_condition
+from kiln.conditions import FALSE, set_condition, set_stalled
 from kiln.controllers.runtime import ReconcileFn, Result, watch
+from kiln.status import write_status
 
 KIND = "FeatureGroup"
 watch(KIND, API_VERSION, "featuregroups")
 
 
 def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
-    """Validate the spec and write ``schemaDigest``, ``observedGeneration`` and ``Ready``."""
+    """Validate the spec and write ``schemaDigest``, ``observedGeneration`` and ``Ready``.
+
+    An invalid spec is terminal until the spec changes: ``Ready=False`` and ``Stalled=True``
+    (reason ``InvalidSpec``), and no ``schemaDigest`` (it describes a valid spec only).
+    """
     obj = kube.get(api, API_VERSION, KIND, namespace, name)
     if obj is None:
         return None
     gen = obj["metadata"].get("generation")
-    status = dict(obj.get("status") or {})
+    old = obj.get("status") or {}
+    digest: str | None = None
     try:
         spec = FeatureGroupSpec.model_validate(obj.get("spec") or {})
     except ValidationError as e:
         reason, message = "InvalidSpec", spec_error(e)
-        digest = None
     else:
         canonical = json.dumps(spec.to_api()["features"], sort_keys=True).encode()
         digest = "sha256:" + hashlib.sha256(canonical).hexdigest()
@@ -42,15 +47,10 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
             "MaterializationNotImplemented",
             "feature definitions are valid; materialization is not implemented yet",
         )
-    new = dict(status)
-    new["conditions"] = set_condition(
-        status.get("conditions"), "Ready", FALSE, reason, message, generation=gen
-    )
-    new["observedGeneration"] = gen
-    if digest:
-        new["schemaDigest"] = digest
-    if new != status:
-        kube.patch_status(api, obj, new)
+    conds = set_condition(old.get("conditions"), "Ready", FALSE, reason, message, generation=gen)
+    conds = set_stalled(conds, digest is None, reason, message, generation=gen)
+    new = {**old, "conditions": conds, "observedGeneration": gen, "schemaDigest": digest}
+    write_status(api, obj, FeatureGroupStatus.model_validate(new))
     return None
 
 

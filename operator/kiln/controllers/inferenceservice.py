@@ -9,7 +9,8 @@ One level-based reconcile per InferenceService (see :mod:`kiln.controllers.runti
 3. when :func:`kiln.rollout.machine.analysis_due`, run the analysis queries against Prometheus;
 4. call the pure state machine :func:`kiln.rollout.machine.decide`;
 5. apply the children it plans with server-side apply, delete children no longer wanted;
-6. write status (a JSON merge patch guarded by resourceVersion), then post Events.
+6. write status (:func:`kiln.status.write_status`: no write when nothing changed, a 409
+   re-runs the reconcile), then post Events.
 
 Watches: InferenceServices, their Deployments and Services (label
 ``kiln.dev/inferenceservice``), and Models: a Model event enqueues every InferenceService of
@@ -38,15 +39,15 @@ from kiln.api.inferenceservice import (
     ModelSelector,
     TrafficRouting,
 )
-from kiln.conditions import FALSE, TRUE, get_condition, set_condition
+from kiln.conditions import FALSE, TRUE, get_condition, set_condition, set_stalled
 from kiln.controllers import events
 from kiln.controllers.runtime import ReconcileFn, Result, enqueue, watch, watch_children
-from kiln.mergepatch import merge_patch
 from kiln.resources import inferenceservice as res
 from kiln.resources.storage import StorageDefaults
 from kiln.rollout.analysis import ERROR, evaluate_metric, render_query
 from kiln.rollout.machine import Action, Decision, Measurement, Observed, analysis_due, decide
 from kiln.rollout.prometheus import PrometheusClient, PrometheusError
+from kiln.status import write_status
 
 log = logging.getLogger("kiln.inferenceservice")
 
@@ -411,10 +412,11 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
             f"artifact of stable version {plan.stable_version} is unknown (pruned from the Model?)"
         )
 
-    new_status = _status(obj, spec, d, deps, problems, gen, now)
-    patch = merge_patch(old_status, new_status)
-    if patch:
-        kube.patch_status(api, obj, patch, resource_version=meta.get("resourceVersion"))
+    # A 409 (the object changed since it was read) propagates: the work queue decides again at
+    # once, before any Event or Model history entry of this decision is posted.
+    write_status(
+        api, obj, InferenceServiceStatus.model_validate(_status(obj, spec, d, deps, problems, gen, now))
+    )
     for a in d.actions:
         if a.kind == "Event":
             events.record(api, obj, a.type, a.reason, a.message)
@@ -487,6 +489,19 @@ def _status(
         verdict = (TRUE, "Serving", f"serving version {st.stable_version}")
     message = verdict[2] + ("" if gateway_missing or not problems else " (" + "; ".join(problems) + ")")
     conds = _set(conds, "Ready", verdict[0], verdict[1], message, gen, now)
+    # A rolled-back canary is terminal for that version: nothing is retried until the model
+    # resolves to another version (a new promotion, or a spec.modelRef change).
+    rolled_back = st.rollout_phase == "RolledBack" and st.canary_version is None
+    why = (st.history or [])[-1].message if st.history else None  # the rollback's own entry
+    conds = set_stalled(
+        conds,
+        rolled_back,
+        "RolledBack",
+        f"canary version {st.rolled_back_version} was rolled back ({why or 'no details'}); serving "
+        f"stable version {st.stable_version}; promote another version to roll out again",
+        generation=gen,
+        now=now,
+    )
     out = st.to_api()
     out["conditions"] = conds
     out["observedGeneration"] = gen
@@ -510,12 +525,9 @@ def _not_ready(
     conds = _set(old_status.get("conditions"), "Ready", FALSE, reason, message, gen, now)
     if model_loaded is False:
         conds = _set(conds, "ModelLoaded", FALSE, reason, message, gen, now)
-    new = dict(old_status)
-    new["conditions"] = conds
-    new["observedGeneration"] = gen
-    patch = merge_patch(old_status, new)
-    if patch:
-        kube.patch_status(api, obj, patch, resource_version=obj["metadata"].get("resourceVersion"))
+    # Only an invalid spec is terminal: a missing Model or version may appear at any time.
+    conds = set_stalled(conds, reason == "InvalidSpec", reason, message, generation=gen, now=now)
+    write_status(api, obj, {**old_status, "conditions": conds, "observedGeneration": gen})
     if not before or before.get("reason") != reason:
         events.record(api, obj, "Warning", reason, message)
     return None

@@ -1,16 +1,18 @@
 """Model controller: the model registry, kept in the Model's status.
 
 Two writers change a Model's status, and both use the same discipline, read -> pure step
-(:mod:`kiln.registry`) -> JSON merge patch of the status subresource guarded by the
-``resourceVersion`` that was read; on HTTP 409 they re-read and recompute. So no write is ever
-based on a stale read, and two registrations can never get the same number:
+(:mod:`kiln.registry`) -> :func:`kiln.status.write_status` (a merge patch of the status
+subresource guarded by the ``resourceVersion`` that was read); on HTTP 409 they re-read and
+recompute. So no write is ever based on a stale read, and two registrations can never get the
+same number:
 
 - :func:`register_version`, called by the TrainingJob controller when a job succeeds (and by
   this controller for ``spec.import`` entries), appends version ``latestVersion + 1``, applies
   ``promotionPolicy`` and brings into force any spec declaration naming the new number.
 - :func:`reconcile` (level-based, on every watch event of the Model) registers pending
   imports, brings ``spec.stages`` / ``spec.aliases`` into force after verifying the artifacts
-  they name, prunes old versions, and writes ``Ready`` and ``observedGeneration``.
+  they name, prunes old versions, and writes ``Ready``, ``Stalled`` (a refusal only a person
+  can resolve, or an invalid spec) and ``observedGeneration``.
 
 How spec and policy combine (also in docs/registry.md): ``spec.stages`` wins for every stage
 it declares; any other stage holds the version ``promotionPolicy`` last promoted to it
@@ -52,12 +54,13 @@ from kiln.api.model import (
     ModelVersion,
     VersionSource,
 )
-from kiln.conditions import FALSE, TRUE, get_condition, rfc3339, set_condition
+from kiln.conditions import FALSE, TRUE, get_condition, rfc3339, set_condition, set_stalled
 from kiln.controllers import events
 from kiln.controllers.runtime import ReconcileFn, Result, watch
 from kiln.registry import artifacts, history
-from kiln.registry.stages import Problem, Refusal
+from kiln.registry.stages import Problem, Refusal, permanent
 from kiln.registry.versions import find_by_artifact, find_by_training_job
+from kiln.status import write_status
 
 KIND = "Model"
 watch(KIND, API_VERSION, "models")
@@ -182,9 +185,8 @@ def record_canary_rollback(
             raise ModelNotFound(f"Model {namespace}/{model_name} not found")
         _, status = load(obj)
         status.history = history.append(status.history, [entry])
-        patch = registry.merge_patch(obj.get("status"), status.to_api())
         try:
-            kube.patch_status(api, obj, patch, resource_version=obj["metadata"]["resourceVersion"])
+            write_status(api, obj, status)
         except kube.Conflict:
             _conflict_backoff(attempt)
             continue
@@ -268,9 +270,8 @@ def register_version(
             spec_cause=spec_cause(obj),
         )
         assert out.registered is not None
-        patch = registry.merge_patch(obj.get("status"), out.status.to_api())
         try:
-            kube.patch_status(api, obj, patch, resource_version=obj["metadata"]["resourceVersion"])
+            write_status(api, obj, out.status)
         except kube.Conflict:
             _conflict_backoff(attempt)
             continue
@@ -331,20 +332,15 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
     try:
         spec = ModelSpec.model_validate(obj.get("spec") or {})
     except ValidationError as e:  # what the CRD schema cannot see (e.g. a version in two stages)
-        new = dict(raw_status)
-        new["conditions"] = set_condition(
-            raw_status.get("conditions"),
-            "Ready",
-            FALSE,
-            "InvalidSpec",
-            spec_error(e),
-            generation=gen,
+        conds = set_condition(
+            raw_status.get("conditions"), "Ready", FALSE, "InvalidSpec", spec_error(e), generation=gen
         )
-        new["observedGeneration"] = gen
-        conflict = _write(api, obj, raw_status, new)
-        if conflict is None and _ready_message(new) != _ready_message(raw_status):
+        conds = set_stalled(conds, True, "InvalidSpec", spec_error(e), generation=gen)
+        new = {**raw_status, "conditions": conds, "observedGeneration": gen}
+        write_status(api, obj, ModelStatus.model_validate(new))  # a 409 re-runs the reconcile
+        if _ready_message(new) != _ready_message(raw_status):
             events.record(api, obj, events.WARNING, "InvalidSpec", spec_error(e))
-        return conflict
+        return None
 
     status = ModelStatus.model_validate(raw_status)
     now = rfc3339()
@@ -386,20 +382,11 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
     refusals = out.refusals + refusals
     new = out.status.to_api()
     old_ready = get_condition(raw_status.get("conditions"), "Ready")
-    if refusals:
-        reason = refusals[0].reason
-        message = "; ".join(r.describe() for r in refusals) + "; the previous assignments stay in force"
-        new["conditions"] = set_condition(
-            raw_status.get("conditions"), "Ready", FALSE, reason, message, generation=gen
-        )
-    else:
-        new["conditions"] = set_condition(
-            raw_status.get("conditions"), "Ready", TRUE, "InForce", _summary(out.status), generation=gen
-        )
+    new["conditions"] = _conditions(raw_status.get("conditions"), refusals, out.status, gen)
     new["observedGeneration"] = gen
-    conflict = _write(api, obj, raw_status, new)
-    if conflict is not None:
-        return conflict  # nothing was written: decide again from a fresh read
+    # A 409 propagates: nothing was written, and the work queue decides again from a fresh read
+    # before any Event of this decision is posted.
+    write_status(api, obj, ModelStatus.model_validate(new))
     for v in imported:
         events.record(
             api,
@@ -445,17 +432,25 @@ def _summary(status: ModelStatus) -> str:
     return "; ".join(parts)
 
 
-def _write(
-    api: k8s.ApiClient, obj: dict[str, Any], old: Mapping[str, Any], new: Mapping[str, Any]
-) -> Result | None:
-    patch = registry.merge_patch(old, new)
-    if not patch:
-        return None
-    try:
-        kube.patch_status(api, obj, patch, resource_version=obj["metadata"]["resourceVersion"])
-    except kube.Conflict:
-        return Result(requeue_after=0.0)
-    return None
+def _conditions(
+    conds: list[dict[str, Any]] | None, refusals: list[Refusal], status: ModelStatus, gen: int | None
+) -> list[dict[str, Any]]:
+    """``Ready`` (False naming every refusal, else True) and ``Stalled`` (True naming the
+    refusals only a person can resolve, see :func:`kiln.registry.stages.permanent`)."""
+    if not refusals:
+        conds = set_condition(conds, "Ready", TRUE, "InForce", _summary(status), generation=gen)
+        return set_stalled(conds, False)
+    kept = "; the previous assignments stay in force"
+    message = "; ".join(r.describe() for r in refusals) + kept
+    conds = set_condition(conds, "Ready", FALSE, refusals[0].reason, message, generation=gen)
+    stuck = [r for r in refusals if permanent(r, status.latest_version)]
+    return set_stalled(
+        conds,
+        bool(stuck),
+        stuck[0].reason if stuck else "",
+        "; ".join(r.describe() for r in stuck) + kept,
+        generation=gen,
+    )
 
 
 def reconciler(api: k8s.ApiClient) -> ReconcileFn:

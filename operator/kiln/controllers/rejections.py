@@ -21,6 +21,7 @@ from kiln import API_VERSION, kube
 from kiln.conditions import FALSE, get_condition, set_condition
 from kiln.controllers import events
 from kiln.controllers.runtime import ReconcileFn, Result
+from kiln.status import write_status
 
 log = logging.getLogger("kiln.rejections")
 REASON = "ChildRejected"
@@ -70,12 +71,7 @@ def report(api: k8s.ApiClient, kind: str, namespace: str, name: str, e: kube.Rej
     gen = obj["metadata"].get("generation")
     conditions = set_condition(status.get("conditions"), "Ready", FALSE, REASON, text, generation=gen)
     try:
-        kube.patch_status(
-            api,
-            obj,
-            {"conditions": conditions, "observedGeneration": gen},
-            resource_version=obj["metadata"].get("resourceVersion"),
-        )
+        write_status(api, obj, {**status, "conditions": conditions, "observedGeneration": gen})
     except (kube.Conflict, kube.Gone) as err:
         log.info("%s %s/%s: not reporting %s now (%s)", kind, namespace, name, REASON, err)
         return

@@ -9,8 +9,13 @@ controller-runtime's workqueue:
 - events arriving while an object is being reconciled coalesce into one more run;
 - a reconcile returns :class:`Result` with ``requeue_after`` for time-based work (back-off,
   deadlines, TTLs, rollout pauses, analysis intervals);
-- an exception is logged, counted and retried with per-object exponential back-off; a child
-  the API server refused (:class:`kiln.kube.Rejected`, already reported on the parent by
+- :class:`kiln.kube.Conflict` (HTTP 409 from a write guarded by ``resourceVersion``, see
+  :mod:`kiln.status`) means another writer got there first and nothing was written: the key
+  runs again at once from a fresh read, counted as ``result="conflict"``, not logged as an error
+  (after :data:`IMMEDIATE_CONFLICT_RERUNS` conflicts in a row, with a short growing delay, so
+  writers that keep colliding spread out instead of hammering the API server);
+- any other exception is logged, counted and retried with per-object exponential back-off; a
+  child the API server refused (:class:`kiln.kube.Rejected`, already reported on the parent by
   :mod:`kiln.controllers.rejections`) is logged in one line, without a traceback.
 
 Why not kopf's ``on.create/update`` and ``@kopf.timer``: timers make kopf put a finalizer on
@@ -32,12 +37,15 @@ from typing import Any
 
 import kopf
 
-from kiln.kube import Gone, Rejected
+from kiln.kube import Conflict, Gone, Rejected
 from kiln.metrics import QUEUE_DEPTH, RECONCILE_DURATION, RECONCILE_ERRORS, RECONCILE_TOTAL
 
 log = logging.getLogger("kiln.runtime")
 
 Key = tuple[str, str]  # (namespace, name)
+
+#: Conflicts in a row that re-run a key at once; later ones wait 0.1 s * 2^k (capped at 5 s).
+IMMEDIATE_CONFLICT_RERUNS = 3
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class WorkQueue:
         self._dirty: set[Key] = set()
         self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
         self._failures: dict[Key, int] = {}
+        self._conflicts: dict[Key, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
         # Reconciles block on API calls: give them their own threads (asyncio's default executor
@@ -141,18 +150,32 @@ class WorkQueue:
             # Deleted between the read and a write: nothing left to reconcile (children go with
             # it through their ownerReferences).
             RECONCILE_TOTAL.labels(self.kind, "gone").inc()
+            self._conflicts.pop(key, None)
             return None, False
+        except Conflict:
+            # Another writer changed the object since our read; nothing was written. Decide
+            # again from a fresh read, now (marking the key dirty makes _run loop once more).
+            RECONCILE_TOTAL.labels(self.kind, "conflict").inc()
+            n = self._conflicts.get(key, 0) + 1
+            self._conflicts[key] = n
+            if n <= IMMEDIATE_CONFLICT_RERUNS:
+                self._dirty.add(key)
+                return None, False
+            return Result(requeue_after=min(5.0, 0.1 * 2 ** (n - IMMEDIATE_CONFLICT_RERUNS))), False
         except Rejected as e:
             RECONCILE_TOTAL.labels(self.kind, "rejected").inc()
             log.warning("reconcile of %s %s/%s: %s; retrying with back-off", self.kind, ns, name, e)
+            self._conflicts.pop(key, None)
             return None, True
         except Exception:
             RECONCILE_ERRORS.labels(self.kind).inc()
             RECONCILE_TOTAL.labels(self.kind, "error").inc()
             log.exception("reconcile of %s %s/%s failed; retrying with back-off", self.kind, ns, name)
+            self._conflicts.pop(key, None)
             return None, True
         finally:
             RECONCILE_DURATION.labels(self.kind).observe(time.perf_counter() - t0)
+        self._conflicts.pop(key, None)
         RECONCILE_TOTAL.labels(
             self.kind, "requeue" if result and result.requeue_after is not None else "success"
         ).inc()

@@ -19,14 +19,15 @@ from pydantic import ValidationError
 
 from kiln import API_VERSION, kube, storage
 from kiln.api.common import spec_error
-from kiln.api.trainingjob import TrainingJobSpec
+from kiln.api.trainingjob import TrainingJobSpec, TrainingJobStatus
 from kiln.artifact import ArtifactError
-from kiln.conditions import FALSE, TRUE, get_condition, set_condition
+from kiln.conditions import FALSE, TRUE, get_condition, set_condition, set_stalled
 from kiln.controllers import events
 from kiln.controllers.runtime import ReconcileFn, Result, watch, watch_children
 from kiln.gang import plan
 from kiln.resources import trainingjob as build
 from kiln.resources.storage import StorageDefaults
+from kiln.status import write_status
 
 log = logging.getLogger("kiln.trainingjob")
 KIND = "TrainingJob"
@@ -50,19 +51,21 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
     try:
         spec = TrainingJobSpec.model_validate(job.get("spec") or {})
     except ValidationError as e:
-        # The schema admits it but the model does not (e.g. a rule only pydantic states).
-        st = dict(old_status)
-        st["conditions"] = set_condition(
-            st.get("conditions"),
+        # The schema admits it but the model does not (e.g. a rule only pydantic states): terminal
+        # until the spec changes.
+        gen = job["metadata"].get("generation")
+        conds = set_condition(
+            old_status.get("conditions"),
             "Ready",
             FALSE,
             "InvalidSpec",
             spec_error(e),
-            generation=job["metadata"].get("generation"),
+            generation=gen,
+            now=now,
         )
-        st["observedGeneration"] = job["metadata"].get("generation")
-        if st != old_status:
-            kube.patch_status(api, job, st)
+        conds = set_stalled(conds, True, "InvalidSpec", spec_error(e), generation=gen, now=now)
+        new = {**old_status, "conditions": conds, "observedGeneration": gen}
+        write_status(api, job, TrainingJobStatus.model_validate(new))
         return None
 
     pods = kube.list_objects(api, "v1", "Pod", namespace, f"{build.LABEL_JOB}={name}")
@@ -83,11 +86,8 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
         _register(api, job, spec, p.status, now)
         if p.status.get("registeredVersion") is None:
             p.requeue(registration_retry_delay(p.status, now))
-    if p.status != old_status:
-        try:
-            job = kube.patch_status(api, job, p.status, resource_version=job["metadata"]["resourceVersion"])
-        except kube.Conflict:
-            return Result(requeue_after=0.0)  # the job changed under us: decide again
+    # A 409 here (the job changed under us) propagates: the work queue decides again at once.
+    job = write_status(api, job, TrainingJobStatus.model_validate(p.status))
     for type_, reason, message in p.events:
         events.record(api, job, type_, reason, message)
     if p.delete_job:

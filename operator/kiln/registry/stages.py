@@ -76,6 +76,23 @@ class Refusal:
         return f"{self.target}: {who} refused ({self.reason}): {self.message}"
 
 
+def permanent(refusal: Refusal, latest_version: int) -> bool:
+    """Whether ``refusal`` can only be resolved by a person (kstatus ``Stalled``), not by waiting.
+
+    Permanent: a declared version number that was pruned (``<= latestVersion`` and not kept;
+    numbers are never reused), and a stage or alias naming a registered version whose stored
+    artifact does not match its immutable digest (DigestMismatch) or whose metadata cannot be
+    read (ArtifactInvalid). Not permanent: a number not issued yet (a registration may bring
+    it), a missing artifact (it may be copied in later), and any problem of a ``spec.import``
+    entry (its artifact may still be being copied).
+    """
+    if refusal.reason == VERSION_NOT_FOUND:
+        return refusal.version is not None and refusal.version <= latest_version
+    if refusal.target.startswith("import"):
+        return False
+    return refusal.reason in (DIGEST_MISMATCH, ARTIFACT_INVALID)
+
+
 #: ``check(version) -> Problem | None``: verifies the artifact behind a version (I/O, by the caller).
 Check = Callable[[ModelVersion], Problem | None]
 

@@ -223,3 +223,20 @@ def test_stage_field_names() -> None:
     assert stage_field("Production") == "production"
     with pytest.raises(ValueError):
         stage_field("Archived")
+
+
+@pytest.mark.parametrize(
+    ("target", "version", "reason", "expected"),
+    [
+        ("stages.production", 2, "VersionNotFound", True),  # pruned: numbers are never reused
+        ("stages.production", 9, "VersionNotFound", False),  # not issued yet
+        ("stages.production", 3, "DigestMismatch", True),
+        ("aliases.champion", 3, "ArtifactInvalid", True),
+        ("stages.staging", 3, "ArtifactMissing", False),  # may be copied in later
+        ("import[0]", None, "DigestMismatch", False),  # the import may still be being copied
+    ],
+)
+def test_only_refusals_a_person_must_resolve_are_permanent(target, version, reason, expected):
+    from kiln.registry.stages import Refusal, permanent
+
+    assert permanent(Refusal(target, version, reason, "m"), latest_version=5) is expected

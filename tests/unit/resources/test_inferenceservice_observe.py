@@ -12,12 +12,12 @@ from kiln.controllers.inferenceservice import (
     ModelIndex,
     Unresolved,
     _artifact_of,
-    merge_patch,
     progress_failure,
     ready_replicas,
     resolve_version,
     rolled_out_version,
 )
+from kiln.status import diff
 
 DIGEST = "sha256:" + "cd" * 32
 
@@ -157,15 +157,15 @@ def test_artifact_of_falls_back_to_the_live_deployment():
     assert _artifact_of(pruned, 5, dep()) is None
 
 
-def test_merge_patch():
+def test_status_diff_clears_the_finished_canary():
     old = {"a": 1, "canaryVersion": 2, "analysis": {"lastRunTime": "t", "failures": 1}, "history": [1]}
     new = {"a": 1, "analysis": {"failures": 0}, "history": [1, 2]}
-    assert merge_patch(old, new) == {
+    assert diff(old, new) == {
         "canaryVersion": None,
         "analysis": {"lastRunTime": None, "failures": 0},
         "history": [1, 2],
     }
-    assert merge_patch(new, new) == {}
+    assert diff(new, new) == {}
 
 
 def test_model_index():
