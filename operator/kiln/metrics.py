@@ -22,3 +22,8 @@ API_REQUESTS = Counter(
     "Requests the reconcilers sent to the API server, by verb and code.",
     ["verb", "code"],
 )
+LEADER = Gauge(
+    "kiln_leader",
+    "1 while this replica may reconcile (it holds the leader Lease, or runs without leader "
+    "election), else 0.",
+)
