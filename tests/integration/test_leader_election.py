@@ -10,6 +10,7 @@ around the switch must get exactly one gang. Failover times are printed (``-s``)
 from __future__ import annotations
 
 import copy
+import signal
 import time
 from typing import Any
 
@@ -144,11 +145,13 @@ def test_graceful_stop_releases_and_a_lost_lease_stops_the_leader(
 
         # SIGTERM (a rolling update, a drain): the leader releases; the follower takes over fast
         t0 = time.monotonic()
-        assert first.terminate() == 0
+        first.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: leader_of(kube, ns, procs) is second, 15, interval=0.05)
         handover_s = time.monotonic() - t0
-        assert handover_s < LEASE_S, f"handover took {handover_s:.1f}s: the Lease was not released"
+        assert first.proc.wait(60) == 0
         assert "released lease" in first.log()
+        # released: the follower's next attempt (at most retry x 2.2 later) takes it
+        assert handover_s < RETRY_S * 2.2 + 2, f"handover took {handover_s:.1f}s: the Lease was not released"
 
         # someone else takes the Lease (as another replica would after a partition): the leader
         # sees it at its next renewal, refuses writes at once and exits non-zero to restart

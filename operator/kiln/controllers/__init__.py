@@ -42,8 +42,9 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -
     workers = int(os.environ.get("KILN_WORKERS", "16"))
     leadership = None
     if options.leader_election is not None:
+        loop = asyncio.get_running_loop()
         leadership = Leadership(
-            options.leader_election, api_client(), asyncio.get_running_loop(), on_lost=lambda: _lost(options)
+            options.leader_election, api_client(), loop, on_lost=lambda: _lost(options, loop)
         )
         memo["kiln_leadership"] = leadership
     api = api_client(leadership.may_write if leadership else None)
@@ -55,9 +56,10 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -
         LEADER.set(1)
 
 
-def _lost(options: OperatorOptions) -> None:
+def _lost(options: OperatorOptions, loop: asyncio.AbstractEventLoop) -> None:
+    """Leadership lost (called from the elector's thread): stop the operator, exit non-zero."""
     options.lost.set()
-    options.stop.set()
+    loop.call_soon_threadsafe(options.stop.set)
 
 
 @kopf.on.cleanup()
@@ -68,3 +70,6 @@ async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
     leadership = memo.get("kiln_leadership")
     if leadership is not None:
         await leadership.stop()  # releases the Lease once nothing reconciles any more
+    options = memo.get("kiln")
+    if options is not None:
+        options.stop.set()  # kopf waits for its stop flag; unset, the exit would hang 5 s

@@ -42,13 +42,15 @@ class OperatorOptions:
         leader_election: the Lease and its terms; None: this replica always reconciles.
         namespaced: the operator watches a list of namespaces (no cluster-wide RBAC): kopf's
             cluster scanning (namespaces, CRDs) is turned off.
-        stop: set to stop the operator (kopf's ``stop_flag``).
+        stop: set to stop the operator (kopf's ``stop_flag``; an asyncio.Event, set in the
+            operator's loop: kopf waits for a threading.Event in an executor thread that would
+            then never end when the operator stops for another reason, e.g. SIGTERM).
         lost: set when leadership was lost (the command then exits non-zero).
     """
 
     leader_election: LeaderElectionConfig | None = None
     namespaced: bool = False
-    stop: threading.Event = field(default_factory=threading.Event)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
     lost: threading.Event = field(default_factory=threading.Event)
 
 
