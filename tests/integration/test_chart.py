@@ -329,19 +329,27 @@ def exercise_every_kind(kube: client.ApiClient, ns: str, store: Store) -> None:
         30,
         message="canary deleted",
     )
+    # every child kind no longer wanted is deleted (merge patch: null removes a field)
     patch(
         kube,
         API_VERSION,
         "InferenceService",
         ns,
         MODEL,
-        {"spec": {"monitoring": {"serviceMonitor": {"enabled": False}}}},
+        {
+            "spec": {
+                "autoscaling": None,
+                "rollout": {"trafficRouting": "ReplicaRatio", "gatewayAPI": None},
+                "monitoring": {"serviceMonitor": {"enabled": False}},
+            }
+        },
     )
-    wait_for(
-        lambda: get(kube, "monitoring.coreos.com/v1", "ServiceMonitor", ns, MODEL) is None,
-        30,
-        message="ServiceMonitor deleted",
-    )
+    for api_version, kind in (
+        ("monitoring.coreos.com/v1", "ServiceMonitor"),
+        ("autoscaling/v2", "HorizontalPodAutoscaler"),
+        ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    ):
+        wait_for(lambda: get(kube, api_version, kind, ns, MODEL) is None, 30, message=f"{kind} deleted")  # noqa: B023
 
     # FeatureGroup
     fg = yaml.safe_load((CHART.parents[1] / "examples" / "featuregroup.yaml").read_text())
