@@ -109,6 +109,9 @@ def test_values_schema_rejects_bad_values(cluster):
         (["--set", "artifacts.s3.endpoint=versitygw:7070"], "endpoint"),
         (["--set", "artifacts.s3.secretName=Bad_Name"], "secretName"),
         (["--set", "artifacts.s3.keyId=AKIA"], "keyId"),  # no credentials in values, ever
+        # client-go's checks, at install time instead of a crash-looping operator
+        (["--set", "leaderElection.renewDeadlineSeconds=15"], "leaseDurationSeconds must exceed"),
+        (["--set", "leaderElection.retryPeriodSeconds=9"], "1.2 x retryPeriodSeconds"),
     ):
         assert field in refused(cluster, *values), values
 
