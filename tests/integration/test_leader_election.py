@@ -156,10 +156,20 @@ def test_graceful_stop_releases_and_a_lost_lease_stops_the_leader(
         # someone else takes the Lease (as another replica would after a partition): the leader
         # sees it at its next renewal, refuses writes at once and exits non-zero to restart
         lease_api = client.CoordinationV1Api(kube)
-        lease = lease_api.read_namespaced_lease(LEASE, ns)
-        lease.spec.holder_identity = "intruder"
-        lease.spec.lease_duration_seconds = 3600
-        lease_api.replace_namespaced_lease(LEASE, ns, lease)
+
+        def steal() -> bool:
+            lease = lease_api.read_namespaced_lease(LEASE, ns)
+            lease.spec.holder_identity = "intruder"
+            lease.spec.lease_duration_seconds = 3600
+            try:
+                lease_api.replace_namespaced_lease(LEASE, ns, lease)  # guarded by resourceVersion
+            except client.ApiException as e:
+                if e.status == 409:  # the leader renewed in between: read again
+                    return False
+                raise
+            return True
+
+        wait_for(steal, 30, interval=0.05, message="the Lease replaced")
         t1 = time.monotonic()
         code = second.proc.wait(RENEW_S + 2 * RETRY_S + 30)
         assert code == 1 and "leadership lost" in second.log()
