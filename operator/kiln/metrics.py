@@ -27,3 +27,8 @@ STATUS_WRITES = Counter(
     "Status writes by kind and result: written, skipped (nothing changed), conflict (409: requeued).",
     ["kind", "result"],
 )
+LEADER = Gauge(
+    "kiln_leader",
+    "1 while this replica may reconcile (it holds the leader Lease, or runs without leader "
+    "election), else 0.",
+)

@@ -14,8 +14,14 @@ import base64
 import contextlib
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -275,3 +281,102 @@ def run_operator(
             os.environ.pop("KUBECONFIG", None)
         else:
             os.environ["KUBECONFIG"] = old_env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OperatorProcess:
+    """``kiln operator`` in its own process (``python -m kiln operator ...``), as a pod runs it.
+
+    Unlike :func:`run_operator` (kopf in-process), it can be killed like a container: SIGKILL
+    (:meth:`kill`, nothing released) or SIGTERM (:meth:`terminate`, graceful). Its log (JSON
+    lines by default) is in :attr:`log_path`; ``/healthz`` and ``/metrics`` on free ports.
+    """
+
+    def __init__(
+        self, kubeconfig: str | os.PathLike, args: list[str], log_path: Path, pod_name: str, namespace: str
+    ) -> None:
+        self.health_port, self.metrics_port = free_port(), free_port()
+        self.log_path = log_path
+        self.pod_name = pod_name
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "POD_NAME": pod_name,
+            "POD_NAMESPACE": namespace,
+            "KILN_WORKERS": "4",
+            "PYTHONUNBUFFERED": "1",
+        }
+        ports = [f"--health-port={self.health_port}", f"--metrics-port={self.metrics_port}"]
+        args = [a for a in args if not a.startswith(("--health-port", "--metrics-port"))]
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kiln", "operator", *args, *ports],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def metric(self, name: str) -> float:
+        """Sum of every sample of metric ``name`` (0 when absent)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def kill(self) -> None:
+        """SIGKILL, as the kubelet does after the grace period or the OOM killer: nothing released."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.terminate(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@contextlib.contextmanager
+def operator_processes(
+    kubeconfig: str | os.PathLike, args: list[str], names: list[str], namespace: str, log_dir: Path
+) -> Iterator[list[OperatorProcess]]:
+    """Start one :class:`OperatorProcess` per name (its ``POD_NAME``), stop them all afterwards."""
+    procs: list[OperatorProcess] = []
+    try:
+        for name in names:
+            procs.append(OperatorProcess(kubeconfig, args, log_dir / f"{name}.log", name, namespace))
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()

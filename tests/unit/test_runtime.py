@@ -204,3 +204,103 @@ def test_rejected_child_backs_off_without_traceback(caplog):
         "Pod a-node-0 rejected by the API server (403 Forbidden): exceeded quota: q"
         in records[0].getMessage()
     )
+
+
+def test_a_paused_queue_records_work_and_resume_reconciles_every_known_object_once():
+    async def main():
+        calls: list[str] = []
+        q = WorkQueue("T", lambda ns, name: calls.append(name), paused=True)
+        for name in ("a", "b", "gone"):
+            q.observe(("ns", name), f"uid-{name}")
+        q.observe(("ns", "gone"), "uid-gone", deleted=True)
+        q.enqueue(("ns", "a"))
+        q.enqueue(("ns", "a"))
+        q.enqueue(("ns", "child-event-parent"))  # enqueued by a child's event only
+        q.enqueue(("ns", "b"), delay=0.01)
+        await asyncio.sleep(0.1)
+        assert calls == [] and q.paused  # a follower never reconciles
+        q.resume()
+        await _until(lambda: len(calls) == 3 and not q.keys_in_flight())
+        await asyncio.sleep(0.05)
+        await q.close()
+        assert sorted(calls) == ["a", "b", "child-event-parent"]
+
+    asyncio.run(main())
+
+
+def test_pause_stops_new_runs_and_moves_timers_and_reruns_to_resume():
+    async def main():
+        calls: list[str] = []
+        gate = threading.Event()
+
+        def reconcile(ns, name):
+            calls.append(name)
+            if name == "a" and calls.count("a") == 1:
+                gate.wait(5)
+            return Result(requeue_after=0.5) if name == "t" and calls.count("t") == 1 else None
+
+        q = WorkQueue("T", reconcile)
+        q.enqueue(("ns", "t"))
+        await _until(lambda: calls.count("t") == 1 and not q.keys_in_flight())
+        q.enqueue(("ns", "a"))
+        await _until(lambda: "a" in calls)
+        q.enqueue(("ns", "a"))  # would rerun after the run in flight
+        q.pause()  # e.g. leadership lost
+        gate.set()
+        await _until(lambda: not q.keys_in_flight())
+        await asyncio.sleep(0.6)  # past t's requeue time
+        assert calls == ["t", "a"]  # no rerun of a, no requeue of t while paused
+        q.resume()
+        await _until(lambda: calls.count("t") == 2 and calls.count("a") == 2)
+        await q.close()
+
+    asyncio.run(main())
+
+
+def test_not_leader_stops_a_reconcile_without_error_or_back_off():
+    from kiln.leaderelection import NotLeader
+
+    async def main():
+        calls: list[str] = []
+
+        def reconcile(ns, name):
+            calls.append(name)
+            raise NotLeader("PATCH refused: this replica is not the leader")
+
+        q = WorkQueue("T", reconcile)
+        q.enqueue(("ns", "a"))
+        await _until(lambda: calls and not q.keys_in_flight())
+        await asyncio.sleep(0.05)
+        await q.close()
+        assert calls == ["a"] and ("ns", "a") not in q._failures and not q._timers
+
+    asyncio.run(main())
+
+
+def test_every_line_logged_during_a_reconcile_names_the_object(caplog):
+    import logging
+
+    from kiln.logs import ObjectContextFilter
+
+    async def main():
+        def reconcile(ns, name):
+            logging.getLogger("kiln.anything").warning("inside the reconcile of %s", name)
+
+        q = WorkQueue("TrainingJob", reconcile)
+        q.observe(("ns", "a"), "uid-a")
+        q.enqueue(("ns", "a"))
+        await _until(lambda: caplog.records and not q.keys_in_flight())
+        await q.close()
+        logging.getLogger("kiln.anything").warning("outside")
+
+    caplog.handler.addFilter(ObjectContextFilter())
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+    inside, outside = caplog.records
+    assert (inside.kiln_kind, inside.kiln_namespace, inside.kiln_name, inside.kiln_uid) == (
+        "TrainingJob",
+        "ns",
+        "a",
+        "uid-a",
+    )
+    assert not hasattr(outside, "kiln_name")

@@ -16,7 +16,11 @@ controller-runtime's workqueue:
   writers that keep colliding spread out instead of hammering the API server);
 - any other exception is logged, counted and retried with per-object exponential back-off; a
   child the API server refused (:class:`kiln.kube.Rejected`, already reported on the parent by
-  :mod:`kiln.controllers.rejections`) is logged in one line, without a traceback.
+  :mod:`kiln.controllers.rejections`) is logged in one line, without a traceback;
+- every log line written during a reconcile names the object (:func:`kiln.logs.bind`);
+- with leader election, a queue is *paused* while this replica is not the leader: watch events
+  still arrive and only record which objects exist; on :meth:`WorkQueue.resume` (this replica
+  became the leader) every known object is reconciled once, then events flow as usual.
 
 Why not kopf's ``on.create/update`` and ``@kopf.timer``: timers make kopf put a finalizer on
 every object (deletion then hangs whenever the operator is down), and kopf's per-handler
@@ -37,7 +41,9 @@ from typing import Any
 
 import kopf
 
+from kiln import logs
 from kiln.kube import Conflict, Gone, Rejected
+from kiln.leaderelection import NotLeader
 from kiln.metrics import QUEUE_DEPTH, RECONCILE_DURATION, RECONCILE_ERRORS, RECONCILE_TOTAL
 
 log = logging.getLogger("kiln.runtime")
@@ -66,10 +72,17 @@ class WorkQueue:
         reconcile: ``reconcile(namespace, name) -> Result | None``; runs in a thread.
         workers: runs in flight at once across keys.
         max_backoff: cap of the error back-off, in seconds (it starts at 1 s and doubles).
+        paused: start paused (a replica that is not, or not yet, the leader).
     """
 
     def __init__(
-        self, kind: str, reconcile: ReconcileFn, *, workers: int = 8, max_backoff: float = 300.0
+        self,
+        kind: str,
+        reconcile: ReconcileFn,
+        *,
+        workers: int = 8,
+        max_backoff: float = 300.0,
+        paused: bool = False,
     ) -> None:
         self.kind = kind
         self._reconcile = reconcile
@@ -86,10 +99,44 @@ class WorkQueue:
         # has only min(32, cores + 4) threads shared with everything else).
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"kiln-{kind.lower()}")
         self._closed = False
+        self._paused = paused
+        self._pending: set[Key] = set()  # enqueued while paused
+        self._known: dict[Key, str | None] = {}  # objects of this kind seen by the watch -> uid
+
+    def observe(self, key: Key, uid: str | None, deleted: bool = False) -> None:
+        """Record that an object of this kind exists (with its uid, for logs) or was deleted."""
+        if deleted:
+            self._known.pop(key, None)
+        else:
+            self._known[key] = uid
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        """Start no more runs (runs in flight finish); timers and new requests wait for resume."""
+        self._paused = True
+        for key, (_, handle) in self._timers.items():
+            handle.cancel()
+            self._pending.add(key)
+        self._timers.clear()
+
+    def resume(self) -> None:
+        """Run everything requested while paused and every known object once, then flow as usual."""
+        if not self._paused:
+            return
+        self._paused = False
+        keys, self._pending = self._pending | set(self._known), set()
+        for key in sorted(keys):
+            self.enqueue(key)
 
     def enqueue(self, key: Key, delay: float = 0.0) -> None:
         """Reconcile ``key`` after ``delay`` seconds (0: now). An earlier request wins."""
         if self._closed:
+            return
+        if self._paused:
+            self._pending.add(key)
             return
         if delay > 0:
             due = self._loop.time() + delay
@@ -125,6 +172,9 @@ class WorkQueue:
                     result, failed = await self._once(key)
                 if key not in self._dirty:
                     break
+                if self._paused:
+                    self._pending.add(key)
+                    break
             if failed:
                 n = self._failures.get(key, 0) + 1
                 self._failures[key] = n
@@ -144,8 +194,14 @@ class WorkQueue:
     async def _once(self, key: Key) -> tuple[Result | None, bool]:
         ns, name = key
         t0 = time.perf_counter()
+        ref = logs.ObjectRef(self.kind, ns, name, self._known.get(key))
         try:
-            result = await self._loop.run_in_executor(self._executor, self._reconcile, ns, name)
+            result = await self._loop.run_in_executor(self._executor, self._call, ref)
+        except NotLeader as e:
+            # Leadership was lost mid-reconcile: the write was refused. The new leader redoes it.
+            RECONCILE_TOTAL.labels(self.kind, "not-leader").inc()
+            log.info("reconcile of %s %s/%s stopped: %s", self.kind, ns, name, e)
+            return None, False
         except Gone:
             # Deleted between the read and a write: nothing left to reconcile (children go with
             # it through their ownerReferences).
@@ -180,6 +236,10 @@ class WorkQueue:
             self.kind, "requeue" if result and result.requeue_after is not None else "success"
         ).inc()
         return result, False
+
+    def _call(self, ref: logs.ObjectRef) -> Result | None:
+        with logs.bind(ref):  # in the worker thread: every line it logs names the object
+            return self._reconcile(ref.namespace, ref.name)
 
     def keys_in_flight(self) -> set[Key]:
         """Keys being reconciled now (for tests and debugging)."""
@@ -216,6 +276,16 @@ class Queues:
     def clear(self) -> None:
         self._by_kind.clear()
 
+    def pause_all(self) -> None:
+        """Pause every queue (this replica stopped leading). Call in the event loop's thread."""
+        for q in self.all():
+            q.pause()
+
+    def resume_all(self) -> None:
+        """Resume every queue (this replica leads). Call in the event loop's thread."""
+        for q in self.all():
+            q.resume()
+
 
 QUEUES = Queues()
 
@@ -244,8 +314,12 @@ def watch(kind: str, group_version: str, plural: str) -> None:
     group, _, version = group_version.rpartition("/")
 
     @kopf.on.event(group, version, plural, id=f"watch-{plural}")
-    async def _on_event(body: kopf.Body, **_: Any) -> None:
-        enqueue(kind, body.metadata.namespace or "", body.metadata.name or "")
+    async def _on_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+        key = (body.metadata.namespace or "", body.metadata.name or "")
+        q = QUEUES.get(kind)
+        if q is not None:
+            q.observe(key, body.metadata.uid, deleted=type == "DELETED")
+        enqueue(kind, *key)
 
 
 def watch_children(kind: str, group_version: str, plural: str, parent_label: str) -> None:

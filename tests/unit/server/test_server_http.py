@@ -455,3 +455,15 @@ def test_readiness_turns_false_when_shutdown_begins(make_server: Any) -> None:
     assert s.run(s.server.shutdown(delay=0.0)) is True
     with pytest.raises(requests.ConnectionError):
         requests.get(s.url + "/v2/health/live", timeout=5)
+
+
+def test_health_probes_write_no_log_line_at_info(
+    server: ThreadedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kubelet probes every few seconds: kiln-serve keeps no access log of them at INFO."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        for path in ("/v2/health/live", "/v2/health/ready"):
+            assert requests.get(server.url + path, timeout=5).status_code == 200
+    assert [r for r in caplog.records if "/v2/health" in r.getMessage()] == []
