@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from urllib.parse import urlsplit
 
 import pytest
 from kubernetes import client
-
-from tests.s3 import s3_client
 
 from .conftest import REAL_NODE
 from .test_real_node import _finished, _pod
@@ -20,27 +19,23 @@ def test_pod_reads_an_object_through_the_service_name(kube, namespace, busybox_i
     s3.client.put_object(Bucket=s3.bucket, Key="models/m/1/weights", Body=body.encode())
     # Signed for the Service's host name (SigV4 signs the Host header): only a request that
     # reaches versitygw under that name, through CoreDNS and kube-proxy, gets the object back.
-    settings = s3.settings
-    assert settings.pod_endpoint
-    pod_client = s3_client(
-        settings.pod_endpoint,
-        settings.access_key_id,
-        settings.secret_access_key,
-        region=settings.region,
-    )
+    assert s3.settings.pod_endpoint
+    pod_client = dataclasses.replace(s3.settings, endpoint=s3.settings.pod_endpoint).client()
     url = urlsplit(
         pod_client.generate_presigned_url(
             "get_object", Params={"Bucket": s3.bucket, "Key": "models/m/1/weights"}, ExpiresIn=600
         )
     )
-    host, port = url.hostname, url.port
     # busybox-static's wget crashes in its static glibc (NSS lookups): nslookup + nc instead.
+    # The request line and Host header come in through the environment, never through printf's
+    # format (the query is full of %2F). The image's /tmp is root's: no files.
     cmd = (
-        f"for i in $(seq 20); do ip=$(nslookup {host} | awk '/^Address: /{{a=$2}} END{{print a}}'); "
+        f"for i in $(seq 20); do ip=$(nslookup {url.hostname} | awk '/^Address: /{{a=$2}} END{{print a}}'); "
         '[ -n "$ip" ] && break; sleep 1; done; '
-        f'printf "GET $REQ HTTP/1.0\\r\\nHost: {url.netloc}\\r\\n\\r\\n" | nc -w 10 "$ip" {port} > /tmp/out; '
-        'head -n 1 /tmp/out | tr -d "\\r" > /dev/termination-log; tail -n 1 /tmp/out; '
-        "grep -q '^HTTP/1.1 200' /tmp/out"
+        'out=$(printf \'GET %s HTTP/1.0\\r\\nHost: %s\\r\\n\\r\\n\' "$REQ" "$HOST" '
+        f'| nc -w 10 "$ip" {url.port}); '
+        'echo "$out" | head -n 1 | tr -d \'\\r\' > /dev/termination-log; echo "$out" | tail -n 1; '
+        "echo \"$out\" | grep -q '^HTTP/1.1 200'"
     )
     core = client.CoreV1Api(kube)
     core.create_namespaced_pod(
@@ -49,7 +44,10 @@ def test_pod_reads_an_object_through_the_service_name(kube, namespace, busybox_i
             "s3-get",
             busybox_image,
             cmd,
-            env=[{"name": "REQ", "value": f"{url.path}?{url.query}"}],
+            env=[
+                {"name": "REQ", "value": f"{url.path}?{url.query}"},
+                {"name": "HOST", "value": url.netloc},
+            ],
         ),
     )
     pod = _finished(core, namespace, "s3-get", timeout=120)
