@@ -169,6 +169,7 @@ class PrivateS3:
         self.binary = binary
         self.workdir = workdir
         self.data = workdir / "data"
+        self.iam = workdir / "iam"
         self.log_file = workdir / "versitygw.log"
         self.port = free_port()
         self.settings = S3Settings(
@@ -200,6 +201,7 @@ class PrivateS3:
         if self.proc is not None and self.proc.poll() is None:
             return
         self.data.mkdir(parents=True, exist_ok=True)
+        self.iam.mkdir(exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VGW_", "ROOT_"))}
         env |= {
             "ROOT_ACCESS_KEY_ID": self.settings.access_key_id,
@@ -212,6 +214,7 @@ class PrivateS3:
                     self.binary,
                     f"--port=127.0.0.1:{self.port}",
                     f"--health={HEALTH_PATH}",
+                    f"--iam-dir={self.iam}",  # 403 InvalidAccessKeyId for unknown keys (hack/cluster)
                     "posix",
                     str(self.data),
                 ],
