@@ -23,6 +23,8 @@ from tests.integration.conftest import (  # noqa: F401  (fixtures, by name)
     cluster,
     kube,
     namespace,
+    private_s3,
+    s3,
 )
 
 REAL_NODE = "kiln-real-0"
