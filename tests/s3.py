@@ -188,6 +188,10 @@ class PrivateS3:
         """A boto3 client for this store (see S3Settings.client)."""
         return self.settings.client(**config)
 
+    def aws_env(self) -> dict[str, str]:
+        """The AWS_* variables for this store (see S3Settings.aws_env)."""
+        return self.settings.aws_env()
+
     def healthy(self) -> bool:
         """Whether its health endpoint answers 200 now."""
         try:

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from kiln import storage
-
-from .s3server import PrivateS3, private_s3  # noqa: F401  (fixture, by name)
+from tests.s3 import PrivateS3, private_s3  # noqa: F401  (fixture, by name)
 
 
 def test_delete_file_local(tmp_path: Path):

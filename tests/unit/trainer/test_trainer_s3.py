@@ -1,4 +1,4 @@
-"""The trainer against a real S3 server (a private versitygw, see tests/unit/s3server.py).
+"""The trainer against a real S3 server (a private versitygw, see tests/s3.py).
 
 An ``s3://`` output: the artifact is uploaded and verifies in the bucket with the reported digest,
 the same run is reported again and another refused; checkpoints go to the bucket and a crashed
@@ -21,8 +21,8 @@ pytest.importorskip("torch")  # the train extra
 from kiln import storage
 from kiln.artifact import TrainingResult, parse_termination_message
 from kiln.trainer.data import load_builtin
+from tests.s3 import PrivateS3, private_s3  # noqa: F401  (fixture, by name)
 
-from ..s3server import PrivateS3, private_s3  # noqa: F401  (fixture, by name)
 from .conftest import Run, run_subprocess, trainer_env
 
 pytestmark = pytest.mark.torch
