@@ -220,7 +220,8 @@ def test_refusals_keep_the_previous_stage_and_rebuild_lists_the_bucket(
     assert rc == 0, out
     assert "restored 1 version(s)" in out
     after = wait_reconciled(kube, namespace, lambda o: ready(o).get("status") == "True")
-    assert [v["version"] for v in after["status"]["versions"]] == [1] and after["status"][
-        "latestVersion"
-    ] == 2
+    # Version 2's artifact and record are gone (no record is written back into a deleted prefix).
+    assert [v["version"] for v in after["status"]["versions"]] == [1]
+    assert after["status"]["latestVersion"] == 1
+    assert storage.list_files(tampered) == []
     assert stages(after) == {"production": 1}

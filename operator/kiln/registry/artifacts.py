@@ -18,7 +18,7 @@ import threading
 
 from kiln import storage
 from kiln.api.model import ModelVersion
-from kiln.artifact import ArtifactError, ArtifactMetadata
+from kiln.artifact import METADATA_FILE, ArtifactError, ArtifactMetadata
 from kiln.registry import record
 from kiln.registry.stages import ARTIFACT_INVALID, ARTIFACT_MISSING, DIGEST_MISMATCH, Problem
 
@@ -80,9 +80,17 @@ _record_lock = threading.Lock()
 
 
 def _reachable(loc: storage.Location) -> bool:
-    """A local artifact directory must exist here (the store may not be mounted in this pod);
-    an object store is always tried."""
-    return not loc.is_local or loc.path.is_dir()
+    """Whether the artifact is there to write a record next to: a local directory must exist here
+    (the store may not be mounted in this pod); in an object store, where a prefix exists as long
+    as any object under it does, its ``metadata.json`` must (a record written after the artifact
+    was deleted would make a lone object that claims a number).
+
+    Raises:
+        storage.StorageError: the store could not answer.
+    """
+    if loc.is_local:
+        return loc.path.is_dir()
+    return storage.exists(loc.join(METADATA_FILE))
 
 
 def write_record(
@@ -107,9 +115,11 @@ def write_record(
     """
     try:
         loc = storage.parse(at or entry.artifact_uri)
-    except storage.StorageError:
+        reachable = _reachable(loc)
+    except storage.StorageError as e:
+        log.warning("no registration record for %s/%s v%d now: %s", namespace, model, entry.version, e)
         return False
-    if not _reachable(loc):
+    if not reachable:
         log.info(
             "artifact %s not mounted here; no registration record for %s/%s v%d",
             loc,
