@@ -81,7 +81,7 @@ class S3Settings:
 def s3_client(
     endpoint: str, access_key_id: str, secret_access_key: str, *, region: str, **config: Any
 ) -> Any:
-    """boto3 S3 client with explicit endpoint and keys and path-style addressing.
+    """boto3 S3 client with explicit endpoint and keys, path-style addressing, SigV4 throughout.
 
     A session of its own, so credentials, region or endpoint in the caller's environment or
     ~/.aws never leak in. ``config`` extends botocore.config.Config.
@@ -89,7 +89,13 @@ def s3_client(
     session = boto3.session.Session(
         aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key, region_name=region
     )
-    options: dict[str, Any] = {"s3": {"addressing_style": "path"}, "retries": {"mode": "standard"}}
+    options: dict[str, Any] = {
+        "s3": {"addressing_style": "path"},
+        "retries": {"mode": "standard"},
+        # SigV4 for presigned URLs too (botocore may presign S3 URLs with SigV2, which
+        # versitygw, like AWS for new buckets, refuses: 400 InvalidRequest)
+        "signature_version": "s3v4",
+    }
     options.update(config)
     return session.client("s3", endpoint_url=endpoint, config=Config(**options))
 
