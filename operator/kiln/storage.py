@@ -239,6 +239,7 @@ def s3_client() -> Any:
             attempts = int(os.environ.get(ENV_MAX_ATTEMPTS, "3") or 3)
             config = Config(
                 s3={"addressing_style": addressing_style()},
+                signature_version="s3v4",
                 retries={"mode": "standard", "max_attempts": max(1, attempts)},
                 connect_timeout=10,
                 read_timeout=60,
