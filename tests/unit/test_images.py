@@ -13,6 +13,7 @@ import json
 import os
 import py_compile
 import re
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -58,8 +59,8 @@ def final_env(name: str) -> dict[str, str]:
     return env
 
 
-def build_runs(name: str) -> list[str]:
-    return [args for kw, args in stages(name)[1] if kw == "RUN"]
+def final_runs(name: str) -> list[str]:
+    return final(name, "RUN")
 
 
 def req_name(requirement: str) -> str:
@@ -70,19 +71,37 @@ def req_name(requirement: str) -> str:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_two_stages_on_the_python_image_a_venv_copied_to_the_final_one(name):
+def test_a_wheel_stage_and_a_venv_on_the_python_image(name):
     s = stages(name)
     assert s[0] == [("ARG", "PYTHON_IMAGE=python:3.11-slim")]  # what hack/images replaces
-    assert [st[0] for st in s[1:]] == [("FROM", "${PYTHON_IMAGE} AS build"), ("FROM", "${PYTHON_IMAGE}")]
-    assert "python -m venv /opt/kiln" in build_runs(name)[0]
-    assert "python -m compileall -q /opt/kiln/lib" in build_runs(name)[-1]
-    assert s[2][1] == ("COPY", "--from=build /opt/kiln /opt/kiln")
+    assert [st[0] for st in s[1:]] == [("FROM", "${PYTHON_IMAGE} AS wheel"), ("FROM", "${PYTHON_IMAGE}")]
+    # only the wheel stage sees the sources; it builds kiln's wheel and nothing else
+    assert [args for kw, args in s[1] if kw == "COPY"] == ["pyproject.toml README.md ./", "operator/ operator/"]
+    assert [args for kw, args in s[1] if kw == "RUN"] == ["pip wheel --no-deps --wheel-dir /wheels ."]
+    assert "operator/" not in " ".join(args for _, args in s[2])
+    assert final_runs(name)[0] == "python -m venv /opt/kiln"
+    assert final(name, "ENV")[0] == "PATH=/opt/kiln/bin:$PATH"
+    # pip's build settings are ARGs: they never reach the image's environment
+    assert not [k for k in final_env(name) if k.startswith("PIP_")]
+    assert ("ARG", "PIP_NO_CACHE_DIR=1") in s[2]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kiln_is_the_last_layer_installed_from_the_wheel(name):
+    s = stages(name)[2]
+    keywords = [kw for kw, _ in s]
+    copy_wheel = s.index(("COPY", "--from=wheel /wheels/ /tmp/wheels/"))
+    install = s[copy_wheel + 1]
+    assert install[0] == "RUN"
+    assert install[1].startswith("pip install --no-deps /tmp/wheels/*.whl && rm -r /tmp/wheels && pip check")
+    assert "python -m compileall -q /opt/kiln/lib/python3*/site-packages/kiln" in install[1]
+    assert "RUN" not in keywords[copy_wheel + 2 :] and "COPY" not in keywords[copy_wheel + 2 :]
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_non_root_user_and_environment(name):
     assert final(name, "USER") == ["65532:65532"]
-    assert any("groupadd --gid 65532 kiln" in run and "--uid 65532" in run for run in final(name, "RUN"))
+    assert any("groupadd --gid 65532 kiln" in run and "--uid 65532" in run for run in final_runs(name))
     env = final_env(name)
     assert env["PATH"] == "/opt/kiln/bin:$PATH"
     assert env["PYTHONUNBUFFERED"] == env["PYTHONDONTWRITEBYTECODE"] == "1"
@@ -114,15 +133,21 @@ def test_entrypoint_is_a_declared_console_script(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_each_image_installs_its_extra(name):
-    installs = [m.group(1) for run in build_runs(name) for m in re.finditer(r"pip install (\S+)", run)]
-    source = [w.strip("\"'") for w in installs if w.strip("\"'").startswith(".")]
-    assert len(source) == 1, installs
-    m = re.fullmatch(r"\.(?:\[(\w+)\])?", source[0])
-    assert m, source
-    assert m.group(1) == WANTED_EXTRA[name]
+def test_dependencies_are_pyprojects_with_the_images_extra(name):
+    """The dependency layer installs what `pip install .[extra]` would: pyproject's dependencies
+    plus the extra's, read from the copied pyproject.toml (pip check in the last layer)."""
+    assert ("COPY", "pyproject.toml /tmp/kiln/") in stages(name)[2]
+    (run,) = [r for r in final_runs(name) if "tomllib" in r]
+    wanted = '*p["dependencies"]' + (f', *p["optional-dependencies"]["{WANTED_EXTRA[name]}"]' if WANTED_EXTRA[name] else "")
+    assert f"print({wanted}, sep=" in run
+    assert "pip install -r /tmp/kiln/requirements.txt" in run
     if WANTED_EXTRA[name]:
         assert WANTED_EXTRA[name] in EXTRAS
+    project = dict(PYPROJECT["project"])  # the one-liner, run here on the real pyproject.toml
+    code = re.search(r"python -c '(.*?)'", run)[1].replace("/tmp/kiln/pyproject.toml", str(REPO / "pyproject.toml"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    expected = project["dependencies"] + (EXTRAS[WANTED_EXTRA[name]] if WANTED_EXTRA[name] else [])
+    assert out.splitlines() == expected
 
 
 def test_operator_image_never_gets_torch():
@@ -132,29 +157,29 @@ def test_operator_image_never_gets_torch():
 
 
 @pytest.mark.parametrize("name", ["trainer", "server"])
-def test_torch_has_its_own_layer_before_the_sources(name):
-    build = stages(name)[1]
-    keywords = [kw for kw, _ in build]
-    torch_run = next(i for i, (kw, args) in enumerate(build) if kw == "RUN" and "torch" in args)
-    assert torch_run < keywords.index("COPY")
+def test_torch_has_its_own_layer_before_the_dependencies(name):
+    s = stages(name)[2]
+    torch_run = next(i for i, (kw, args) in enumerate(s) if kw == "RUN" and "torch" in args)
+    assert torch_run < s.index(("COPY", "pyproject.toml /tmp/kiln/"))
     # both branches install torch: from TORCH_INDEX_URL when set, else from the default index
-    text = build[torch_run][1]
+    text = s[torch_run][1]
     specs = set(re.findall(r'"(torch[^"]*)"', text))
     assert specs == {r for r in EXTRAS[WANTED_EXTRA[name]] if req_name(r) == "torch"}
     assert text.count("pip install") == 2 and '--index-url "$TORCH_INDEX_URL"' in text
 
 
-def test_trainer_and_server_build_stages_match_up_to_torch():
+def test_trainer_and_server_match_up_to_torch():
     """With the local TORCH_INDEX_URL= both resolve to the same steps: buildah's cache keys on the
     resolved instruction, so the server reuses the trainer's torch layer (checked in e2e)."""
 
     def upto_torch(name):
-        build = stages(name)[1]
-        i = next(i for i, (kw, args) in enumerate(build) if kw == "RUN" and "torch" in args)
-        return [(kw, re.sub(r"^TORCH_INDEX_URL=.*", "TORCH_INDEX_URL", a)) for kw, a in build[: i + 1]]
+        s = stages(name)[2]
+        i = next(i for i, (kw, args) in enumerate(s) if kw == "RUN" and "torch" in args)
+        return [(kw, re.sub(r"^TORCH_INDEX_URL=.*", "TORCH_INDEX_URL", a)) for kw, a in s[: i + 1]]
 
     assert upto_torch("trainer") == upto_torch("server")
-    assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in stages("server")[1]
+    assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in stages("server")[2]
+    assert ("ARG", "TORCH_INDEX_URL=") in stages("trainer")[2]
     assert images.IMAGES["server"].build_args == {"TORCH_INDEX_URL": ""}
 
 
