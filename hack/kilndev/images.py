@@ -5,9 +5,12 @@ images/{operator,trainer,server}/Dockerfile are the recipe for everyone (kind us
 drives buildah (Debian bookworm's 1.28, installed with apt-get when missing), as root:
 
 - ``buildah bud --layers --isolation chroot``: every instruction's result is cached as an
-  intermediate image keyed by its parent and the instruction (COPY by its sources' content,
-  honouring .dockerignore), so a change under operator/ reruns only the steps from
-  ``COPY operator/`` on; the torch RUN before it is reused.
+  intermediate image keyed by its parent and the resolved instruction (COPY by its sources'
+  content, honouring .dockerignore). The Dockerfiles install torch, then pyproject's other
+  dependencies, then kiln from a wheel built in a stage of its own: a change under operator/
+  rebuilds the wheel and the last small layers only; torch's RUN is reused, and the trainer and
+  the server share it. (buildah 1.28 runs every COPY, cached or not, before it looks at the cache:
+  a multi-GB ``COPY --from`` would cost minutes on every build.)
 - Storage (containers/storage): ``${XDG_CACHE_HOME:-~/.cache}/kiln/images/<driver>``. The overlay
   driver when the kernel mounts overlayfs on the cache's filesystem (checked once, by buildah's
   own probe), else vfs, which stores every layer as a full copy of the tree below it
@@ -48,7 +51,9 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
+import io
 import json
 import os
 import re
@@ -61,7 +66,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 REPO = Path(__file__).resolve().parents[2]
 HACK_CLUSTER = REPO / "hack" / "cluster"
@@ -121,10 +126,10 @@ def _apt_install(package: str, log: Log) -> None:
 
 
 def ensure_tools(log: Log = log_default) -> None:
-    """buildah and debootstrap, installed from Debian when missing; root."""
+    """buildah, skopeo and debootstrap, installed from Debian when missing; root."""
     if os.geteuid() != 0:
         raise BuildError("building images needs root (buildah --isolation chroot, debootstrap)")
-    for tool in ("buildah", "debootstrap"):
+    for tool in ("buildah", "skopeo", "debootstrap"):
         if not shutil.which(tool):
             _apt_install(tool, log)
 
@@ -134,29 +139,19 @@ def _storage_args(driver: str) -> list[str]:
     return ["--root", str(root / "storage"), "--runroot", str(root / "run"), "--storage-driver", driver]
 
 
-@dataclass
-class _Driver:
-    name: str = ""
-
-
-_DRIVER = _Driver()
-
-
+@functools.cache
 def storage_driver() -> str:
     """overlay when buildah can mount it on the cache's filesystem, else vfs (checked once)."""
-    if _DRIVER.name:
-        return _DRIVER.name
     forced = os.environ.get("KILN_IMAGES_STORAGE_DRIVER", "")
     if forced:
-        _DRIVER.name = forced
         return forced
     # containers/storage's overlay driver refuses to start (kernel without overlayfs, a cache on
     # overlayfs itself, ...) with an error; `buildah info` runs that check
     proc = subprocess.run(["buildah", *_storage_args("overlay"), "info"], capture_output=True, text=True)
-    _DRIVER.name = "overlay" if proc.returncode == 0 else "vfs"
     if proc.returncode != 0:
         log_default(f"overlay storage unavailable, using vfs: {proc.stderr.strip()[-300:]}")
-    return _DRIVER.name
+        return "vfs"
+    return "overlay"
 
 
 def buildah(*args: str, check: bool = True, capture: bool = True) -> subprocess.CompletedProcess:
@@ -214,7 +209,9 @@ def debian_mirror() -> str:
         except OSError:
             continue
         for para in re.split(r"\n\s*\n", text):
-            fields = {m[1].lower(): m[2].strip() for m in re.finditer(r"^([A-Za-z-]+):[ \t]*(.*)$", para, re.M)}
+            fields = {
+                m[1].lower(): m[2].strip() for m in re.finditer(r"^([A-Za-z-]+):[ \t]*(.*)$", para, re.M)
+            }
             if "bookworm" in fields.get("suites", "").split() and "main" in fields.get("components", ""):
                 uris = fields.get("uris", "").split()
                 if uris and "security" not in uris[0]:
@@ -263,7 +260,17 @@ def commit_rootfs(rootfs: Path, ref: str, created_by: str) -> None:
         for k, v in BASE_ENV.items():
             config += ["--env", f"{k}={v}"]
         buildah("config", *config, ctr)
-        buildah("commit", "--quiet", "--format", "oci", "--timestamp", str(EPOCH), "--identity-label=false", ctr, ref)
+        buildah(
+            "commit",
+            "--quiet",
+            "--format",
+            "oci",
+            "--timestamp",
+            str(EPOCH),
+            "--identity-label=false",
+            ctr,
+            ref,
+        )
     finally:
         buildah("rm", ctr, check=False)
 
@@ -294,7 +301,9 @@ def _finish_base(rootfs: Path) -> None:
     days = EPOCH // 86400  # shadow's "date of last password change" would be the build's day
     for shadow in (rootfs / "etc/shadow", rootfs / "etc/shadow-"):
         if shadow.exists():
-            shadow.write_text(re.sub(r"^([^:\n]*:[^:\n]*:)\d+:", rf"\g<1>{days}:", shadow.read_text(), flags=re.M))
+            shadow.write_text(
+                re.sub(r"^([^:\n]*:[^:\n]*:)\d+:", rf"\g<1>{days}:", shadow.read_text(), flags=re.M)
+            )
     (rootfs / "etc/resolv.conf").write_text("")
     (rootfs / "etc/hostname").write_text("")
     (rootfs / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
@@ -344,6 +353,7 @@ class ImageInfo:
     config: dict[str, Any]  # the OCI image config
     size: int  # bytes, the layers' uncompressed tars
     build_seconds: float
+    layer_sizes: list[int] = field(default_factory=list)  # bytes, in the manifest's order
     steps: int = 0
     cached_steps: int = 0
     import_seconds: float | None = None  # None: not imported
@@ -352,7 +362,7 @@ class ImageInfo:
     @contextlib.contextmanager
     def rootfs(self) -> Iterator[Path]:
         """The image's root filesystem, mounted read-write in a throwaway working container."""
-        ctr = buildah("from", "--pull=never", "--name", f"kiln-inspect-{os.getpid()}", self.ref).stdout.strip()
+        ctr = buildah("from", "--pull=never", self.ref).stdout.strip()
         try:
             yield Path(buildah("mount", ctr).stdout.strip())
         finally:
@@ -372,6 +382,7 @@ def inspect(name: str, ref: str, short_ref: str) -> ImageInfo:
         config=data["OCIv1"],
         size=sum(layer["size"] for layer in manifest["layers"]),
         build_seconds=0.0,
+        layer_sizes=[layer["size"] for layer in manifest["layers"]],
     )
 
 
@@ -422,7 +433,7 @@ def build_one(
     ids, steps, cached = bud(spec, ref, args, log)
     info = inspect(name, ref, short_ref)
     info.build_seconds, info.steps, info.cached_steps = time.monotonic() - t0, steps, cached
-    refs = cache_dir() / "refs"
+    refs = _refs_dir()
     refs.mkdir(parents=True, exist_ok=True)
     record = {"ref": ref, "image_id": info.config_digest, "manifest_digest": info.manifest_digest}
     record |= {"size": info.size, "steps": ids, "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -432,6 +443,11 @@ def build_one(
         f"{_fmt_size(info.size)}, {info.manifest_digest[:19]}"
     )
     return info
+
+
+def _refs_dir() -> Path:
+    """What the latest build of each image used, per storage driver (prune's list to keep)."""
+    return cache_dir() / storage_driver() / "refs"
 
 
 @contextlib.contextmanager
@@ -461,7 +477,7 @@ def build(
         for name in names:
             out[name] = info = build_one(name, tag=tag, build_args=build_args, log=log)
             if import_:
-                import_image(info, log)
+                _import(info, log)
     return out
 
 
@@ -480,7 +496,9 @@ def containerd_socket() -> Path | None:
 
 
 def _ctr(sock: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ctr", f"--address={sock}", "--namespace=k8s.io", *args], text=True, capture_output=True)
+    return subprocess.run(
+        ["ctr", f"--address={sock}", "--namespace=k8s.io", *args], text=True, capture_output=True
+    )
 
 
 def containerd_digest(ref: str, sock: Path | None = None) -> str | None:
@@ -497,7 +515,13 @@ def containerd_digest(ref: str, sock: Path | None = None) -> str | None:
 
 def import_image(info: ImageInfo, log: Log = log_default, *, discard_layers: bool = True) -> None:
     """Load the image into the real node's containerd via `hack/cluster image-import`, unless it
-    already has this manifest digest. Raises BuildError."""
+    already has this manifest digest; only the layers it has no snapshot of travel. Raises
+    BuildError."""
+    with _lock():
+        _import(info, log, discard_layers=discard_layers)
+
+
+def _import(info: ImageInfo, log: Log, *, discard_layers: bool = True) -> None:
     sock = containerd_socket()
     if sock is None:
         raise BuildError("no real node running (hack/cluster up --real-node): cannot import")
@@ -506,35 +530,91 @@ def import_image(info: ImageInfo, log: Log = log_default, *, discard_layers: boo
         info.import_skipped, info.import_seconds = True, time.monotonic() - t0
         log(f"{info.short_ref}: containerd already has {info.manifest_digest[:19]}: import skipped")
         return
-    with tempfile.TemporaryDirectory(prefix="push-", dir=cache_dir()) as tmp:
-        layout = Path(tmp) / "oci"
-        buildah("push", "--quiet", "--disable-compression", "--format", "oci", info.ref, f"oci:{layout}")
-        _name_in_index(layout, info)
-        _stream_into_containerd(layout, info)
+    diff_ids = info.config["rootfs"]["diff_ids"]
+    have = set(_ctr(sock, "snapshots", "ls").stdout.split())
+    unpacked = {d for d, chain in zip(diff_ids, chain_ids(diff_ids), strict=True) if chain in have}
+    layout = export_to_layout(info)
+    t_export = time.monotonic() - t0
+    _stream_into_containerd(layout, info, leave_out=unpacked)
     got = containerd_digest(info.ref, sock)
     if got != info.manifest_digest:
-        raise BuildError(f"after the import containerd has {info.ref} at {got}, expected {info.manifest_digest}")
-    if discard_layers:  # pods run from the snapshots; a re-import streams every blob again anyway
-        layers = json.loads(buildah("inspect", "--type", "image", info.ref).stdout)["OCIv1"]["rootfs"]
-        _ctr(sock, "content", "rm", *sorted(set(layers["diff_ids"])))
+        raise BuildError(
+            f"after the import containerd has {info.ref} at {got}, expected {info.manifest_digest}"
+        )
+    if discard_layers:  # pods run from the snapshots
+        _ctr(sock, "content", "rm", *sorted(set(diff_ids)))
     info.import_seconds = time.monotonic() - t0
-    log(f"{info.short_ref}: imported as {info.ref} in {info.import_seconds:.1f}s")
+    sent = sum(size for d, size in zip(diff_ids, info.layer_sizes, strict=True) if d not in unpacked)
+    log(
+        f"{info.short_ref}: imported as {info.ref} in {info.import_seconds:.1f}s (export "
+        f"{t_export:.1f}s; {_fmt_size(sent)} of {_fmt_size(info.size)} sent, containerd had the rest)"
+    )
 
 
-def _name_in_index(layout: Path, info: ImageInfo) -> None:
-    """The image layout's index names the image for containerd (io.containerd.image.name)."""
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """The OCI ChainID of each layer: the names of containerd's unpacked snapshots
+    (image-spec config.md, "Layer ChainID")."""
+    out: list[str] = []
+    for d in diff_ids:
+        out.append("sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest() if out else d)
+    return out
+
+
+def export_to_layout(info: ImageInfo) -> Path:
+    """Copy the image from our storage into the OCI image layout kept beside it, uncompressed,
+    with skopeo; returns the layout. Blobs already there are not written again (after a code
+    change only kiln's small layers are), and blobs no image in the layout uses are removed.
+
+    Not `buildah push`: to an oci: layout it gzips every layer whatever its flags, and its dir:
+    transport, which keeps them uncompressed, rewrites every blob on every push (81 s for the
+    trainer after a one-line change here)."""
+    layout = cache_dir() / storage_driver() / "oci"
+    root = cache_dir() / storage_driver()
+    source = f"containers-storage:[{storage_driver()}@{root / 'storage'}+{root / 'run'}]{info.ref}"
+    cmd = ["skopeo", "copy", "--quiet", "--dest-oci-accept-uncompressed-layers", "--preserve-digests"]
+    proc = subprocess.run([*cmd, source, f"oci:{layout}:{info.ref}"], text=True, capture_output=True)
+    if proc.returncode != 0:
+        raise BuildError(
+            f"skopeo copy of {info.ref} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}"
+        )
     index = json.loads((layout / "index.json").read_text())
-    manifests = [m for m in index["manifests"] if m["digest"] == info.manifest_digest]
-    if not manifests:
-        raise BuildError(f"buildah pushed {info.ref} with another manifest than {info.manifest_digest}")
-    for m in manifests:
-        m["annotations"] = {"io.containerd.image.name": info.ref, "org.opencontainers.image.ref.name": info.ref}
-    index["manifests"] = manifests
-    (layout / "index.json").write_text(json.dumps(index))
+    used = set()
+    for m in index["manifests"]:  # one per reference: skopeo replaces the entry of the same name
+        manifest = json.loads((layout / "blobs" / "sha256" / m["digest"][7:]).read_text())
+        used |= {m["digest"], manifest["config"]["digest"], *(lay["digest"] for lay in manifest["layers"])}
+    for blob in (layout / "blobs" / "sha256").iterdir():
+        if f"sha256:{blob.name}" not in used:
+            blob.unlink()
+    return layout
 
 
-def _stream_into_containerd(layout: Path, info: ImageInfo) -> None:
-    """The layout as a tar on `hack/cluster image-import /dev/stdin` (no archive on disk)."""
+def write_layout(out: BinaryIO, layout: Path, info: ImageInfo, leave_out: set[str]) -> None:
+    """The image, from an OCI image layout, as the tar of a layout with only this image (what
+    `ctr images import` reads), named for containerd (io.containerd.image.name), without the
+    layer blobs in `leave_out`: containerd needs a layer's blob only to unpack it, and it unpacks
+    only the layers whose snapshot it lacks."""
+    blobs = layout / "blobs" / "sha256"
+    manifest_path = blobs / info.manifest_digest[7:]
+    manifest = json.loads(manifest_path.read_bytes())
+    descriptor = {"mediaType": manifest["mediaType"], "digest": info.manifest_digest}
+    descriptor |= {
+        "size": manifest_path.stat().st_size,
+        "annotations": {"io.containerd.image.name": info.ref},
+    }
+    index = json.dumps({"schemaVersion": 2, "manifests": [descriptor]}).encode()
+    digests = [info.manifest_digest, manifest["config"]["digest"]]
+    digests += [lay["digest"] for lay in manifest["layers"] if lay["digest"] not in leave_out]
+    with tarfile.open(fileobj=out, mode="w|") as tf:
+        for name, data in (("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", index)):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        for digest in dict.fromkeys(digests):
+            tf.add(blobs / digest[7:], arcname=f"blobs/sha256/{digest[7:]}")
+
+
+def _stream_into_containerd(layout: Path, info: ImageInfo, leave_out: set[str]) -> None:
+    """write_layout() into `hack/cluster image-import /dev/stdin` (no archive on disk)."""
     proc = subprocess.Popen(
         [str(HACK_CLUSTER), "image-import", "/dev/stdin"],
         stdin=subprocess.PIPE,
@@ -543,8 +623,8 @@ def _stream_into_containerd(layout: Path, info: ImageInfo) -> None:
     )
     assert proc.stdin is not None and proc.stdout is not None
     try:
-        with contextlib.suppress(BrokenPipeError), proc.stdin, tarfile.open(fileobj=proc.stdin, mode="w|") as tf:
-            tf.add(layout, arcname=".")
+        with contextlib.suppress(BrokenPipeError), proc.stdin:
+            write_layout(proc.stdin, layout, info, leave_out)
         output = proc.stdout.read().decode(errors="replace")
         rc = proc.wait()
     finally:
@@ -579,7 +659,7 @@ def prune(log: Log = log_default) -> int:
         store = cache_dir() / storage_driver()
         before = _du(store)
         keep = [BASE.ref]
-        for ref in (cache_dir() / "refs").glob("*.json"):
+        for ref in _refs_dir().glob("*.json"):
             data = json.loads(ref.read_text())
             keep += [data["image_id"].removeprefix("sha256:"), *data["steps"]]
         buildah("rm", "--all", check=False)
@@ -607,7 +687,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sp = sub.add_parser("build", help="build (cached) and optionally import into the real node")
     sp.add_argument("names", nargs="*", metavar="NAME", help=f"{' | '.join(IMAGES)} (default: all three)")
-    sp.add_argument("--import", dest="import_", action="store_true", help="load into the real node's containerd")
+    sp.add_argument(
+        "--import", dest="import_", action="store_true", help="load into the real node's containerd"
+    )
     sp.add_argument("--tag", default="dev")
     sp.add_argument("--build-arg", action="append", default=[], metavar="NAME=VALUE")
     sub.add_parser("ls", help="the images last built, and whether containerd has them")
@@ -650,9 +732,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_ls() -> int:
     sock = containerd_socket()
-    for ref in sorted((cache_dir() / "refs").glob("*.json")):
+    for ref in sorted(_refs_dir().glob("*.json")):
         data = json.loads(ref.read_text())
         have = containerd_digest(data["ref"], sock) if sock else None
-        state = "imported" if have == data["manifest_digest"] else ("stale in containerd" if have else "not imported")
-        print(f"{data['ref']:<40} {data['manifest_digest'][:19]} {_fmt_size(data['size']):>9} {data['built']}  {state}")
+        state = (
+            "imported"
+            if have == data["manifest_digest"]
+            else ("stale in containerd" if have else "not imported")
+        )
+        print(
+            f"{data['ref']:<40} {data['manifest_digest'][:19]} {_fmt_size(data['size']):>9} {data['built']}  {state}"
+        )
     return 0

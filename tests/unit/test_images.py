@@ -9,12 +9,15 @@ base's determinism helpers, the build-output reader, the image layout containerd
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import py_compile
 import re
 import subprocess
 import sys
+import tarfile
 import tomllib
 from pathlib import Path
 
@@ -76,7 +79,10 @@ def test_a_wheel_stage_and_a_venv_on_the_python_image(name):
     assert s[0] == [("ARG", "PYTHON_IMAGE=python:3.11-slim")]  # what hack/images replaces
     assert [st[0] for st in s[1:]] == [("FROM", "${PYTHON_IMAGE} AS wheel"), ("FROM", "${PYTHON_IMAGE}")]
     # only the wheel stage sees the sources; it builds kiln's wheel and nothing else
-    assert [args for kw, args in s[1] if kw == "COPY"] == ["pyproject.toml README.md ./", "operator/ operator/"]
+    assert [args for kw, args in s[1] if kw == "COPY"] == [
+        "pyproject.toml README.md ./",
+        "operator/ operator/",
+    ]
     assert [args for kw, args in s[1] if kw == "RUN"] == ["pip wheel --no-deps --wheel-dir /wheels ."]
     assert "operator/" not in " ".join(args for _, args in s[2])
     assert final_runs(name)[0] == "python -m venv /opt/kiln"
@@ -138,13 +144,17 @@ def test_dependencies_are_pyprojects_with_the_images_extra(name):
     plus the extra's, read from the copied pyproject.toml (pip check in the last layer)."""
     assert ("COPY", "pyproject.toml /tmp/kiln/") in stages(name)[2]
     (run,) = [r for r in final_runs(name) if "tomllib" in r]
-    wanted = '*p["dependencies"]' + (f', *p["optional-dependencies"]["{WANTED_EXTRA[name]}"]' if WANTED_EXTRA[name] else "")
+    wanted = '*p["dependencies"]' + (
+        f', *p["optional-dependencies"]["{WANTED_EXTRA[name]}"]' if WANTED_EXTRA[name] else ""
+    )
     assert f"print({wanted}, sep=" in run
     assert "pip install -r /tmp/kiln/requirements.txt" in run
     if WANTED_EXTRA[name]:
         assert WANTED_EXTRA[name] in EXTRAS
     project = dict(PYPROJECT["project"])  # the one-liner, run here on the real pyproject.toml
-    code = re.search(r"python -c '(.*?)'", run)[1].replace("/tmp/kiln/pyproject.toml", str(REPO / "pyproject.toml"))
+    code = re.search(r"python -c '(.*?)'", run)[1].replace(
+        "/tmp/kiln/pyproject.toml", str(REPO / "pyproject.toml")
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     expected = project["dependencies"] + (EXTRAS[WANTED_EXTRA[name]] if WANTED_EXTRA[name] else [])
     assert out.splitlines() == expected
@@ -232,7 +242,9 @@ def test_finish_base_makes_a_debootstrap_tree_look_like_the_python_image(tmp_pat
     assert sorted(p.name for p in (tmp_path / "usr/share/doc/x").iterdir()) == ["copyright"]
     assert list((tmp_path / "proc").iterdir()) == [] and list((tmp_path / "var/log/apt").iterdir()) == []
     days = images.EPOCH // 86400  # not the day of the build
-    assert (tmp_path / "etc/shadow").read_text() == f"root:*:{days}:0:99999:7:::\nnobody:*:{days}:0:99999:7:::\n"
+    assert (
+        tmp_path / "etc/shadow"
+    ).read_text() == f"root:*:{days}:0:99999:7:::\nnobody:*:{days}:0:99999:7:::\n"
 
 
 def test_debian_mirror_is_found():
@@ -258,16 +270,59 @@ def test_build_output_reader():
     assert sum(bool(images._CACHED.match(line)) for line in lines) == 1
 
 
-def test_the_index_names_the_image_for_containerd(tmp_path):
-    digest = "sha256:" + "b" * 64
-    other = {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:" + "c" * 64}
-    index = {"schemaVersion": 2, "manifests": [{"digest": digest, "size": 3}, other]}
-    (tmp_path / "index.json").write_text(json.dumps(index))
-    info = images.ImageInfo("server", "docker.io/library/kiln-server:dev", "kiln-server:dev", "", digest, {}, 0, 0)
-    images._name_in_index(tmp_path, info)
-    (entry,) = json.loads((tmp_path / "index.json").read_text())["manifests"]
-    assert entry["digest"] == digest
+def _layout(tmp_path: Path) -> tuple[Path, images.ImageInfo, list[str]]:
+    """An OCI image layout as skopeo leaves it: blobs/sha256/<hex>, index.json."""
+    blobs = tmp_path / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    layers = [b"base layer", b"torch layer", b"kiln layer"]
+    diff_ids = ["sha256:" + hashlib.sha256(b).hexdigest() for b in layers]
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"digest": "sha256:" + hashlib.sha256(config).hexdigest(), "size": len(config)},
+            "layers": [{"digest": d, "size": len(b)} for d, b in zip(diff_ids, layers, strict=True)],
+        }
+    ).encode()
+    for blob in (*layers, config, manifest, b"another image's layer"):
+        (blobs / hashlib.sha256(blob).hexdigest()).write_bytes(blob)
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    info = images.ImageInfo(
+        "server", "docker.io/library/kiln-server:dev", "kiln-server:dev", "", digest, {}, 0, 0
+    )
+    return tmp_path, info, diff_ids
+
+
+def test_layout_for_containerd_names_the_image_and_leaves_out_unpacked_layers(tmp_path):
+    layout, info, diff_ids = _layout(tmp_path)
+    out = io.BytesIO()
+    images.write_layout(out, layout, info, leave_out={diff_ids[1]})
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tf:
+        files = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+    assert json.loads(files["oci-layout"]) == {"imageLayoutVersion": "1.0.0"}
+    (entry,) = json.loads(files["index.json"])["manifests"]
+    assert entry["digest"] == info.manifest_digest
+    assert entry["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert entry["size"] == len(files[f"blobs/sha256/{info.manifest_digest[7:]}"])
     assert entry["annotations"]["io.containerd.image.name"] == "docker.io/library/kiln-server:dev"
-    info.manifest_digest = "sha256:" + "d" * 64
-    with pytest.raises(images.BuildError, match="another manifest"):
-        images._name_in_index(tmp_path, info)
+    manifest = json.loads(files[f"blobs/sha256/{info.manifest_digest[7:]}"])
+    blobs = {name for name in files if name.startswith("blobs/")}
+    assert f"blobs/sha256/{diff_ids[1][7:]}" not in blobs  # containerd has its snapshot
+    assert blobs == {
+        f"blobs/sha256/{d[7:]}"
+        for d in (info.manifest_digest, manifest["config"]["digest"], diff_ids[0], diff_ids[2])
+    }  # and nothing of another image in the layout
+    for name in blobs:
+        assert "sha256:" + hashlib.sha256(files[name]).hexdigest() == "sha256:" + name.rsplit("/", 1)[1]
+
+
+def test_chain_ids_follow_the_image_spec():
+    a, b, c = ("sha256:" + x * 64 for x in "abc")
+    ab = "sha256:" + hashlib.sha256(f"{a} {b}".encode()).hexdigest()
+    assert images.chain_ids([a, b, c]) == [
+        a,
+        ab,
+        "sha256:" + hashlib.sha256(f"{ab} {c}".encode()).hexdigest(),
+    ]
+    assert images.chain_ids([]) == []
