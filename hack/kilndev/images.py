@@ -23,14 +23,18 @@ drives buildah (Debian bookworm's 1.28, installed with apt-get when missing), as
   fixed timestamp, so the same packages give the same image ID on any machine.
 - RUN sees the host's CA bundle, bind-mounted read-only over the image's (this machine's egress
   to PyPI goes through a proxy with its own CA); nothing of it lands in a layer.
-- Import: ``buildah push`` (uncompressed OCI) into an image layout, streamed as a tar into
-  ``hack/cluster image-import`` (``ctr images import``) as ``docker.io/library/kiln-<x>:<tag>``,
-  the name the kubelet looks up for ``kiln-<x>:<tag>``. Skipped when containerd already has that
-  manifest digest. The layer blobs are then dropped from containerd's content store (its
-  snapshots hold the files), as the CRI plugin's ``discard_unpacked_layers`` does.
+- Import: ``skopeo copy`` (uncompressed) into an OCI image layout kept beside the storage, where
+  blobs already there are not written again; from it a layout tar with only the blobs containerd
+  lacks (a layer whose snapshot it has is left out) is streamed into ``hack/cluster image-import``
+  (``ctr images import``) as ``docker.io/library/kiln-<x>:<tag>``, the name the kubelet looks up
+  for ``kiln-<x>:<tag>``. Skipped when containerd already has that manifest digest. The layer
+  blobs are then dropped from containerd's content store (its snapshots hold the files), as the
+  CRI plugin's ``discard_unpacked_layers`` does. After a code change a torch image's import
+  sends about 1.5 MB.
 - Prune: every build records the intermediate images it used (all stages); ``prune`` removes
   the images no latest build uses (``buildah rmi --prune`` would also drop the build stages'
-  cache: nothing tags them).
+  cache: nothing tags them), and what the former Dockerfile executor of this module left in the
+  cache.
 
 Local build args: the server's TORCH_INDEX_URL defaults to the CPU-only wheel index, which cannot
 be reached here; the local build passes TORCH_INDEX_URL= (torch from PyPI, the CUDA build, as the
@@ -42,7 +46,7 @@ Python API (the demo and the e2e tests put hack/ on sys.path)::
     infos = images.build(["operator", "server"], tag="dev", import_=True)
     with infos["server"].rootfs() as root: (root / "opt/kiln").iterdir()
 
-Standard library only.
+Standard library only (and the buildah, skopeo and debootstrap commands).
 """
 
 from __future__ import annotations
@@ -653,11 +657,16 @@ def _du(path: Path) -> int:
 
 
 def prune(log: Log = log_default) -> int:
-    """Remove the images (intermediate ones included) that no image's latest build used, and
-    buildah's leftover working containers. Returns the bytes freed in the storage."""
+    """Remove the images (intermediate ones included) that no image's latest build used,
+    buildah's leftover working containers and the former executor's cache. Returns the bytes
+    freed."""
     with _lock():
         store = cache_dir() / storage_driver()
-        before = _du(store)
+        # what hack/images left before it used buildah (layer trees, its base, refs, pip's cache)
+        former = [d for d in (cache_dir() / n for n in ("layers", "base", "refs", "pip")) if d.is_dir()]
+        before = _du(store) + sum(_du(d) for d in former)
+        for d in former:
+            shutil.rmtree(d)
         keep = [BASE.ref]
         for ref in _refs_dir().glob("*.json"):
             data = json.loads(ref.read_text())

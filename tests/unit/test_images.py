@@ -2,7 +2,8 @@
 
 What the images must hold, read from the Dockerfiles' text: the entrypoint is a declared console
 script, the non-root user, the environment, each image installs its pyproject extra, the operator
-never gets torch, torch has its own layer before the sources. The built images are checked
+never gets torch, torch has its own layer before the other dependencies and kiln comes last, from a
+wheel built in the only stage that sees the sources. The built images are checked
 against the same expectations in tests/e2e/test_images.py. Also the driver's pure parts: the
 base's determinism helpers, the build-output reader, the image layout containerd imports.
 """
