@@ -70,7 +70,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 REPO = Path(__file__).resolve().parents[2]
 HACK_CLUSTER = REPO / "hack" / "cluster"
@@ -439,8 +439,12 @@ def build_one(
     info.build_seconds, info.steps, info.cached_steps = time.monotonic() - t0, steps, cached
     refs = _refs_dir()
     refs.mkdir(parents=True, exist_ok=True)
-    record = {"ref": ref, "image_id": info.config_digest, "manifest_digest": info.manifest_digest}
-    record |= {"size": info.size, "steps": ids, "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record: dict[str, Any] = {"ref": ref, "image_id": info.config_digest, "size": info.size}
+    record |= {
+        "manifest_digest": info.manifest_digest,
+        "steps": ids,
+        "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     (refs / f"kiln-{name}_{tag}.json").write_text(json.dumps(record, indent=1))
     log(
         f"{short_ref}: built in {info.build_seconds:.1f}s ({cached}/{steps} steps cached), "
@@ -592,7 +596,7 @@ def export_to_layout(info: ImageInfo) -> Path:
     return layout
 
 
-def write_layout(out: BinaryIO, layout: Path, info: ImageInfo, leave_out: set[str]) -> None:
+def write_layout(out: IO[bytes], layout: Path, info: ImageInfo, leave_out: set[str]) -> None:
     """The image, from an OCI image layout, as the tar of a layout with only this image (what
     `ctr images import` reads), named for containerd (io.containerd.image.name), without the
     layer blobs in `leave_out`: containerd needs a layer's blob only to unpack it, and it unpacks

@@ -15,11 +15,13 @@ failure. The pod tests are skipped without a real node (see conftest.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,9 +69,9 @@ def built() -> dict[str, images.ImageInfo]:
 
 
 @pytest.fixture(scope="module")
-def roots(built) -> dict[str, Path]:
+def roots(built) -> Iterator[dict[str, Path]]:
     """Each image's root filesystem, mounted for the module."""
-    with images.contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         yield {name: stack.enter_context(info.rootfs()) for name, info in built.items()}
 
 
