@@ -681,10 +681,10 @@ def fetch_artifact(
 
     A ``file://`` artifact is used where it is (nothing copied). An ``s3://`` artifact is
     downloaded into ``cache_dir/<digest hex>/`` (assembled under a temporary name, renamed when
-    complete); a copy already there from an earlier start of the same pod is reused. With
-    ``verify`` the weights are hashed from the local copy and checked against
-    ``expected_digest`` and the metadata before the path is returned; without it the caller
-    verifies (the model server does, when it loads).
+    complete, and only once its weights hash to ``expected_digest`` and to the metadata's digest,
+    so nothing unverified is ever found there later); a copy already there from an earlier start
+    of the same pod is reused, re-verified with ``verify``. A ``file://`` artifact is verified in
+    place with ``verify``; without it the caller verifies (the model server does, when it loads).
 
     Raises:
         StorageError: the artifact cannot be read from the store.
@@ -699,15 +699,19 @@ def fetch_artifact(
             verify_artifact(d, expected_digest)
         return d
     final = cache_dir / expected_digest.split(":", 1)[-1]
-    if not final.is_dir():
-        tmp = cache_dir / f".download-{uuid.uuid4().hex[:8]}"
-        try:
-            copied = download_dir(loc, tmp)
-            if not copied:
-                raise StorageError(OBJECT_NOT_FOUND, f"artifact {loc.uri}: no objects under this prefix")
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if verify:
-        verify_artifact(final, expected_digest)
+    if final.is_dir():
+        if verify:
+            verify_artifact(final, expected_digest)
+        return final
+    tmp = cache_dir / f".download-{uuid.uuid4().hex[:8]}"
+    try:
+        if not download_dir(loc, tmp):
+            raise StorageError(OBJECT_NOT_FOUND, f"artifact {loc.uri}: no objects under this prefix")
+        try:  # a copy is renamed into place only once it verified
+            verify_artifact(tmp, expected_digest)
+        except ArtifactError as e:
+            raise ArtifactError(f"artifact {loc.uri} (downloaded): {str(e).replace(str(tmp), '.')}") from e
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return final
