@@ -28,7 +28,7 @@ from kiln.artifact import (
 )
 from kiln.cli import main as kiln_main
 from kiln.conditions import get_condition
-from kiln.controllers.model import ModelNotFound, register_version
+from kiln.registration import ModelNotFound, register_version
 from kiln.registry import record
 
 from .conftest import Cluster

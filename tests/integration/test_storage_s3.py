@@ -15,7 +15,7 @@ from kiln import API_VERSION, storage
 from kiln import kube as kb
 from kiln.artifact import WEIGHTS_FILE, ArtifactError
 from kiln.cli import main as kiln_main
-from kiln.controllers.model import ArtifactRefused, register_version
+from kiln.registration import ArtifactRefused, register_version
 from kiln.registry import artifacts, record
 from tests.s3 import PrivateS3, S3Bucket, S3Settings
 

@@ -84,3 +84,14 @@ def test_cli_does_not_import_controllers():
             continue  # `kiln operator` runs the controllers
         bad = {m for m in _imports(f) if m.startswith(("kiln.controllers", "kopf"))}
         assert not bad, f"cli/{f.name} imports {bad}"
+
+
+def test_no_controller_imports_another():
+    """Controllers share code through modules outside controllers/ (kiln.registration,
+    kiln.status, kiln.kube...) and the package's helpers (events, runtime, client...), never
+    through another kind's controller."""
+    kinds = {"trainingjob", "model", "inferenceservice", "featuregroup"}
+    for kind in kinds:
+        others = {f"kiln.controllers.{k}" for k in kinds - {kind}}
+        bad = {m for m in _imports(PKG / "controllers" / f"{kind}.py") if m in others}
+        assert not bad, f"controllers/{kind}.py imports {bad}"

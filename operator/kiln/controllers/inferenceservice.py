@@ -31,7 +31,7 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from kiln import API_VERSION, GROUP, VERSION, kube
+from kiln import API_VERSION, GROUP, VERSION, events, kube
 from kiln.api.common import spec_error
 from kiln.api.inferenceservice import (
     InferenceServiceSpec,
@@ -40,7 +40,6 @@ from kiln.api.inferenceservice import (
     TrafficRouting,
 )
 from kiln.conditions import FALSE, TRUE, get_condition, set_condition, set_stalled
-from kiln.controllers import events
 from kiln.controllers.runtime import ReconcileFn, Result, enqueue, watch, watch_children
 from kiln.resources import inferenceservice as res
 from kiln.resources.storage import StorageDefaults
@@ -309,7 +308,7 @@ def _record_model_rollback(
     The rollback itself is already done and recorded in this InferenceService's status and
     Events; a Model that is gone or keeps changing only costs the registry entry (logged).
     """
-    from kiln.controllers.model import RegistrationConflict, record_canary_rollback
+    from kiln.registration import RegistrationConflict, record_canary_rollback
 
     assert action.version is not None
     try:

@@ -17,9 +17,8 @@ import logging
 
 from kubernetes import client as k8s
 
-from kiln import API_VERSION, kube
+from kiln import API_VERSION, events, kube
 from kiln.conditions import FALSE, get_condition, set_condition
-from kiln.controllers import events
 from kiln.controllers.runtime import ReconcileFn, Result
 from kiln.status import write_status
 

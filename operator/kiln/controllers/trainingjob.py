@@ -17,12 +17,11 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from kiln import API_VERSION, kube, storage
+from kiln import API_VERSION, events, kube, storage
 from kiln.api.common import spec_error
 from kiln.api.trainingjob import TrainingJobSpec, TrainingJobStatus
 from kiln.artifact import ArtifactError
 from kiln.conditions import FALSE, TRUE, get_condition, set_condition, set_stalled
-from kiln.controllers import events
 from kiln.controllers.runtime import ReconcileFn, Result, watch, watch_children
 from kiln.gang import plan
 from kiln.resources import trainingjob as build
@@ -109,7 +108,7 @@ def _register(
     api: k8s.ApiClient, job: dict[str, Any], spec: TrainingJobSpec, status: dict[str, Any], now: datetime
 ) -> None:
     """Register the job's result as a new Model version; records the outcome in ``status``."""
-    from kiln.controllers.model import ArtifactRefused, register_version  # the registry's one entry point
+    from kiln.registration import ArtifactRefused, register_version  # the registry's one entry point
 
     assert spec.model_ref is not None
     result = status["result"]

@@ -1,7 +1,7 @@
 """The model registry's logic: pure functions from (spec, status, inputs) to a new status.
 
 Nothing here talks to the API server or touches files; the Model controller
-(:mod:`kiln.controllers.model`) reads, calls these, and writes with a ``resourceVersion``
+(:mod:`kiln.controllers.model`, :mod:`kiln.registration`) reads, calls these, and writes with a ``resourceVersion``
 precondition, and supplies the one piece of I/O the rules need (verifying an artifact) as a
 callback. docs/registry.md is the user-facing description.
 

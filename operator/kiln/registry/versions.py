@@ -3,7 +3,7 @@
 Numbers come from ``status.latestVersion``, a monotonic counter: the next version is always
 ``latestVersion + 1``, whether or not older versions were pruned, so a number is never reused.
 Callers make the read -> :func:`append` -> write cycle atomic with the object's
-``resourceVersion`` (see :func:`kiln.controllers.model.register_version`).
+``resourceVersion`` (see :func:`kiln.registration.register_version`).
 """
 
 from __future__ import annotations

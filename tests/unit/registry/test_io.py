@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kiln import registration as controller
 from kiln.api.model import ModelStatus
 from kiln.artifact import (
     CONFIG_FILE,
@@ -22,7 +23,6 @@ from kiln.artifact import (
     sha256_file,
 )
 from kiln.cli.registry import age, declare, scan, table
-from kiln.controllers import model as controller
 from kiln.registry import CHANGE_CAUSE_ANNOTATION, artifacts, record, rollback_annotation
 
 from .util import NOW, add_versions
