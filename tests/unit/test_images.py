@@ -142,13 +142,13 @@ def test_entrypoint_is_a_declared_console_script(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_dependencies_are_pyprojects_with_the_images_extra(name):
     """The dependency layer installs what `pip install .[extra]` would: pyproject's dependencies
-    plus the extra's, read from the copied pyproject.toml (pip check in the last layer)."""
+    plus the extra's, read from the copied pyproject.toml (pip check in the last layer), less
+    torch, which has its own layer before it."""
     assert ("COPY", "pyproject.toml /tmp/kiln/") in stages(name)[2]
     (run,) = [r for r in final_runs(name) if "tomllib" in r]
-    wanted = '*p["dependencies"]' + (
-        f', *p["optional-dependencies"]["{WANTED_EXTRA[name]}"]' if WANTED_EXTRA[name] else ""
-    )
-    assert f"print({wanted}, sep=" in run
+    assert '*p["dependencies"]' in run
+    if WANTED_EXTRA[name]:
+        assert f'*p["optional-dependencies"]["{WANTED_EXTRA[name]}"]' in run
     assert "pip install -r /tmp/kiln/requirements.txt" in run
     if WANTED_EXTRA[name]:
         assert WANTED_EXTRA[name] in EXTRAS
@@ -158,7 +158,7 @@ def test_dependencies_are_pyprojects_with_the_images_extra(name):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     expected = project["dependencies"] + (EXTRAS[WANTED_EXTRA[name]] if WANTED_EXTRA[name] else [])
-    assert out.splitlines() == expected
+    assert out.splitlines() == [r for r in expected if req_name(r) != "torch"]
 
 
 def test_operator_image_never_gets_torch():
