@@ -826,8 +826,8 @@ def main() -> int:
     ok = True
     try:
         demo.cluster_and_images()
+        demo.namespace()  # first: with watchNamespaces the chart puts its Role in this namespace
         demo.install()
-        demo.namespace()
         demo.prometheus()
         demo.main()
     except StepFailed:
