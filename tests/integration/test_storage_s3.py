@@ -130,6 +130,11 @@ def test_refusals_keep_the_previous_stage_and_rebuild_lists_the_bucket(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     store_env(s3.settings)
+
+    def promote(version: int) -> int:
+        argv = ["promote", "digits", str(version), "--stage", "Production", "-n", namespace]
+        return kiln_main([*argv, "--kubeconfig", cluster.kubeconfig])
+
     create_model(kube, namespace)
     good, good_digest = upload_artifact(tmp_path, s3, "digits", "job-1", accuracy=0.9)
     tampered, tampered_digest = upload_artifact(tmp_path, s3, "digits", "job-2", accuracy=0.8)
@@ -142,38 +147,14 @@ def test_refusals_keep_the_previous_stage_and_rebuild_lists_the_bucket(
             digest=digest,
             lineage={**LINEAGE, "trainingJob": job},
         )
-    kiln_main(
-        [
-            "promote",
-            "digits",
-            "1",
-            "--stage",
-            "Production",
-            "-n",
-            namespace,
-            "--kubeconfig",
-            cluster.kubeconfig,
-        ]
-    )
+    promote(1)
     wait_reconciled(kube, namespace, lambda o: stages(o).get("production") == 1)
 
     # The weights of version 2 are replaced in the bucket after registration.
     s3.client.put_object(
         Bucket=s3.bucket, Key="models/digits/job-2/model.safetensors", Body=b"not the weights"
     )
-    kiln_main(
-        [
-            "promote",
-            "digits",
-            "2",
-            "--stage",
-            "Production",
-            "-n",
-            namespace,
-            "--kubeconfig",
-            cluster.kubeconfig,
-        ]
-    )
+    promote(2)
     obj = wait_reconciled(kube, namespace, lambda o: ready(o).get("reason") == "DigestMismatch")
     assert "models/digits/job-2" in ready(obj)["message"] and stages(obj)["production"] == 1
 
@@ -185,19 +166,7 @@ def test_refusals_keep_the_previous_stage_and_rebuild_lists_the_bucket(
     assert f"s3://{s3.bucket}/models/digits/job-2" in ready(obj)["message"] and stages(obj)["production"] == 1
 
     # Back to version 1; then the status is lost (a restore without status) and rebuilt from the bucket.
-    kiln_main(
-        [
-            "promote",
-            "digits",
-            "1",
-            "--stage",
-            "Production",
-            "-n",
-            namespace,
-            "--kubeconfig",
-            cluster.kubeconfig,
-        ]
-    )
+    promote(1)
     wait_reconciled(kube, namespace, lambda o: ready(o).get("status") == "True")
     obj = get_model(kube, namespace)
     kb.patch_status(kube, obj, {k: None for k in obj["status"]})
