@@ -55,6 +55,7 @@ from kiln.artifact import (
     WEIGHTS_FILE,
     ArtifactError,
     ArtifactMetadata,
+    sha256_file,
     verify_artifact,
 )
 
@@ -432,15 +433,12 @@ def sha256(uri: str | Location) -> str:
         StorageError: see the module docstring.
     """
     loc = parse(uri)
-    h = hashlib.sha256()
     if loc.is_local:
         try:
-            with open(loc.path, "rb") as f:
-                while chunk := f.read(CHUNK_BYTES):
-                    h.update(chunk)
+            return sha256_file(loc.path, CHUNK_BYTES)
         except OSError as e:
             raise _local_errors(loc, "read", e) from e
-        return "sha256:" + h.hexdigest()
+    h = hashlib.sha256()
     with _s3_errors(loc, "read"):
         body = s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
         for chunk in body.iter_chunks(CHUNK_BYTES):
