@@ -236,9 +236,27 @@ def test_disruption_restarts_without_counting():
 
 
 def test_vanished_pod_of_running_gang_is_a_disruption():
-    st = {"gang": 0, "startTime": rfc3339(T0)}
+    st = {"gang": 0, "startTime": rfc3339(T0), "createdGang": 0}
     p = plan(job(status=st), spec(), [pod(0)], T0)
     assert p.status["disruptionCount"] == 1 and p.status["gang"] == 1
+
+
+def test_complete_gang_is_recorded():
+    p = plan(job(status={"gang": 3, "startTime": rfc3339(T0)}), spec(), [pod(0, gang=3), pod(1, gang=3)], T0)
+    assert p.status["createdGang"] == 3
+
+
+@pytest.mark.parametrize(
+    "status", [{}, {"gang": 0, "startTime": rfc3339(T0)}, {"gang": 0, "createdGang": -1}]
+)
+def test_partly_created_gang_is_completed_not_restarted(status):
+    """Creation interrupted (operator killed between pod creates and the status write) or refused
+    (a ResourceQuota admits 1 of 2 pods): the missing pod is created again, the gang is kept, no
+    disruption is counted, whatever rank 0 is doing meanwhile."""
+    p = plan(job(status=status), spec(), [pod(0, "Running")], T0)
+    assert p.create_gang and not p.delete_pods
+    assert p.status["gang"] == 0 and p.status["disruptionCount"] == 0
+    assert "createdGang" not in p.status or p.status["createdGang"] != 0
 
 
 def test_success_records_result_and_registers():
