@@ -61,8 +61,7 @@ import re
 import struct
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import PurePosixPath
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 

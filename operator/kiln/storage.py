@@ -53,12 +53,14 @@ from kiln.artifact import (
     METADATA_FILE,
     ArtifactError,
     ArtifactMetadata,
-    DigestMismatch as DigestMismatch,  # re-exported: raised by verify_artifact_at
     MissingFile,
     artifact_files,
     check_artifact,
     sha256_file,
     verify_artifact,
+)
+from kiln.artifact import (
+    DigestMismatch as DigestMismatch,  # re-exported: raised by verify_artifact_at
 )
 
 OBJECT_NOT_FOUND = "ObjectNotFound"

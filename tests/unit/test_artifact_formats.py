@@ -66,7 +66,9 @@ def write(d: Path, fmt: str = "torch-export", extra: dict[str, bytes] | None = N
 def test_v2_artifact_verifies_and_lists_its_files(tmp_path: Path, fmt: str) -> None:
     digest = write(tmp_path, fmt, extra={"model.onnx.data": b"external weights"})
     meta = verify_artifact(tmp_path, digest)
-    assert meta.format == fmt and meta.inputs[0] == TensorSpec(name="image", datatype="FP32", shape=[-1, 1, 8, 8])
+    assert meta.format == fmt and meta.inputs[0] == TensorSpec(
+        name="image", datatype="FP32", shape=[-1, 1, 8, 8]
+    )
     assert artifact_files(meta)[0] == ("model.pt2" if fmt == "torch-export" else "model.onnx")
     assert "model.onnx.data" in artifact_files(meta)
     assert storage.verify_artifact_at(path_to_uri(tmp_path), digest) == meta
@@ -86,13 +88,16 @@ def test_unknown_format_is_refused_naming_it(tmp_path: Path) -> None:
         verify_artifact(tmp_path, digest)
     _, problem = artifacts.verify(path_to_uri(tmp_path), digest)
     assert problem is not None and problem.reason == "ArtifactInvalid"
-    assert "tensorflow-savedmodel" in problem.message and "known: kiln-mlp, torch-export, onnx" in problem.message
+    assert (
+        "tensorflow-savedmodel" in problem.message
+        and "known: kiln-mlp, torch-export, onnx" in problem.message
+    )
 
 
 def test_other_file_digest_mismatch_names_the_file(tmp_path: Path) -> None:
     digest = write(tmp_path, "onnx", extra={"model.onnx.data": b"external weights"})
     (tmp_path / "model.onnx.data").write_bytes(b"tampered weights")
-    with pytest.raises(DigestMismatch, match="digest of model.onnx.data") as e:
+    with pytest.raises(DigestMismatch, match=r"digest of model\.onnx\.data") as e:
         verify_artifact(tmp_path, digest)
     assert e.value.file == "model.onnx.data"
     _, problem = artifacts.verify(path_to_uri(tmp_path), digest)
@@ -105,18 +110,20 @@ def test_model_file_mismatch_and_wrong_expected_digest(tmp_path: Path) -> None:
     assert problem is not None and problem.reason == "DigestMismatch"
     assert "model.pt2" in problem.message and "expected" in problem.message
     (tmp_path / "model.pt2").write_bytes(b"another program")
-    with pytest.raises(DigestMismatch, match="weights digest of model.pt2 .* != metadata"):
+    with pytest.raises(DigestMismatch, match=r"weights digest of model\.pt2 .* != metadata"):
         verify_artifact(tmp_path, digest)
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
     digest = write(tmp_path, "onnx", extra={"model.onnx.data": b"external weights"})
     (tmp_path / "model.onnx.data").unlink()
-    with pytest.raises(MissingFile, match="missing model.onnx.data") as e:
+    with pytest.raises(MissingFile, match=r"missing model\.onnx\.data") as e:
         verify_artifact(tmp_path, digest)
     assert e.value.file == "model.onnx.data"
     _, problem = artifacts.verify(path_to_uri(tmp_path), digest)
-    assert problem is not None and problem.reason == "ArtifactMissing" and "model.onnx.data" in problem.message
+    assert (
+        problem is not None and problem.reason == "ArtifactMissing" and "model.onnx.data" in problem.message
+    )
 
 
 def test_cache_notices_a_replaced_extra_file(tmp_path: Path) -> None:
@@ -126,7 +133,7 @@ def test_cache_notices_a_replaced_extra_file(tmp_path: Path) -> None:
     assert cache.verify(uri, digest).format == "onnx"
     assert cache.verify(uri, digest).format == "onnx"  # hit
     (tmp_path / "model.onnx.data").write_bytes(b"tampered weights")
-    with pytest.raises(DigestMismatch, match="model.onnx.data"):
+    with pytest.raises(DigestMismatch, match=r"model\.onnx\.data"):
         cache.verify(uri, digest)
 
 

@@ -62,7 +62,7 @@ def concat(parts: list[Tensors]) -> Tensors:
     first = parts[0]
     if isinstance(first, np.ndarray):
         return np.concatenate(parts)  # type: ignore[arg-type]
-    return {k: np.concatenate([p[k] for p in parts]) for k in first}  # type: ignore[index]
+    return {k: np.concatenate([p[k] for p in parts]) for k in first}
 
 
 def take(y: Tensors, start: int, stop: int) -> Tensors:

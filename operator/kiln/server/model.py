@@ -127,11 +127,15 @@ class ServedModel:
 
     def _named_outputs(self, values: Sequence[Any]) -> dict[str, np.ndarray]:
         if len(values) != len(self.outputs):
-            raise ValueError(f"the model returned {len(values)} outputs, its signature has {len(self.outputs)}")
+            raise ValueError(
+                f"the model returned {len(values)} outputs, its signature has {len(self.outputs)}"
+            )
         out: dict[str, np.ndarray] = {}
         for spec, v in zip(self.outputs, values, strict=True):
             arr = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-            out[spec.name] = np.ascontiguousarray(arr, dtype=NUMERIC_DATATYPES[spec.datatype].newbyteorder("="))
+            out[spec.name] = np.ascontiguousarray(
+                arr, dtype=NUMERIC_DATATYPES[spec.datatype].newbyteorder("=")
+            )
         return out
 
 
@@ -199,7 +203,9 @@ def load_model(
     metadata = verify_artifact(path, digest)
     threads = threads or torch.get_num_threads()
     loaders = {FORMAT_MLP: _load_mlp, FORMAT_TORCH_EXPORT: _load_exported, FORMAT_ONNX: _load_onnx}
-    model = loaders[metadata.format](path, metadata, name=name, version=version, digest=digest, threads=threads)
+    model = loaders[metadata.format](
+        path, metadata, name=name, version=version, digest=digest, threads=threads
+    )
     _warm_up(model, path)
     log.info("loaded %s artifact %s (%s) as %s version %s", metadata.format, path, digest, name, version)
     if model.fault_injection_fail_rate > 0:
@@ -234,7 +240,11 @@ def _warm_up(model: ServedModel, path: Path) -> None:
     assert isinstance(out, Mapping)
     for t in model.outputs:
         shape = list(out[t.name].shape)
-        if len(shape) != len(t.shape) or shape[0] != 2 or any(w not in (-1, d) for d, w in zip(shape, t.shape, strict=True)):
+        if (
+            len(shape) != len(t.shape)
+            or shape[0] != 2
+            or any(w not in (-1, d) for d, w in zip(shape, t.shape, strict=True))
+        ):
             raise ArtifactError(
                 f"artifact {path}: output {t.name!r} has shape {shape} for 2 rows, its signature says {t.shape}"
             )
@@ -334,7 +344,9 @@ def _load_exported(
         program = torch.export.load(program_file)
         module = program.module()
     except Exception as e:
-        raise ArtifactError(f"artifact {path}: {program_file.name} does not load: {type(e).__name__}: {e}") from e
+        raise ArtifactError(
+            f"artifact {path}: {program_file.name} does not load: {type(e).__name__}: {e}"
+        ) from e
     sig = program.graph_signature
     if len(sig.user_inputs) != len(metadata.inputs) or len(sig.user_outputs) != len(metadata.outputs):
         raise ArtifactError(
@@ -365,7 +377,9 @@ def _load_onnx(
     try:
         session = ort.InferenceSession(str(program_file), options, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ArtifactError(f"artifact {path}: {program_file.name} does not load: {type(e).__name__}: {e}") from e
+        raise ArtifactError(
+            f"artifact {path}: {program_file.name} does not load: {type(e).__name__}: {e}"
+        ) from e
     have = ({i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()})
     want = ({t.name for t in metadata.inputs}, {t.name for t in metadata.outputs})
     if have[0] != want[0] or not want[1] <= have[1]:

@@ -182,7 +182,9 @@ def _match_inputs(
     """Pair each request tensor with the model input of its name (request order)."""
     by_name = {t.name: t for t in specs}
     if not isinstance(tensors, list) or not tensors:
-        raise ProtocolError(f"'inputs' must be a non-empty list of tensors (the model's inputs: {_names(specs)})")
+        raise ProtocolError(
+            f"'inputs' must be a non-empty list of tensors (the model's inputs: {_names(specs)})"
+        )
     out: list[tuple[dict[str, Any], TensorMetadata]] = []
     seen: set[str] = set()
     for i, tensor in enumerate(tensors):
@@ -190,7 +192,9 @@ def _match_inputs(
             raise ProtocolError(f"inputs[{i}] must be a JSON object, got {type(tensor).__name__}")
         name = tensor.get("name")
         if not isinstance(name, str) or name not in by_name:
-            raise ProtocolError(f"unknown input {name!r} (inputs[{i}]); the model's inputs are {_names(specs)}")
+            raise ProtocolError(
+                f"unknown input {name!r} (inputs[{i}]); the model's inputs are {_names(specs)}"
+            )
         if name in seen:
             raise ProtocolError(
                 f"input {name!r} is given more than once; expected exactly one input tensor per model input"
