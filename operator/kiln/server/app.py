@@ -13,9 +13,10 @@ and ``GET /metrics`` on the metrics port. Errors are ``{"error": "..."}`` with 4
 404 (unknown model, version or route), 405, 413 (body over ``max_request_bytes``), 500 (injected
 failure, or a bug: the handler never lets an exception escape) and 503 (shutting down).
 
-By default an inference response holds two outputs: the logits (``config.outputName``, FP32
-``[n, numClasses]``) and ``predicted_class`` (INT64 ``[n]``, the arg-max); a request may ask for
-either with ``outputs``.
+The model metadata and the requests follow the model's own signature (``Predictor.inputs`` /
+``outputs``: every input by name, several if the model has several); by default a response holds
+every output (for the built-in MLP: the logits, FP32 ``[n, numClasses]``, and
+``predicted_class``, INT64 ``[n]``, the arg-max); a request may ask for some with ``outputs``.
 
 Shutdown (:meth:`InferenceServer.shutdown`, on SIGTERM): readiness turns false at once; the server
 keeps serving for ``shutdown_delay_seconds`` (time for endpoints to drop the pod), then stops
@@ -32,7 +33,7 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -41,13 +42,11 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from kiln import __version__
-from kiln.artifact import ModelConfig
-from kiln.server.batcher import BatcherClosedError, DynamicBatcher
+from kiln.server.batcher import BatcherClosedError, DynamicBatcher, Tensors
 from kiln.server.cache import OutputCache
 from kiln.server.metrics import CONTENT_TYPE, ServerMetrics
 from kiln.server.protocol import (
     HEADER_LENGTH,
-    PREDICTED_CLASS,
     ProtocolError,
     RequestedOutput,
     TensorMetadata,
@@ -61,24 +60,30 @@ from kiln.server.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "kiln-serve"
-PLATFORM = "pytorch_safetensors"
 EXTENSIONS = ["binary_tensor_data"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Predictor(Protocol):
-    """What the server needs of a model (``kiln.server.model.LoadedModel`` is one)."""
+    """What the server needs of a model (``kiln.server.model.ServedModel`` is one)."""
 
     name: str
     version: str
     digest: str
-    config: ModelConfig
+    #: The model's inputs and outputs (OIP names, datatypes, shapes; -1 free, first the batch).
+    inputs: tuple[TensorMetadata, ...]
+    outputs: tuple[TensorMetadata, ...]
     #: FAULT INJECTION rate carried by the artifact (0.0 for a normal one).
     fault_injection_fail_rate: float
 
-    def predict(self, rows: np.ndarray) -> np.ndarray:
-        """Logits for float32 rows."""
+    @property
+    def platform(self) -> str:
+        """The model metadata's ``platform``."""
+        ...
+
+    def predict(self, x: Tensors) -> Tensors:
+        """Output name -> array for input name -> array (rows first)."""
         ...
 
 
@@ -104,12 +109,8 @@ class InferenceServer:
     ) -> None:
         self.model = model
         self.settings = settings
-        cfg = model.config
-        self.input = TensorMetadata(cfg.inputName, "FP32", [-1, cfg.inputSize])
-        self.outputs = (
-            TensorMetadata(cfg.outputName, "FP32", [-1, cfg.numClasses]),
-            TensorMetadata(PREDICTED_CLASS, "INT64", [-1]),
-        )
+        self.inputs = tuple(model.inputs)
+        self.outputs = tuple(model.outputs)
         self._output_names = tuple(t.name for t in self.outputs)
         #: FAULT INJECTION: fraction of infer requests answered 500 on purpose, the larger of
         #: ``--fail-rate`` and the artifact's ``servingFaultInjectionFailRate``.
@@ -315,8 +316,8 @@ class InferenceServer:
             {
                 "name": self.model.name,
                 "versions": [self.model.version],
-                "platform": PLATFORM,
-                "inputs": [self.input.to_json()],
+                "platform": self.model.platform,
+                "inputs": [t.to_json() for t in self.inputs],
                 "outputs": [t.to_json() for t in self.outputs],
             }
         )
@@ -352,7 +353,7 @@ class InferenceServer:
             self.metrics.request_done(code, time.perf_counter() - started)
 
     async def _infer_inner(
-        self, request: web.Request, submit: Callable[[np.ndarray], Awaitable[np.ndarray]]
+        self, request: web.Request, submit: Callable[[Tensors], Awaitable[Tensors]]
     ) -> web.Response:
         self._check_model(request)
         limit = self.settings.max_request_bytes
@@ -366,12 +367,10 @@ class InferenceServer:
             raise ProtocolError(f"request body exceeds the limit of {limit} bytes", 413) from None
         except RequestPayloadError as e:  # e.g. a body that does not decode per its Content-Encoding
             raise ProtocolError(f"could not read the request body: {' '.join(str(e).split())}") from None
-        cfg = self.model.config
         parsed = parse_infer_request(
             body,
             header_length=request.headers.get(HEADER_LENGTH),
-            input_name=cfg.inputName,
-            input_size=cfg.inputSize,
+            inputs=self.inputs,
             output_names=self._output_names,
         )
         if self.fail_rate > 0 and self._random.random() < self.fail_rate:
@@ -379,22 +378,22 @@ class InferenceServer:
             source = self._fail_rate_source()
             log.info("injected failure (fault injection, %s)", source)
             return _error(500, f"injected failure: fault injection is on ({source})")
-        logits: np.ndarray | None = None
+        result: Mapping[str, np.ndarray] | None = None
         key = ""
         if self.cache.enabled:
-            key = self.cache.key(parsed.rows)
-            logits = self.cache.get(key)
-            (self.metrics.cache_hits if logits is not None else self.metrics.cache_misses).inc()
-        if logits is None:
-            logits = await submit(parsed.rows)
+            key = self.cache.key(parsed.inputs)
+            result = self.cache.get(key)
+            (self.metrics.cache_hits if result is not None else self.metrics.cache_misses).inc()
+        if result is None:
+            got = await submit(parsed.inputs)
+            assert isinstance(got, Mapping)
+            result = got
             if self.cache.enabled:
-                self.cache.put(key, logits)
-        outputs: list[tuple[RequestedOutput, str, np.ndarray]] = []
-        for requested in parsed.outputs:
-            if requested.name == PREDICTED_CLASS:
-                outputs.append((requested, "INT64", logits.argmax(axis=1).astype(np.int64)))
-            else:
-                outputs.append((requested, "FP32", logits))
+                self.cache.put(key, result)
+        datatypes = {t.name: t.datatype for t in self.outputs}
+        outputs: list[tuple[RequestedOutput, str, np.ndarray]] = [
+            (requested, datatypes[requested.name], result[requested.name]) for requested in parsed.outputs
+        ]
         body_out, json_length = encode_infer_response(
             model_name=self.model.name,
             model_version=self.model.version,
