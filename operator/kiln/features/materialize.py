@@ -155,7 +155,7 @@ def materialize(
                 f"FROM ({src.rows_sql(a, b, latest=True)}) r"
             )
             try:
-                reader: Any = src.con.execute(sql).to_arrow_reader(batch_rows)
+                reader: Any = src.con.sql(sql).to_arrow_reader(batch_rows)
                 for batch in reader:
                     cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
                     rows = (

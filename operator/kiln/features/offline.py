@@ -209,7 +209,7 @@ def read_table(uri: str) -> pa.Table:
     with _local_source(uri) as path:
         con = connect()
         try:
-            return con.execute(f"SELECT * FROM {_scan_sql(path, fmt)}").to_arrow_table()
+            return con.sql(f"SELECT * FROM {_scan_sql(path, fmt)}").to_arrow_table()
         except duckdb.Error as e:
             raise SourceError(SOURCE_UNREADABLE, f"{uri}: {_first_line(e)}") from e
         finally:
@@ -280,7 +280,7 @@ def get_historical_features(
             f"ORDER BY e.__kiln_row"
         )
         try:
-            return con.execute(sql).to_arrow_table()
+            return con.sql(sql).to_arrow_table()
         except duckdb.Error as e:
             raise SourceError(SOURCE_UNREADABLE, f"source {view.spec.source.uri}: {_first_line(e)}") from e
 
