@@ -9,7 +9,7 @@ Modules (the heavy ones need the ``features`` extra: duckdb, pyarrow, redis):
   :func:`get_historical_features` (point-in-time join).
 - :mod:`kiln.features.online`: Redis :func:`connect`, :func:`write_rows`,
   :func:`get_online_features` (``maxAgeSeconds`` enforced at read time).
-- :mod:`kiln.features.materialize`: :func:`materialize`, windows for Indexed Jobs, watermarks.
+- :mod:`kiln.features.materialization`: :func:`materialize`, windows for Indexed Jobs, watermarks.
 - ``python -m kiln.features``: the Job entry point (see :mod:`kiln.features.__main__`).
 
 The names below are importable from ``kiln.features`` itself; the heavy ones load on first use,
@@ -38,11 +38,11 @@ _LAZY = {
     "write_rows": "online",
     "get_online_features": "online",
     "OnlineRow": "online",
-    "materialize": "materialize",
-    "MaterializationResult": "materialize",
-    "split_windows": "materialize",
-    "window_for_index": "materialize",
-    "incremental_range": "materialize",
+    "materialize": "materialization",
+    "MaterializationResult": "materialization",
+    "split_windows": "materialization",
+    "window_for_index": "materialization",
+    "incremental_range": "materialization",
 }
 
 __all__ = [

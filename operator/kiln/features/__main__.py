@@ -74,16 +74,16 @@ def _fail(reason: str, message: str, column: str | None, code: int) -> int:
 
 
 def materialize_command(args: argparse.Namespace) -> int:
-    from kiln.features import FeatureError, FeatureView, materialize, online
+    from kiln.features import FeatureError, FeatureView, materialization, online
 
     view = FeatureView.from_object(load_object(args.feature_group))
     address = args.redis or (view.spec.online.store.address if view.spec.online.store else None)
     if not address:
         return _fail("NoOnlineStore", "spec.online.store is not set and --redis is not given", None, 1)
-    start, end = materialize.window_for_index(args.start, args.end, args.windows, args.index)
+    start, end = materialization.window_for_index(args.start, args.end, args.windows, args.index)
     client = online.connect(address)
     try:
-        result = materialize.materialize(
+        result = materialization.materialize(
             view,
             client,
             start,

@@ -114,7 +114,7 @@ def write_rows(
     """Write rows ``(entity values, event time µs, feature -> encoded value)`` in ONE pipeline.
 
     Each row is one :data:`WRITE_SCRIPT` call (an older row never replaces a newer one). The
-    caller sizes the batch (:mod:`kiln.features.materialize` sends 5,000 rows per call).
+    caller sizes the batch (:mod:`kiln.features.materialization` sends 5,000 rows per call).
 
     Raises:
         OnlineStoreError: Redis is unreachable or refused a command (nothing is retried here).
