@@ -91,6 +91,7 @@ def materialize_command(args: argparse.Namespace) -> int:
             chunk_seconds=args.chunk_seconds,
             batch_rows=args.batch_rows,
             key_ttl_seconds=args.key_ttl_seconds,
+            superseded_before=args.end,
             memory_limit=args.memory_limit,
         )
     except FeatureError as e:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import duckdb
-import redis
 
+import redis
 from kiln.features import online
 from kiln.features.errors import SOURCE_UNREADABLE, SourceError
 from kiln.features.offline import DEFAULT_MEMORY_LIMIT, open_source
@@ -125,13 +125,17 @@ def materialize(
     chunk_seconds: int = DEFAULT_CHUNK_SECONDS,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     key_ttl_seconds: int | None = None,
+    superseded_before: dt.datetime | None = None,
     memory_limit: str = DEFAULT_MEMORY_LIMIT,
     threads: int | None = None,
 ) -> MaterializationResult:
     """Write each entity's latest (transformed) values with event time in ``[start, end)``.
 
-    ``key_ttl_seconds``: Redis expiry of each written key, from the write (Feast's option of
-    the same name); None keeps keys until replaced.
+    Each window writes only the entities with no newer row before ``superseded_before``
+    (default ``end``): a later window writes those, so each entity is written once per run.
+    An Indexed Job completion passes the whole backfill's end (its window's successors write
+    the newer rows). ``key_ttl_seconds``: Redis expiry of each written key, from the write
+    (Feast's option of the same name); None keeps keys until replaced.
 
     Returns:
         The run's :class:`MaterializationResult` (``watermark`` = ``end``).
@@ -146,13 +150,14 @@ def materialize(
         raise ValueError(f"empty range [{rfc3339(start)}, {rfc3339(end)})")
     spec = view.spec
     ents = view.entity_names
+    horizon = to_micros(superseded_before) if superseded_before is not None else e_us
     sent = written = n = 0
     with open_source(view, memory_limit=memory_limit, threads=threads) as src:
         for a, b in _windows(s_us, e_us, max(1, chunk_seconds) * 1_000_000):
             n += 1
             sql = (
                 f"SELECT {', '.join('r.' + quote(e) for e in ents)}, r.{TS}, {feature_select(spec, 'r')} "
-                f"FROM ({src.rows_sql(a, b, latest=True)}) r"
+                f"FROM ({src.rows_sql(a, b, latest=True, superseded_before_us=horizon)}) r"
             )
             try:
                 reader: Any = src.con.sql(sql).to_arrow_reader(batch_rows)

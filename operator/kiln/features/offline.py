@@ -120,10 +120,10 @@ class OfflineSource:
     con: duckdb.DuckDBPyConnection
     columns: dict[str, str]
 
-    def time_filter(self, start_us: int | None, end_us: int | None) -> str:
+    def time_filter(self, start_us: int | None, end_us: int | None, alias: str = "") -> str:
         """A WHERE condition on the raw timestamp column for [start, end), compared with constants
         of the column's own kind so DuckDB prunes Parquet row groups by their min/max."""
-        ts = quote(self.view.timestamp_field)
+        ts = alias + quote(self.view.timestamp_field)
         aware = base_type(self.columns[self.view.timestamp_field]) == "TIMESTAMP WITH TIME ZONE"
         parts = ["TRUE"]
         for op, us in ((">=", start_us), ("<", end_us)):
@@ -135,22 +135,42 @@ class OfflineSource:
         return " AND ".join(parts)
 
     def rows_sql(
-        self, start_us: int | None = None, end_us: int | None = None, *, latest: bool = False
+        self,
+        start_us: int | None = None,
+        end_us: int | None = None,
+        *,
+        latest: bool = False,
+        superseded_before_us: int | None = None,
     ) -> str:
-        """SQL of the deduplicated raw rows with event time in [start, end); with ``latest`` only
-        each entity's latest row (what materialization writes)."""
+        """SQL of the deduplicated raw rows with event time in [start, end) and no null entity.
+
+        With ``latest``, only each entity's latest row (what materialization writes); with
+        ``superseded_before_us`` too, not the entities that also have a row in
+        [end, superseded_before) (a later window writes their newer row): an anti-join on the
+        entity keys, whose memory is bounded by the number of entities, not rows.
+        """
         spec = self.view.spec
         ents = [quote(e.name) for e in spec.entities]
         vals = [quote(c) for c in value_columns(spec)]
-        ts_expr = f"epoch_us(CAST({quote(self.view.timestamp_field)} AS TIMESTAMPTZ))"
+        ts_expr = f"epoch_us(CAST(s.{quote(self.view.timestamp_field)} AS TIMESTAMPTZ))"
         ent_sel = ", ".join(
-            f"CAST({quote(e.name)} AS {_sql_type(e)}) AS {quote(e.name)}" for e in spec.entities
+            f"CAST(s.{q} AS {_sql_type(e)}) AS {q}" for e, q in zip(spec.entities, ents, strict=True)
         )
         part = ", ".join(ents) if latest else ", ".join([*ents, TS])
         order = ", ".join([f"{TS} DESC"] * latest + [f"{v} DESC NULLS LAST" for v in vals])
+        source = f"{_SOURCE} s"
+        if (
+            latest
+            and superseded_before_us is not None
+            and end_us is not None
+            and superseded_before_us > end_us
+        ):
+            later = f"SELECT DISTINCT {', '.join(ents)} FROM {_SOURCE} WHERE {self.time_filter(end_us, superseded_before_us)}"
+            source = f"{_SOURCE} s ANTI JOIN ({later}) later USING ({', '.join(ents)})"
+        not_null = " AND ".join(f"s.{q} IS NOT NULL" for q in ents)
         return (
-            f"SELECT {ent_sel}, {ts_expr} AS {TS}, {', '.join(vals)} FROM {_SOURCE} "
-            f"WHERE {self.time_filter(start_us, end_us)} "
+            f"SELECT {ent_sel}, {ts_expr} AS {TS}, {', '.join('s.' + v for v in vals)} FROM {source} "
+            f"WHERE {self.time_filter(start_us, end_us, 's.')} AND {not_null} "
             f"QUALIFY row_number() OVER (PARTITION BY {part} ORDER BY {order}) = 1"
         )
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-
 from kiln.features.errors import OnlineStoreError
 from kiln.features.schema import TS_FIELD, FeatureView, decode_value, entity_key, from_micros, to_micros
 

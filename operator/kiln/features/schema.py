@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from kiln.api.featuregroup import FeatureGroup, FeatureGroupSpec
@@ -92,7 +93,10 @@ def schema_digest(spec: FeatureGroupSpec) -> str:
 
 @dataclass(frozen=True)
 class FeatureView:
-    """A FeatureGroup as the feature store uses it: its identity and its validated spec."""
+    """A FeatureGroup as the feature store uses it: its identity and its validated spec.
+
+    Treat ``spec`` as immutable: ``digest`` and ``key_prefix`` are computed once.
+    """
 
     namespace: str
     name: str
@@ -114,11 +118,11 @@ class FeatureView:
             raise ValueError("the FeatureGroup has no metadata.name")
         return cls(namespace or fg.metadata.get("namespace") or "default", name, fg.spec)
 
-    @property
+    @cached_property
     def digest(self) -> str:
         return schema_digest(self.spec)
 
-    @property
+    @cached_property
     def key_prefix(self) -> str:
         """``kiln:fg:<namespace>:<name>:<first 12 hex of the schema digest>:``."""
         return f"kiln:fg:{self.namespace}:{self.name}:{self.digest.split(':', 1)[1][:12]}:"
