@@ -150,6 +150,7 @@ def materialize(
         raise ValueError(f"empty range [{rfc3339(start)}, {rfc3339(end)})")
     spec = view.spec
     ents = view.entity_names
+    online.ping(client)  # down -> fail even when the range has nothing to write
     horizon = to_micros(superseded_before) if superseded_before is not None else e_us
     sent = written = n = 0
     with open_source(view, memory_limit=memory_limit, threads=threads) as src:

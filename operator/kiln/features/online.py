@@ -75,6 +75,18 @@ def connect(address: str, *, socket_timeout: float = 5.0) -> redis.Redis:
     return redis.Redis(host=host.strip("[]"), port=int(port), password=password, **opts)
 
 
+def ping(client: redis.Redis) -> None:
+    """Check the store answers (a run fails early, and visibly, when it is down).
+
+    Raises:
+        OnlineStoreError: it does not.
+    """
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        raise OnlineStoreError(f"online store: {type(e).__name__}: {e}") from e
+
+
 @dataclass(frozen=True)
 class OnlineRow:
     """What one entity's lookup found.
