@@ -156,6 +156,7 @@ def test_cli_indexed_windows_and_failure(redis_server, source, tmp_path):
     r = _cli(obj, *common, "--index", "0", "--redis", redis_server.address)
     assert r.returncode == 3 and "watermark" not in r.stdout
     assert json.loads(r.stdout)["error"]["reason"] == "OnlineStoreUnavailable"
+    redis_server.start()
     (tmp_path / "activity.parquet").unlink()
     r = _cli(obj, *common, "--redis", redis_server.address)
     assert r.returncode == 1 and json.loads(r.stdout)["error"]["reason"] == "SourceNotFound"
