@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 NAMES = list(images.IMAGES)
-EXTRA = {"operator": None, "trainer": "train", "server": "serve"}
+EXTRAS = {"operator": (), "trainer": ("train", "features"), "server": ("serve",)}
 SITE = "opt/kiln/lib/python3.11/site-packages"
 
 
@@ -117,8 +117,8 @@ def test_venv_holds_kiln_and_its_extra(roots, name):
     dists = _dists(roots[name])
     assert dists.get("kiln-operator") == PYPROJECT["version"], sorted(dists)
     wanted = list(PYPROJECT["dependencies"])
-    if EXTRA[name]:
-        wanted += PYPROJECT["optional-dependencies"][EXTRA[name]]
+    for extra in EXTRAS[name]:
+        wanted += PYPROJECT["optional-dependencies"][extra]
     missing = [req for req in wanted if _requirement_name(req) not in dists]
     assert not missing, f"kiln-{name} lacks {missing}"
     if name == "operator":
@@ -197,6 +197,17 @@ def test_non_root_user_and_trainer_artifacts_dir(roots):
         assert re.search(r"^kiln:x:65532:65532:", (root / "etc/passwd").read_text(), re.M), name
     st = (roots["trainer"] / "var/lib/kiln/artifacts").stat()
     assert (st.st_uid, st.st_gid) == (65532, 65532)
+
+
+def test_trainer_holds_the_examples(roots):
+    """examples/ at /opt/kiln/examples, as in the repository (examples/cnn/trainingjob.yaml runs
+    /opt/kiln/examples/cnn/train.py), readable by the non-root user."""
+    shipped = roots["trainer"] / "opt/kiln/examples"
+    for src in (REPO / "examples").rglob("*"):
+        if src.is_file() and "__pycache__" not in src.parts:
+            copy = shipped / src.relative_to(REPO / "examples")
+            assert copy.read_bytes() == src.read_bytes(), copy
+            assert copy.stat().st_mode & 0o004, copy
 
 
 # --- on the real node ---------------------------------------------------------------------------

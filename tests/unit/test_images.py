@@ -33,8 +33,12 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCRIPTS = PYPROJECT["project"]["scripts"]
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
 NAMES = list(images.IMAGES)
-# what each image installs from pyproject.toml: None = the package without extras
-WANTED_EXTRA = {"operator": None, "trainer": "train", "server": "serve"}
+# what each image installs from pyproject.toml: the package with these extras (in this order)
+WANTED_EXTRAS: dict[str, tuple[str, ...]] = {
+    "operator": (),
+    "trainer": ("train", "features"),  # features: FeatureGroup materialization Jobs run in it
+    "server": ("serve",),
+}
 
 
 def stages(name: str) -> list[list[tuple[str, str]]]:
@@ -147,18 +151,30 @@ def test_dependencies_are_pyprojects_with_the_images_extra(name):
     assert ("COPY", "pyproject.toml /tmp/kiln/") in stages(name)[2]
     (run,) = [r for r in final_runs(name) if "tomllib" in r]
     assert '*p["dependencies"]' in run
-    if WANTED_EXTRA[name]:
-        assert f'*p["optional-dependencies"]["{WANTED_EXTRA[name]}"]' in run
+    for extra in WANTED_EXTRAS[name]:
+        assert f'*p["optional-dependencies"]["{extra}"]' in run
+        assert extra in EXTRAS
     assert "pip install -r /tmp/kiln/requirements.txt" in run
-    if WANTED_EXTRA[name]:
-        assert WANTED_EXTRA[name] in EXTRAS
     project = dict(PYPROJECT["project"])  # the one-liner, run here on the real pyproject.toml
     code = re.search(r"python -c '(.*?)'", run)[1].replace(
         "/tmp/kiln/pyproject.toml", str(REPO / "pyproject.toml")
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    expected = project["dependencies"] + (EXTRAS[WANTED_EXTRA[name]] if WANTED_EXTRA[name] else [])
-    assert out.splitlines() == [r for r in expected if req_name(r) != "torch"]
+    expected = project["dependencies"] + [r for extra in WANTED_EXTRAS[name] for r in EXTRAS[extra]]
+    assert out.splitlines() == list(dict.fromkeys(r for r in expected if req_name(r) != "torch"))
+
+
+def test_trainer_image_holds_the_examples_before_kiln():
+    """examples/ at /opt/kiln/examples (a TrainingJob's `command` runs examples/cnn/train.py from
+    there), copied before kiln's wheel: editing an example leaves the dependency layers alone."""
+    s = stages("trainer")[2]
+    copy = s.index(("COPY", "examples/ /opt/kiln/examples/"))
+    assert (
+        s.index(("COPY", "pyproject.toml /tmp/kiln/"))
+        < copy
+        < s.index(("COPY", "--from=wheel /wheels/ /tmp/wheels/"))
+    )
+    assert "examples/" not in " ".join(args for kw, args in stages("server")[2] + stages("operator")[2])
 
 
 def test_operator_image_never_gets_torch():
@@ -175,7 +191,7 @@ def test_torch_has_its_own_layer_before_the_dependencies(name):
     # both branches install torch: from TORCH_INDEX_URL when set, else from the default index
     text = s[torch_run][1]
     specs = set(re.findall(r'"(torch[^"]*)"', text))
-    assert specs == {r for r in EXTRAS[WANTED_EXTRA[name]] if req_name(r) == "torch"}
+    assert specs == {r for extra in WANTED_EXTRAS[name] for r in EXTRAS[extra] if req_name(r) == "torch"}
     assert text.count("pip install") == 2 and '--index-url "$TORCH_INDEX_URL"' in text
 
 
