@@ -18,7 +18,11 @@ from images/*/Dockerfile, in containerd, on a CNI bridge, behind kube-proxy and 
   5. ``digits-v2`` trained and promoted while a steady stream of requests runs through the
      Service; the canary is analysed against Prometheus and promoted; failed requests counted;
   6. ``digits-v3``, trained with ``servingFaultInjectionFailRate: 1.0`` (its server answers 500
-     on purpose), promoted, and rolled back by the analysis.
+     on purpose), promoted, and rolled back by the analysis;
+  7. bring your own model: examples/cnn, a user's DDP script (torchrun in 2 pods, gloo), exports
+     a small CNN with ``kiln.sdk`` (torch.export) to S3; version 1 of Model ``digits-cnn``;
+  8. promoted and served by InferenceService ``digits-cnn``; its signature (input ``image`` FP32
+     [-1, 1, 8, 8]) and every held-out 8x8 image queried over REST (OIP v2 JSON).
 
 Prints progress, a summary table and the figures; ``--json FILE`` writes them for the e2e test.
 Exits non-zero if any step failed.
@@ -58,6 +62,8 @@ MONITORING_NS = "monitoring"
 OUT = REPO / "_out" / "demo"
 VENV_BIN = REPO / ".venv" / "bin"
 DEMO_D = REPO / "hack" / "demo.d"
+#: The bring-your-own-model example: a user's DDP script and its manifests (examples/cnn/README.md).
+CNN = REPO / "examples" / "cnn"
 #: The demo's bucket in the local S3 server (versitygw, started by hack/cluster) and the prefix
 #: under it that is the operator's artifact root (helm values artifacts.s3).
 BUCKET = "kiln-demo"
@@ -353,6 +359,65 @@ def held_out_digits() -> tuple[Any, Any]:
     return ds.features[split.test], ds.labels[split.test]
 
 
+def cnn_held_out() -> tuple[Any, Any]:
+    """examples/cnn/train.py's own held-out images ``[n, 1, 8, 8]`` and labels (never trained on)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cnn_example", CNN / "train.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _, _, x, y = module.load_data()
+    return x, y
+
+
+def post_json(host: str, port: int, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """GET (no body) or POST JSON to http://host:port/path; the decoded answer (StepFailed on non-200)."""
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        if body is None:
+            conn.request("GET", path)
+        else:
+            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        data = r.read()
+    finally:
+        conn.close()
+    if r.status != 200:
+        raise StepFailed(f"{path}: HTTP {r.status}: {data[:300]!r}")
+    return dict(json.loads(data))
+
+
+def query_cnn(ip: str, port: int) -> tuple[float, str]:
+    """The CNN's signature, one digit shown with its answer, then every held-out image in one
+    request: returns the accuracy and a one-line summary of the digit shown."""
+    base = "/v2/models/digits-cnn"
+    md = post_json(ip, port, base)
+    note(f"GET http://{ip}:{port}{base}: platform {md['platform']}")
+    note(f"  inputs {md['inputs']}")
+    note(f"  outputs {md['outputs']}")
+    x, y = cnn_held_out()
+    one = {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": x[:1].tolist()}]}
+    note(
+        f'POST http://{ip}:{port}{base}/infer {{"inputs": [{{"name": "image", "shape": [1, 1, 8, 8], '
+        '"datatype": "FP32", "data": <this 8x8 image, pixels in [0, 1]>}]}'
+    )
+    for row in x[0][0]:
+        note("  " + "".join(" .:-=+*#%@"[min(9, int(v * 10))] * 2 for v in row))
+    out = {o["name"]: o["data"] for o in post_json(ip, port, f"{base}/infer", one)["outputs"]}
+    shown = f"a held-out {int(y[0])} answered predicted_class {out['predicted_class'][0]}"
+    note(shown + f" (logit {max(out['logits']):.2f})")
+    body = {
+        "inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
+    }
+    predicted = {o["name"]: o["data"] for o in post_json(ip, port, f"{base}/infer", body)["outputs"]}[
+        "predicted_class"
+    ]
+    acc = sum(int(p == t) for p, t in zip(predicted, y, strict=True)) / len(y)
+    note(f"{len(y)} held-out images in one request -> accuracy {acc:.4f}")
+    return acc, shown
+
+
 # ---------------------------------------------------------------------------------- the demo
 class Demo:
     def __init__(self, args: argparse.Namespace) -> None:
@@ -529,14 +594,20 @@ class Demo:
 
     # ---- training
     def train(self, name: str, extra_hp: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Apply TrainingJob ``name`` and follow it until its version is registered."""
-        c = self.c
+        """Apply the MLP's TrainingJob ``name`` and follow it until its version is registered."""
         job = yaml.safe_load((DEMO_D / "trainingjob.yaml").read_text())
         job["metadata"]["name"] = name
         job["spec"]["hyperparameters"].update(extra_hp or {})
         note(f"kubectl apply -f - <<< TrainingJob {name} (hyperparameters {job['spec']['hyperparameters']})")
-        t0 = time.monotonic()
-        c.apply(job, NS)
+        return self.follow(job, time.monotonic(), apply=True)
+
+    def follow(self, job: dict[str, Any], t0: float, *, apply: bool = False) -> dict[str, Any]:
+        """Follow TrainingJob ``job`` (applied at ``t0``; applied now with ``apply``) until its
+        version is registered; returns its version, artifact, accuracy and timings."""
+        c = self.c
+        name = job["metadata"]["name"]
+        if apply:
+            c.apply(job, NS)
         sel = f"kiln.dev/trainingjob={name}"
         pods = lambda: c.pods(sel)  # noqa: E731
         job_state = lambda: c.get("TrainingJob", name).get("status") or {}  # noqa: E731
@@ -599,39 +670,36 @@ class Demo:
             "nodes": sorted({p["spec"].get("nodeName") for p in ps}),
         }
 
-    def promote(self, version: int) -> float:
+    def promote(self, version: int, model: str = "digits") -> float:
         c = self.c
         t0 = time.monotonic()
-        out = run(
-            str(VENV_BIN / "kiln"), "promote", "digits", str(version), "--stage", "Production", "-n", NS
-        )
+        out = run(str(VENV_BIN / "kiln"), "promote", model, str(version), "--stage", "Production", "-n", NS)
         note(out.strip())
         poll(
             f"status.stages.production == {version}",
             lambda: (
-                ((c.get("Model", "digits").get("status") or {}).get("stages") or {}).get("production")
-                == version
+                ((c.get("Model", model).get("status") or {}).get("stages") or {}).get("production") == version
             ),
             60,
         )
         return time.monotonic() - t0
 
-    def isvc_state(self) -> dict[str, Any]:
-        return self.c.get("InferenceService", "digits").get("status") or {}
+    def isvc_state(self, name: str = "digits") -> dict[str, Any]:
+        return self.c.get("InferenceService", name).get("status") or {}
 
-    def isvc_progress(self) -> str:
-        st = self.isvc_state()
+    def isvc_progress(self, name: str = "digits") -> str:
+        st = self.isvc_state(name)
         an = st.get("analysis") or {}
         t = self.traffic
         return (
             f"stable v{st.get('stableVersion')} canary v{st.get('canaryVersion')} weight {st.get('canaryWeight')}% "
             f"phase {st.get('rolloutPhase')} step {st.get('currentStep')} analysis "
             f"ok={an.get('successes', 0)} failed={an.get('failures', 0)} inconclusive={an.get('inconclusive', 0)}"
-            f"; pods: {pod_phases(self.c.pods('kiln.dev/inferenceservice=digits'))}"
-            + (f"; answers {t.last_versions()}" if t else "")
+            f"; pods: {pod_phases(self.c.pods(f'kiln.dev/inferenceservice={name}'))}"
+            + (f"; answers {t.last_versions()}" if t and name == "digits" else "")
         )
 
-    # ---- the six steps
+    # ---- the steps
     def main(self) -> None:
         c = self.c
         with Step("1. Model `digits` + TrainingJob digits-v1: DDP across 2 real pods") as s:
@@ -793,6 +861,64 @@ class Demo:
                 f"{len(failed)} requests failed on the canary; stable v2 kept serving"
             )
         self.traffic.stop()
+        self.cnn()
+
+    def cnn(self) -> None:
+        """Steps 7 and 8: examples/cnn, a user's own DDP script, trained in 2 pods, registered,
+        promoted and served; its signature and answers over REST."""
+        c = self.c
+        with Step("7. your own model: examples/cnn/train.py, DDP in 2 pods -> Model `digits-cnn`") as s:
+            c.apply(yaml.safe_load((CNN / "model.yaml").read_text()), NS)
+            job = yaml.safe_load((CNN / "trainingjob.yaml").read_text())
+            job["spec"].update(imagePullPolicy="IfNotPresent", **REAL_NODE_SCHEDULING)
+            spec = job["spec"]
+            note(
+                f"kubectl apply -f examples/cnn/trainingjob.yaml  # {' '.join(spec['command'] + spec['args'])}"
+            )
+            cnn = self.follow(job, time.monotonic(), apply=True)
+            logs = c.kubectl("-n", NS, "logs", f"{job['metadata']['name']}-node-1", "--tail=1", check=False)
+            note(f"{job['metadata']['name']}-node-1 log: {logs.strip()[:150]}")
+            if cnn["version"] != 1 or (cnn["accuracy"] or 0) < 0.9:
+                raise StepFailed(f"expected digits-cnn version 1 with accuracy >= 0.9, got {cnn}")
+            if not str(cnn["artifact"]).startswith(f"s3://{BUCKET}/{PREFIX}/digits-cnn/"):
+                raise StepFailed(
+                    f"expected the artifact in s3://{BUCKET}/{PREFIX}/digits-cnn/, got {cnn['artifact']}"
+                )
+            meta = json.loads(storage.read_bytes(storage.parse(cnn["artifact"]).join("metadata.json")))
+            note(f"{cnn['artifact']}: format {meta['format']}, files {sorted(meta['files'])}")
+            figures["cnn: apply -> version registered s"] = cnn["registered_s"]
+            figures["cnn: registered accuracy"] = round(cnn["accuracy"], 4)
+            figures["cnn: artifact"] = f"{cnn['artifact']} ({meta['format']})"
+            s.detail = (
+                f"2 pods (torchrun), registered {cnn['registered_s']}s after apply, "
+                f"test accuracy {cnn['accuracy']:.4f}, {meta['format']}"
+            )
+        with Step("8. digits-cnn promoted and served; 8x8 images over REST (OIP v2 JSON)") as s:
+            self.promote(1, "digits-cnn")
+            isvc = yaml.safe_load((CNN / "inferenceservice.yaml").read_text())
+            isvc["spec"]["runtime"]["imagePullPolicy"] = "IfNotPresent"
+            isvc["spec"].update(REAL_NODE_SCHEDULING)
+            t0 = time.monotonic()
+            c.apply(isvc, NS)
+            poll(
+                "InferenceService digits-cnn Ready with v1",
+                lambda: (lambda st: st.get("stableVersion") == 1 and _ready(st))(
+                    self.isvc_state("digits-cnn")
+                ),
+                240,
+                progress=lambda: self.isvc_progress("digits-cnn"),
+            )
+            figures["cnn: isvc apply -> Ready s"] = round(time.monotonic() - t0, 1)
+            svc = c.get("Service", "digits-cnn", NS, "v1")
+            ip = svc["spec"]["clusterIP"]
+            port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "http")
+            acc, shown = query_cnn(ip, port)
+            figures["cnn: accuracy measured through the Service"] = round(acc, 4)
+            if abs(acc - cnn["accuracy"]) > 0.005:
+                raise StepFailed(
+                    f"accuracy through the Service {acc:.4f} != registered {cnn['accuracy']:.4f}"
+                )
+            s.detail = f"Service {ip}:{port}, accuracy {acc:.4f} over REST (registered {cnn['accuracy']:.4f}); {shown}"
 
     def close(self) -> None:
         if self.traffic:

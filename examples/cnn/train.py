@@ -129,10 +129,7 @@ def train(args: argparse.Namespace) -> None:
     model: nn.Module = DistributedDataParallel(net) if distributed else net
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     loss_fn = nn.CrossEntropyLoss()
-    if rank == 0:
-        print(
-            f"rank 0 of {world} on {device}; {len(train_set)} training images, {len(loader)} batches per epoch"
-        )
+    print(f"rank {rank} of {world} on {device}: {len(loader)} batches per epoch", flush=True)
     t0 = time.monotonic()
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)  # a different shuffle per epoch, the same on every rank

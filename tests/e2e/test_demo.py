@@ -3,7 +3,8 @@
 Runs hack/demo.py (the same code path as `make demo`): images built from images/*/Dockerfile
 and imported, Kiln installed with helm, 2-pod DDP training, registration, promotion, serving
 through the Service, a canary under load analysed by Prometheus (Kubernetes discovery of what the
-ServiceMonitor selects) and promoted, a broken version rolled back. The helm release is removed
+ServiceMonitor selects) and promoted, a broken version rolled back; then the bring-your-own-model
+example (examples/cnn: a user's DDP script in 2 pods, torch.export, served). The helm release is removed
 afterwards so the operator it installed never meets the integration tests' objects.
 """
 
@@ -70,7 +71,7 @@ def test_every_step_succeeded(demo: dict) -> None:
     assert not failed, failed
     assert demo["ok"] and demo["returncode"] == 0
     names = " ".join(s["name"] for s in demo["steps"])
-    for n in ("1.", "2.", "3.", "4.", "5.", "6."):
+    for n in ("1.", "2.", "3.", "4.", "5.", "6.", "7.", "8."):
         assert n in names
 
 
@@ -100,3 +101,10 @@ def test_broken_version_rolled_back(demo: dict) -> None:
     assert f["v3: requests failed by the broken canary"] > 0  # the fault injection really ran
     assert f["v3: failing analysis -> rollback complete s"] is not None
     assert f["v3: failed/non-v2 answers after rollback"] == 0
+
+
+def test_own_cnn_registered_and_served(demo: dict) -> None:
+    f = demo["figures"]
+    assert f["cnn: registered accuracy"] >= 0.9
+    assert "(torch-export)" in f["cnn: artifact"]
+    assert abs(f["cnn: accuracy measured through the Service"] - f["cnn: registered accuracy"]) <= 0.005
