@@ -178,7 +178,8 @@ def poll(
 class Cluster:
     """kubectl, helm and an API client for the local cluster."""
 
-    def __init__(self) -> None:
+    def __init__(self, image_tag: str = "dev") -> None:
+        self.image_tag = image_tag
         env = json.loads(run(str(REPO / "hack" / "cluster"), "env", "--json"))
         if not env.get("real_node"):
             raise StepFailed("the local cluster has no real node (hack/cluster up --real-node)")
@@ -195,7 +196,13 @@ class Cluster:
         return run(self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *args, input=input, check=check)
 
     def apply(self, obj: dict[str, Any], namespace: str | None = None) -> None:
-        """``kubectl apply --server-side`` of one object (what a person would type)."""
+        """``kubectl apply --server-side`` of one object (what a person would type); the images
+        of TrainingJobs and InferenceServices re-tagged ``image_tag`` (see :func:`retag`)."""
+        spec = obj.get("spec") or {}
+        if obj.get("kind") == "TrainingJob":
+            spec["image"] = retag(spec["image"], self.image_tag)
+        elif obj.get("kind") == "InferenceService":
+            spec["runtime"]["image"] = retag(spec["runtime"]["image"], self.image_tag)
         ns = ["-n", namespace] if namespace else []
         self.kubectl("apply", "--server-side", "--force-conflicts", *ns, "-f", "-", input=yaml.safe_dump(obj))
 
@@ -419,6 +426,12 @@ def query_cnn(ip: str, port: int) -> tuple[float, str]:
 
 
 # ---------------------------------------------------------------------------------- the demo
+def retag(image: str, tag: str) -> str:
+    """``kiln-<x>:dev`` (what the manifests name) as ``kiln-<x>:<tag>``; other images unchanged."""
+    name, _, old = image.rpartition(":")
+    return f"{name}:{tag}" if name.startswith("kiln-") and old == "dev" else image
+
+
 class Demo:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -430,11 +443,11 @@ class Demo:
     def cluster_and_images(self) -> None:
         with Step("cluster with a real node (hack/cluster up --real-node)") as s:
             out = run(str(REPO / "hack" / "cluster"), "up", "--real-node", stream=True)
-            self.c = Cluster()
+            self.c = Cluster(self.args.image_tag)
             s.detail = out.strip().splitlines()[-2][:110] if out.strip() else "up"
         with Step("images from images/*/Dockerfile (hack/images build --import)") as s:
             t0 = time.monotonic()
-            infos = kimages.build(["operator", "trainer", "server"], tag="dev", import_=True)
+            infos = kimages.build(["operator", "trainer", "server"], tag=self.args.image_tag, import_=True)
             self.images = infos
             s.detail = ", ".join(f"{n} {i.size / 2**30:.2f} GiB" for n, i in infos.items())
             figures["images build+import seconds"] = round(time.monotonic() - t0, 1)
@@ -449,7 +462,11 @@ class Demo:
                 "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "charts" / "kiln" / "crds")
             )
             values = {
-                "image": {"repository": "kiln-operator", "tag": "dev", "pullPolicy": "IfNotPresent"},
+                "image": {
+                    "repository": "kiln-operator",
+                    "tag": self.args.image_tag,
+                    "pullPolicy": "IfNotPresent",
+                },
                 "watchNamespaces": [NS],
                 "artifacts": {
                     "s3": {
@@ -937,6 +954,12 @@ def _ready(status: dict[str, Any]) -> bool:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="write steps and figures here")
+    p.add_argument(
+        "--image-tag",
+        default="dev",
+        help="tag of the images built, imported and run (default dev, as the manifests say); another "
+        "tag keeps a demo from replacing the kiln-*:dev images others on the same cluster run",
+    )
     args = p.parse_args()
     if os.environ.get("KILN_DEMO_CLUSTER", "local") != "local":
         print(

@@ -21,6 +21,7 @@ from tests.integration.conftest import (  # noqa: F401  (fixtures, by name)
     REPO,
     Cluster,
     cluster,
+    kiln_crds,
     kube,
     namespace,
     private_s3,
