@@ -884,7 +884,7 @@ class Demo:
         """Steps 7 and 8: examples/cnn, a user's own DDP script, trained in 2 pods, registered,
         promoted and served; its signature and answers over REST."""
         c = self.c
-        with Step("7. your own model: examples/cnn/train.py, DDP in 2 pods -> Model `digits-cnn`") as s:
+        with Step("7. examples/cnn: your own DDP script in 2 pods, registered") as s:
             c.apply(yaml.safe_load((CNN / "model.yaml").read_text()), NS)
             job = yaml.safe_load((CNN / "trainingjob.yaml").read_text())
             job["spec"].update(imagePullPolicy="IfNotPresent", **REAL_NODE_SCHEDULING)
@@ -910,7 +910,7 @@ class Demo:
                 f"2 pods (torchrun), registered {cnn['registered_s']}s after apply, "
                 f"test accuracy {cnn['accuracy']:.4f}, {meta['format']}"
             )
-        with Step("8. digits-cnn promoted and served; 8x8 images over REST (OIP v2 JSON)") as s:
+        with Step("8. digits-cnn promoted, served, queried over REST (OIP v2)") as s:
             self.promote(1, "digits-cnn")
             isvc = yaml.safe_load((CNN / "inferenceservice.yaml").read_text())
             isvc["spec"]["runtime"]["imagePullPolicy"] = "IfNotPresent"
