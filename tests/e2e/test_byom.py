@@ -203,6 +203,13 @@ def artifact_metadata(uri: str) -> dict[str, Any]:
     return json.loads(storage.read_bytes(storage.parse(uri).join("metadata.json")))
 
 
+def figure(line: str) -> None:
+    """Print a measured figure on the real stdout: the in-process operator (kopf's KopfRunner, a
+    click CliRunner) replaces sys.stdout while it runs, and -s does not see what goes there."""
+    sys.__stdout__.write(f"\n{line}\n")
+    sys.__stdout__.flush()
+
+
 def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
@@ -214,9 +221,7 @@ def get(url: str) -> dict[str, Any]:
         return dict(json.loads(r.read()))
 
 
-def test_cnn_example_trained_by_ddp_registered_promoted_and_served(
-    env: Env, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cnn_example_trained_by_ddp_registered_promoted_and_served(env: Env) -> None:
     t0 = time.monotonic()
     env.create(env.manifest("model.yaml"))
     st = train(env, "digits-cnn-v1", "digits-cnn")
@@ -310,16 +315,13 @@ def test_cnn_example_trained_by_ddp_registered_promoted_and_served(
     first.set_data_from_numpy(x_test[:16])
     result = triton.infer("digits-cnn", [first], outputs=[httpclient.InferRequestedOutput("predicted_class")])
     assert result.as_numpy("predicted_class").tolist() == predicted[:16]
-    with capsys.disabled():
-        print(
-            f"\n[cnn] trained+registered {trained:.1f}s (job {st['_seconds']}s), isvc Ready {served:.1f}s; "
-            f"accuracy registered {accuracy:.4f}, served {served_accuracy:.4f} on {len(y_test)} images"
-        )
+    figure(
+        f"[cnn] trained+registered {trained:.1f}s (job {st['_seconds']}s), isvc Ready {served:.1f}s; "
+        f"accuracy registered {accuracy:.4f}, served {served_accuracy:.4f} on {len(y_test)} images"
+    )
 
 
-def test_pytorchjob_style_script_without_launcher_trains_on_two_pods(
-    env: Env, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_pytorchjob_style_script_without_launcher_trains_on_two_pods(env: Env) -> None:
     """``command: [python, script]``: no torchrun; the script's init_process_group("env://") reads
     the pod's RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT. Exported as ONNX this time."""
     env.create(env.manifest("model.yaml") | {"metadata": {"name": "pytorchjob", "namespace": env.namespace}})
@@ -346,5 +348,4 @@ def test_pytorchjob_style_script_without_launcher_trains_on_two_pods(
     meta = artifact_metadata(st["result"]["artifactUri"])
     assert meta["format"] == "onnx" and "model.onnx" in meta["files"]
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
-    with capsys.disabled():
-        print(f"\n[pytorchjob] 2 pods trained and registered in {st['_seconds']}s")
+    figure(f"[pytorchjob] 2 pods trained and registered in {st['_seconds']}s")
