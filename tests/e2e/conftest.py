@@ -44,6 +44,20 @@ def _env() -> dict:
     return json.loads(out.stdout) if out.returncode == 0 else {}
 
 
+def require_image_builds() -> None:
+    """Skip the test, with the reason, when this machine cannot build images with hack/images
+    (buildah as root); under CI=true that is a failure."""
+    why = None
+    if os.geteuid() != 0:
+        why = "building images needs root (buildah --isolation chroot, debootstrap)"
+    elif not (shutil.which("buildah") and shutil.which("debootstrap")) and not shutil.which("apt-get"):
+        why = "buildah or debootstrap not found and no apt-get to install them"
+    if why and os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true: {why}")
+    if why:
+        pytest.skip(why)
+
+
 @pytest.fixture(scope="session")
 def real_cluster(request: pytest.FixtureRequest) -> Cluster:
     """The cluster, only if it has the real node (or KILN_REAL_NODE=1 lets the fixture start one)."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import time
 import urllib.request
@@ -42,7 +41,7 @@ from kiln.cli import main as kiln_main
 from tests.integration.helpers import TERMINAL_PHASES, run_operator, wait_for
 from tests.s3 import S3Bucket
 
-from .conftest import REAL_NODE, Cluster
+from .conftest import REAL_NODE, Cluster, require_image_builds
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "hack"))
@@ -73,10 +72,7 @@ def _example_module() -> ModuleType:
 @pytest.fixture(scope="module")
 def refs(real_cluster: Cluster) -> dict[str, str]:
     """kiln-trainer and kiln-server built from this tree (cached) and in the node's containerd."""
-    if os.geteuid() != 0 or not (shutil.which("buildah") or shutil.which("apt-get")):
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI=true: building the images needs root and buildah (or apt-get)")
-        pytest.skip("building the images needs root and buildah (or apt-get)")
+    require_image_builds()
     built = images.build(["trainer", "server"], tag=TAG, import_=True)
     return {name: info.short_ref for name, info in built.items()}
 

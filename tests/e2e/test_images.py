@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import sys
 import tomllib
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
+from tests.e2e.conftest import require_image_builds
 from tests.integration.helpers import TERMINAL_PHASES, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,21 +50,9 @@ def _requirement_name(req: str) -> str:
     return _normalize(re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0])
 
 
-def _cannot_build() -> str | None:
-    if os.geteuid() != 0:
-        return "building images needs root (buildah --isolation chroot, debootstrap)"
-    if not (shutil.which("buildah") and shutil.which("debootstrap")) and not shutil.which("apt-get"):
-        return "buildah or debootstrap not found and no apt-get to install them"
-    return None
-
-
 @pytest.fixture(scope="module")
 def built() -> dict[str, images.ImageInfo]:
-    why = _cannot_build()
-    if why:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true: {why}")
-        pytest.skip(why)
+    require_image_builds()
     return images.build(NAMES, import_=False)
 
 
