@@ -177,16 +177,17 @@ def train(env: Env, name: str, model: str, timeout: float = 420, **spec: Any) ->
 
 def assert_two_ranks_ran(env: Env, job: str) -> list[client.V1Pod]:
     """Both pods on the real node, both exited 0, each a rank of a world of two."""
-    pods = wait_for(
-        lambda: (
-            (ps := env.pods(f"kiln.dev/trainingjob={job}"))
-            and len(ps) == 2
-            and all(p.status.phase in TERMINAL_PHASES for p in ps)
-            and ps
-        ),
-        60,
-        message=f"{job}'s pods to finish",
-    )
+    seen: list[tuple[str, str]] = []
+
+    def finished() -> list[client.V1Pod] | None:
+        ps = env.pods(f"kiln.dev/trainingjob={job}")
+        seen[:] = [(p.metadata.name, p.status.phase) for p in ps]
+        return ps if len(ps) == 2 and all(p.status.phase in TERMINAL_PHASES for p in ps) else None
+
+    try:
+        pods = wait_for(finished, 60, message=f"{job}'s two pods to finish")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}; pods: {seen}") from None
     for rank, pod in enumerate(sorted(pods, key=lambda p: p.metadata.name)):
         assert pod.metadata.name == f"{job}-node-{rank}"
         assert pod.spec.node_name == REAL_NODE
