@@ -233,6 +233,16 @@ def progress_failure(dep: Mapping[str, Any] | None, version: int | None) -> str 
     return None
 
 
+def replica_failure(dep: Mapping[str, Any] | None) -> str | None:
+    """The Deployment's ``ReplicaFailure=True`` message, else None: its ReplicaSet cannot create
+    pods (PodSecurity admission, a ResourceQuota, a webhook), so no pod of it will ever start
+    until that changes. The API server accepted the Deployment; only this condition says so."""
+    for c in ((dep or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == "ReplicaFailure" and c.get("status") == "True":
+            return str(c.get("message") or c.get("reason") or "ReplicaFailure")
+    return None
+
+
 def measure(
     spec: InferenceServiceSpec, status: InferenceServiceStatus, namespace: str, name: str
 ) -> Measurement:
@@ -488,8 +498,15 @@ def _status(
     gateway_missing = spec.rollout.traffic_routing == TrafficRouting.GATEWAY_API and any(
         "HTTPRoute" in p for p in problems
     )
+    failures = [
+        f"{track} Deployment cannot create pods: {m}"
+        for track in (res.STABLE, res.CANARY)
+        if (m := replica_failure(deps[track]))
+    ]
     if gateway_missing:
         verdict = (FALSE, "GatewayAPINotInstalled", "; ".join(problems))
+    elif failures:
+        verdict = (FALSE, "ReplicaFailure", "; ".join(failures))
     elif not stable_ok:
         verdict = (
             FALSE,
