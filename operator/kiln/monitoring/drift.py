@@ -273,7 +273,9 @@ def sturges_edges(ref: Sample, cur: Sample) -> FloatArray:
     return np.linspace(first, last, bins + 1, endpoint=True, dtype=np.float64)
 
 
-def binned_shares(ref: Sample, cur: Sample, numerical: bool, fill_zeroes: bool) -> tuple[FloatArray, FloatArray]:
+def binned_shares(
+    ref: Sample, cur: Sample, numerical: bool, fill_zeroes: bool
+) -> tuple[FloatArray, FloatArray]:
     """Evidently's ``get_binned_data``: the shares of rows per bin (Sturges bins of both
     samples for a numerical column with more than 20 distinct reference values, else one bin
     per distinct value of either side), with empty bins filled as PSI does when ``fill_zeroes``."""
