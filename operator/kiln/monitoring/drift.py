@@ -69,7 +69,7 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Sample:
     """A multiset of finite numbers: ``values`` sorted and distinct (float64), ``counts`` (int64,
     each >= 1) aligned with them. Equivalent, for every statistic here, to the column holding
