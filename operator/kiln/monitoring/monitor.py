@@ -336,7 +336,8 @@ class DriftMonitor:
         try:
             batch = w.rows_of(inputs)
             if batch is None:
-                self._skipped += 1
+                with self._lock:
+                    self._skipped += 1
                 return
             pred = None
             if w.prediction is not None and outputs is not None:
@@ -369,20 +370,7 @@ class DriftMonitor:
                 computed_at=time.time(),
             )
         else:
-            curs = [Sample.of(columns[slot][:, col]) for slot, col in self._window.columns]
-            items = [
-                (column_drift(f, ref, cur, rows), ref, cur)
-                for f, ref, cur in zip(self.profile.features, self._refs, curs, strict=True)
-            ]
-            if self.profile.prediction is not None and self._pred_ref is not None:
-                cur = Sample.of(pred)
-                items.append(
-                    (column_drift(self.profile.prediction, self._pred_ref, cur, rows), self._pred_ref, cur)
-                )
-            scored = _score_ks(items)
-            has_pred = self.profile.prediction is not None
-            feats = scored[:-1] if has_pred else scored
-            prediction = scored[-1] if has_pred else None
+            feats, prediction = self._score(columns, pred)
             report = DriftReport(
                 reference=True,
                 window_rows=rows,
@@ -393,6 +381,25 @@ class DriftMonitor:
             )
         self._report = report
         return report
+
+    def _score(
+        self, columns: list[npt.NDArray[np.float64]], pred: npt.NDArray[np.float64]
+    ) -> tuple[list[ColumnDrift], ColumnDrift | None]:
+        """Every feature's and the prediction's drift over a copy of the window."""
+        assert self.profile is not None and self._window is not None
+        rows = int(pred.size)
+        items = []
+        for f, ref, (slot, col) in zip(self.profile.features, self._refs, self._window.columns, strict=True):
+            cur = Sample.of(columns[slot][:, col])
+            items.append((column_drift(f, ref, cur, rows), ref, cur))
+        if self.profile.prediction is not None and self._pred_ref is not None:
+            cur = Sample.of(pred)
+            items.append(
+                (column_drift(self.profile.prediction, self._pred_ref, cur, rows), self._pred_ref, cur)
+            )
+        scored = _score_ks(items)
+        n = len(self.profile.features)
+        return scored[:n], (scored[n] if len(scored) > n else None)
 
     def start(self) -> None:
         """Compute every ``period_seconds`` in a daemon thread until :meth:`stop`."""
@@ -481,76 +488,79 @@ def _finite(v: Any) -> Any:
     return v
 
 
+def _gauge(name: str, doc: str, labels: list[str], values: list[tuple[list[str], float]]) -> Metric:
+    g = GaugeMetricFamily(name, doc, labels=labels)
+    for lv, v in values:
+        g.add_metric(lv, v)
+    return g
+
+
 def _families(r: DriftReport, labels: tuple[str, str, str], observed: int, skipped: int) -> Iterator[Metric]:
-    base = ["model", "version", "namespace"]
-    lv = list(labels)
-    present = GaugeMetricFamily(
-        "kiln_drift_reference_present", "1 when the served artifact has a reference profile.", labels=base
+    """The series of the module docstring, from the last report and the counters."""
+    base, lv = ["model", "version", "namespace"], list(labels)
+    yield _gauge(
+        "kiln_drift_reference_present",
+        "1 when the served artifact has a reference profile.",
+        base,
+        [(lv, float(r.reference))],
     )
-    present.add_metric(lv, 1.0 if r.reference else 0.0)
-    yield present
     rows = CounterMetricFamily("kiln_drift_observed_rows", "Served rows recorded for drift.", labels=base)
     rows.add_metric(lv, float(observed))
-    yield rows
     skip = CounterMetricFamily(
         "kiln_drift_skipped_batches", "Served batches not matching the reference profile.", labels=base
     )
     skip.add_metric(lv, float(skipped))
-    yield skip
+    yield from (rows, skip)
     if not r.reference:
         return
-    window = GaugeMetricFamily(
-        "kiln_drift_window_rows", "Rows in the drift window at the last computation.", labels=base
+    yield _gauge(
+        "kiln_drift_window_rows",
+        "Rows in the drift window at the last computation.",
+        base,
+        [(lv, float(r.window_rows))],
     )
-    window.add_metric(lv, float(r.window_rows))
-    yield window
     if r.computed_at:
-        ts = GaugeMetricFamily(
+        yield _gauge(
             "kiln_drift_last_computed_timestamp_seconds",
             "Unix time of the last drift computation.",
-            labels=base,
+            base,
+            [(lv, r.computed_at)],
         )
-        ts.add_metric(lv, r.computed_at)
-        yield ts
-        secs = GaugeMetricFamily(
-            "kiln_drift_computation_seconds", "Duration of the last drift computation.", labels=base
+        yield _gauge(
+            "kiln_drift_computation_seconds",
+            "Duration of the last drift computation.",
+            base,
+            [(lv, r.seconds)],
         )
-        secs.add_metric(lv, r.seconds)
-        yield secs
-    feature = GaugeMetricFamily(
-        "kiln_feature_drift",
-        "Drift score of a feature by method (p-value for ks/chisquare/z, else a distance).",
-        labels=[*base, "feature", "method"],
-    )
-    detected = GaugeMetricFamily(
-        "kiln_drift_detected",
-        "1 when the feature drifted by its default method and threshold.",
-        labels=[*base, "feature"],
-    )
+    scores, verdicts = [], []
     for f in r.features:
         if f.score is not None and f.method is not None:
-            feature.add_metric([*lv, f.name, f.method], f.score)
-            detected.add_metric([*lv, f.name], 1.0 if f.drifted else 0.0)
+            scores.append(([*lv, f.name, f.method], f.score))
+            verdicts.append(([*lv, f.name], float(bool(f.drifted))))
         if f.psi is not None:
-            feature.add_metric([*lv, f.name, drift.PSI], f.psi)
-    yield feature
-    yield detected
+            scores.append(([*lv, f.name, drift.PSI], f.psi))
+    yield _gauge(
+        "kiln_feature_drift",
+        "Drift score of a feature by method (p-value for ks/chisquare/z, else a distance).",
+        [*base, "feature", "method"],
+        scores,
+    )
+    yield _gauge(
+        "kiln_drift_detected",
+        "1 when the feature drifted by its default method and threshold.",
+        [*base, "feature"],
+        verdicts,
+    )
     p = r.prediction
-    pred = GaugeMetricFamily(
-        "kiln_prediction_drift", "Drift score of the prediction by method.", labels=[*base, "method"]
-    )
-    pred_detected = GaugeMetricFamily(
-        "kiln_prediction_drift_detected", "1 when the prediction drifted.", labels=base
-    )
+    scores, verdicts = [], []
     if p is not None and p.score is not None and p.method is not None:
-        pred.add_metric([*lv, p.method], p.score)
-        pred_detected.add_metric(lv, 1.0 if p.drifted else 0.0)
+        scores.append(([*lv, p.method], p.score))
+        verdicts.append((lv, float(bool(p.drifted))))
     if p is not None and p.psi is not None:
-        pred.add_metric([*lv, drift.PSI], p.psi)
-    yield pred
-    yield pred_detected
-    share = r.drift_share
-    if share is not None:
-        s = GaugeMetricFamily("kiln_drift_share", "Share of features that drifted.", labels=base)
-        s.add_metric(lv, share)
-        yield s
+        scores.append(([*lv, drift.PSI], p.psi))
+    yield _gauge(
+        "kiln_prediction_drift", "Drift score of the prediction by method.", [*base, "method"], scores
+    )
+    yield _gauge("kiln_prediction_drift_detected", "1 when the prediction drifted.", base, verdicts)
+    if r.drift_share is not None:
+        yield _gauge("kiln_drift_share", "Share of features that drifted.", base, [(lv, r.drift_share)])
