@@ -145,21 +145,16 @@ def ks_2samp(ref: Sample, cur: Sample) -> tuple[float, float]:
     Raises:
         ValueError: an empty sample, or more than :data:`KS_EXACT_MAX_ROWS` rows on a side.
     """
-    return ks_2samp_many(ref, [cur])[0]
-
-
-def ks_2samp_many(ref: Sample, curs: list[Sample]) -> list[tuple[float, float]]:
-    """:func:`ks_2samp` of ``ref`` against each of ``curs``; samples of equal sizes share one
-    vectorised p-value computation (what the monitor does for many features at once)."""
-    return _ks_batch([(ref, c) for c in curs])
+    return ks_2samp_pairs([(ref, cur)])[0]
 
 
 def ks_2samp_pairs(pairs: list[tuple[Sample, Sample]]) -> list[tuple[float, float]]:
-    """:func:`ks_2samp` of each ``(reference, current)`` pair, batched by sample sizes."""
-    return _ks_batch(pairs)
+    """:func:`ks_2samp` of each ``(reference, current)`` pair; pairs of equal sizes share one
+    vectorised p-value computation (what the monitor does for many features at once).
 
-
-def _ks_batch(pairs: list[tuple[Sample, Sample]]) -> list[tuple[float, float]]:
+    Raises:
+        ValueError: as :func:`ks_2samp`, for any pair.
+    """
     stats: list[tuple[int, int, int]] = []  # (n1, n2, h) per pair
     for ref, cur in pairs:
         _check(ref, cur)

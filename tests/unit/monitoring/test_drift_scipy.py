@@ -65,7 +65,7 @@ def test_ks_batches_equal_one_by_one() -> None:
     ref = Sample.of(rng.normal(size=700))
     curs = [Sample.of(rng.normal(s, size=1000)) for s in (0.0, 0.1, 0.5, 1.0, 3.0)]
     curs.append(Sample.of(rng.normal(size=300)))  # another size: another group
-    assert drift.ks_2samp_many(ref, curs) == [drift.ks_2samp(ref, c) for c in curs]
+    assert drift.ks_2samp_pairs([(ref, c) for c in curs]) == [drift.ks_2samp(ref, c) for c in curs]
 
 
 def test_ks_refuses_more_rows_than_scipy_computes_exactly() -> None:
