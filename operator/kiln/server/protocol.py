@@ -146,13 +146,8 @@ def parse_infer_request(
     for i, tensor in enumerate(inputs):
         if not isinstance(tensor, dict):
             raise ProtocolError(f"inputs[{i}] must be a JSON object, got {type(tensor).__name__}")
-        name = tensor.get("name")
-        if name != input_name:
-            raise ProtocolError(
-                f"unknown input {name!r} (inputs[{i}]); the model has one input, {input_name!r}"
-            )
-    if len(inputs) != 1:
-        raise ProtocolError(f"expected exactly one input tensor {input_name!r}, got {len(inputs)}")
+        check_input_name(tensor.get("name"), i, input_name)
+    check_input_count(len(inputs), input_name)
     rows, used = _parse_input(inputs[0], binary, input_size)
     if used != len(binary):
         raise ProtocolError(
@@ -160,6 +155,18 @@ def parse_infer_request(
         )
     outputs = _parse_outputs(doc.get("outputs"), output_names, binary_default)
     return InferRequest(id=request_id, rows=rows, outputs=outputs)
+
+
+def check_input_name(name: Any, index: int, input_name: str) -> None:
+    """Raise ProtocolError 400 naming ``name`` (``inputs[index]``) unless it is ``input_name``."""
+    if name != input_name:
+        raise ProtocolError(f"unknown input {name!r} (inputs[{index}]); the model has one input, {input_name!r}")
+
+
+def check_input_count(count: int, input_name: str) -> None:
+    """Raise ProtocolError 400 unless the request has exactly one input tensor."""
+    if count != 1:
+        raise ProtocolError(f"expected exactly one input tensor {input_name!r}, got {count}")
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -187,32 +194,9 @@ def _parse_input(tensor: dict[str, Any], binary: bytes, input_size: int) -> tupl
     """Return (rows, bytes of the binary section consumed)."""
     name = tensor["name"]
     datatype = tensor.get("datatype")
-    if not isinstance(datatype, str):
-        raise ProtocolError(f"input {name!r} needs a string 'datatype' (e.g. \"FP32\"), got {datatype!r}")
-    if datatype in REJECTED_DATATYPES:
-        raise ProtocolError(
-            f"input {name!r} has datatype {datatype} ({REJECTED_DATATYPES[datatype]}); "
-            "expected a numeric datatype such as FP32"
-        )
-    dtype = NUMERIC_DATATYPES.get(datatype)
-    if dtype is None:
-        raise ProtocolError(
-            f"input {name!r} has unknown datatype {datatype!r}; expected FP32 (or another number type)"
-        )
-
+    dtype = input_dtype(name, datatype)
     shape = tensor.get("shape")
-    expected = f"[-1, {input_size}]"
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise ProtocolError(
-            f"input {name!r} has invalid shape {_shape_str(shape)}; expected a list of non-negative integers "
-            f"matching {expected}"
-        )
-    if len(shape) != 2 or shape[1] != input_size or shape[0] < 1:
-        raise ProtocolError(
-            f"input {name!r} has wrong shape {_shape_str(shape)}; expected {expected} "
-            f"(at least one row of {input_size} features)"
-        )
-    count = shape[0] * shape[1]
+    count = check_input_shape(name, shape, input_size)
     params = _parameters(tensor, f"input {name!r}")
     size = params.get("binary_data_size")
     used = 0
@@ -243,6 +227,56 @@ def _parse_input(tensor: dict[str, Any], binary: bytes, input_size: int) -> tupl
             raise ProtocolError(
                 f"input {name!r} has {arr.size} values in 'data' but shape {_shape_str(shape)} needs {count}"
             )
+    return to_rows(name, arr, shape), used
+
+
+def input_dtype(name: str, datatype: Any) -> np.dtype[Any]:
+    """The little-endian numpy dtype of an input's OIP ``datatype``.
+
+    Raises:
+        ProtocolError: 400 naming the input, for BOOL/BYTES, an unknown or a non-string datatype.
+    """
+    if not isinstance(datatype, str):
+        raise ProtocolError(f"input {name!r} needs a string 'datatype' (e.g. \"FP32\"), got {datatype!r}")
+    if datatype in REJECTED_DATATYPES:
+        raise ProtocolError(
+            f"input {name!r} has datatype {datatype} ({REJECTED_DATATYPES[datatype]}); "
+            "expected a numeric datatype such as FP32"
+        )
+    dtype = NUMERIC_DATATYPES.get(datatype)
+    if dtype is None:
+        raise ProtocolError(
+            f"input {name!r} has unknown datatype {datatype!r}; expected FP32 (or another number type)"
+        )
+    return dtype
+
+
+def check_input_shape(name: str, shape: Any, input_size: int) -> int:
+    """Check an input's ``shape`` against ``[-1, input_size]``; return its element count.
+
+    Raises:
+        ProtocolError: 400 naming the input, for anything but ``[n >= 1, input_size]``.
+    """
+    expected = f"[-1, {input_size}]"
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ProtocolError(
+            f"input {name!r} has invalid shape {_shape_str(shape)}; expected a list of non-negative integers "
+            f"matching {expected}"
+        )
+    if len(shape) != 2 or shape[1] != input_size or shape[0] < 1:
+        raise ProtocolError(
+            f"input {name!r} has wrong shape {_shape_str(shape)}; expected {expected} "
+            f"(at least one row of {input_size} features)"
+        )
+    return int(shape[0] * shape[1])
+
+
+def to_rows(name: str, arr: np.ndarray, shape: list[int]) -> np.ndarray:
+    """An input's values (``shape[0] * shape[1]`` of any numeric dtype) as writable finite float32 rows.
+
+    Raises:
+        ProtocolError: 400 naming the input, when a value is not finite in float32.
+    """
     with np.errstate(over="ignore", invalid="ignore"):
         rows = np.ascontiguousarray(arr.reshape(shape[0], shape[1]), dtype=np.float32)
     if not rows.flags.writeable:  # a view of the request bytes; torch wants writable memory
@@ -251,7 +285,7 @@ def _parse_input(tensor: dict[str, Any], binary: bytes, input_size: int) -> tupl
         raise ProtocolError(
             f"input {name!r} has values that are not finite in float32 (NaN, inf or out of range)"
         )
-    return rows, used
+    return rows
 
 
 def _json_data_to_array(name: str, data: Any) -> np.ndarray:
@@ -284,12 +318,17 @@ def _parse_outputs(
     for i, out in enumerate(outputs):
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise ProtocolError(f"outputs[{i}] must be an object with a string 'name'")
-        if out["name"] not in output_names:
-            known = ", ".join(repr(n) for n in output_names)
-            raise ProtocolError(f"unknown output {out['name']!r}; the model's outputs are {known}")
+        check_output_name(out["name"], output_names)
         binary = _parameters(out, f"output {out['name']!r}").get("binary_data", binary_default)
         result.append(RequestedOutput(out["name"], binary is True))
     return result
+
+
+def check_output_name(name: str, output_names: tuple[str, ...]) -> None:
+    """Raise ProtocolError 400 naming ``name`` unless it is one of ``output_names``."""
+    if name not in output_names:
+        known = ", ".join(repr(n) for n in output_names)
+        raise ProtocolError(f"unknown output {name!r}; the model's outputs are {known}")
 
 
 def encode_infer_response(
