@@ -85,7 +85,9 @@ class InferenceCore:
     Call :meth:`start` on the event loop before the first request and :meth:`stop` after the last.
     """
 
-    def __init__(self, model: Predictor, settings: ServerSettings, metrics: ServerMetrics | None = None) -> None:
+    def __init__(
+        self, model: Predictor, settings: ServerSettings, metrics: ServerMetrics | None = None
+    ) -> None:
         self.model = model
         self.settings = settings
         cfg = model.config

@@ -160,7 +160,9 @@ def parse_infer_request(
 def check_input_name(name: Any, index: int, input_name: str) -> None:
     """Raise ProtocolError 400 naming ``name`` (``inputs[index]``) unless it is ``input_name``."""
     if name != input_name:
-        raise ProtocolError(f"unknown input {name!r} (inputs[{index}]); the model has one input, {input_name!r}")
+        raise ProtocolError(
+            f"unknown input {name!r} (inputs[{index}]); the model has one input, {input_name!r}"
+        )
 
 
 def check_input_count(count: int, input_name: str) -> None:
@@ -195,7 +197,7 @@ def _parse_input(tensor: dict[str, Any], binary: bytes, input_size: int) -> tupl
     name = tensor["name"]
     datatype = tensor.get("datatype")
     dtype = input_dtype(name, datatype)
-    shape = tensor.get("shape")
+    shape: Any = tensor.get("shape")
     count = check_input_shape(name, shape, input_size)
     params = _parameters(tensor, f"input {name!r}")
     size = params.get("binary_data_size")

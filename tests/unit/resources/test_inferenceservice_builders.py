@@ -127,7 +127,11 @@ def test_pod_is_hardened_and_probed():
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
-    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "grpc": 8081, "metrics": 9090}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
+        "http": 8080,
+        "grpc": 8081,
+        "metrics": 9090,
+    }
     env = {e["name"]: e["value"] for e in c["env"]}
     assert env[build.ENV_SHUTDOWN_DELAY] == str(build.SHUTDOWN_DELAY_SECONDS)
     assert pod["terminationGracePeriodSeconds"] > build.SHUTDOWN_DELAY_SECONDS + build.DRAIN_TIMEOUT_SECONDS
@@ -248,7 +252,12 @@ def test_services_expose_grpc_beside_http():
     for s, count in ((spec(), 1), (spec(rollout=GATEWAY), 3)):
         objs = by_kind(
             build.children(
-                ISVC, s, stable=(1, "u", DIGEST), stable_replicas=1, canary=(2, "v", DIGEST), canary_replicas=1
+                ISVC,
+                s,
+                stable=(1, "u", DIGEST),
+                stable_replicas=1,
+                canary=(2, "v", DIGEST),
+                canary_replicas=1,
             )
         )
         services = [o for (kind, _), o in objs.items() if kind == "Service"]
