@@ -1,16 +1,40 @@
 """The Kiln artifact format and the trainer -> operator result protocol.
 
 This module is shared by the operator, the trainer and the model server, so it must not import
-torch. An artifact is a directory::
+torch. An artifact is a directory (or an object-store prefix) whose ``metadata.json``
+(:class:`ArtifactMetadata`) names its ``format``:
 
-    <artifact>/
-      model.safetensors   weights (safetensors; never pickle)
-      config.json         ModelConfig: architecture and preprocessing, enough to rebuild the net
-      metadata.json       ArtifactMetadata: metrics, hyperparameters, lineage, weights digest
+``kiln-mlp`` (schema 1, what ``kiln-train`` writes; the default when ``format`` is absent)::
 
-The digest of an artifact is the sha256 of ``model.safetensors``, written ``sha256:<64 hex>``
-(the OCI digest notation). The metadata file makes each artifact self-describing, so a registry
-can be rebuilt from the artifact store alone (``kiln registry rebuild``).
+    model.safetensors   weights (safetensors; never pickle)
+    config.json         ModelConfig: architecture and preprocessing, enough to rebuild the net
+    metadata.json       metrics, hyperparameters, lineage, weights digest
+
+``torch-export`` (schema 2, written by ``kiln.sdk.save_model``)::
+
+    model.pt2           a torch.export ExportedProgram (``torch.export.save``; read with
+                        ``torch.export.load``, which runs no pickle of user code)
+    metadata.json       as above, plus ``inputs``/``outputs`` (the signature) and ``files``
+
+``onnx`` (schema 2, written by ``kiln.sdk.save_model``)::
+
+    model.onnx          an ONNX model (served with onnxruntime); external data files, if any,
+                        beside it and listed in ``files``
+    metadata.json       as for torch-export
+
+The *model file* of a format (:data:`MODEL_FILES`) is the artifact's weights: its sha256, written
+``sha256:<64 hex>`` (the OCI digest notation), is the artifact's digest (``weightsDigest``, the
+digest a TrainingJob reports and the registry records). ``files`` maps the relative path of every
+other file to its digest too (schema 2), so nothing in an artifact can change unnoticed except
+``metadata.json`` itself, whose signature kiln-serve checks against the loaded program. The
+metadata file makes each artifact self-describing, so a registry can be rebuilt from the artifact
+store alone (``kiln registry rebuild``).
+
+Verification (:func:`check_artifact`) is one pure function over two callbacks (does a file
+exist, what is its digest), used for local directories (:func:`verify_artifact`) and object
+stores (``kiln.storage.verify_artifact_at``) alike. It refuses an unknown format
+(:class:`UnknownFormat`), a missing file (:class:`MissingFile`) and a file whose digest differs
+from the metadata's or the expected one (:class:`DigestMismatch`), each naming the file.
 
 Only ``model.safetensors`` is covered by the digest, so what must not change without changing
 the digest lives inside it: the normalisation constants are buffers among the weights, and
@@ -35,8 +59,9 @@ import json
 import math
 import re
 import struct
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
@@ -49,6 +74,34 @@ TERMINATION_LOG = "/dev/termination-log"
 #: The kubelet keeps at most 4096 bytes of a termination message (core/v1 Container docs).
 MAX_TERMINATION_MESSAGE_BYTES = 4096
 METADATA_SCHEMA_VERSION = 1
+#: Schema of ``metadata.json`` with ``format``, ``inputs``/``outputs`` and ``files`` (kiln.sdk).
+METADATA_SCHEMA_VERSION_V2 = 2
+
+#: Artifact formats (``metadata.json`` ``format``), see the module docstring.
+FORMAT_MLP = "kiln-mlp"
+FORMAT_TORCH_EXPORT = "torch-export"
+FORMAT_ONNX = "onnx"
+#: The model file of each format: its digest is the artifact's digest (``weightsDigest``).
+MODEL_FILES: dict[str, str] = {
+    FORMAT_MLP: WEIGHTS_FILE,
+    FORMAT_TORCH_EXPORT: "model.pt2",
+    FORMAT_ONNX: "model.onnx",
+}
+#: Open Inference Protocol tensor datatypes a signature may name (numeric ones: kiln-serve
+#: refuses BOOL and BYTES inputs).
+TENSOR_DATATYPES = (
+    "FP16",
+    "FP32",
+    "FP64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+)
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -61,6 +114,27 @@ _MAX_SAFETENSORS_HEADER_BYTES = 100_000_000
 
 class ArtifactError(Exception):
     """An artifact is missing, malformed, or does not match its expected digest."""
+
+
+class UnknownFormat(ArtifactError):
+    """``metadata.json`` names a format this Kiln does not know (see :data:`MODEL_FILES`)."""
+
+
+class MissingFile(ArtifactError):
+    """A file the artifact's metadata requires is absent; ``file`` is its relative path."""
+
+    def __init__(self, file: str, message: str) -> None:
+        super().__init__(message)
+        self.file = file
+
+
+class DigestMismatch(ArtifactError):
+    """A file does not hash to the digest in the metadata (or, for the model file, to the
+    expected digest); ``file`` is its relative path."""
+
+    def __init__(self, message: str, file: str = WEIGHTS_FILE) -> None:
+        super().__init__(message)
+        self.file = file
 
 
 class TerminationMessageError(ValueError):
@@ -83,7 +157,9 @@ class TrainingResult(_Camel):
     """What the trainer reports through the termination message (JSON, <= 4096 bytes)."""
 
     artifactUri: str = Field(min_length=1, description="Where the artifact directory is (file:// or path).")
-    digest: str = Field(description="sha256 of the weights file, as 'sha256:<hex>'.")
+    digest: str = Field(
+        description="The artifact's digest: sha256 of its model file (MODEL_FILES), as 'sha256:<hex>'."
+    )
     metrics: dict[str, float] = Field(default_factory=dict, description="Evaluation metrics.")
 
     @field_validator("digest")
@@ -122,12 +198,59 @@ class DatasetInfo(_Camel):
     numSamples: int = Field(ge=0, description="Number of rows/samples.")
 
 
+class TensorSpec(_Camel):
+    """One input or output of a model's signature, in Open Inference Protocol terms.
+
+    ``shape`` lists the dimensions with ``-1`` for a dynamic one; the first is the batch
+    dimension and is always ``-1`` (kiln-serve batches requests along it).
+    """
+
+    name: str = Field(min_length=1, description="Tensor name (the OIP input/output name).")
+    datatype: str = Field(description="OIP datatype: FP32, INT64, ... (TENSOR_DATATYPES).")
+    shape: list[int] = Field(min_length=1, description="Dimensions, -1 dynamic; shape[0] is the batch.")
+
+    @field_validator("datatype")
+    @classmethod
+    def _datatype(cls, v: str) -> str:
+        if v not in TENSOR_DATATYPES:
+            raise ValueError(f"datatype must be one of {', '.join(TENSOR_DATATYPES)}, got {v!r}")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: list[int]) -> list[int]:
+        if v[0] != -1:
+            raise ValueError(f"the first (batch) dimension must be -1 (dynamic), got {v}")
+        if any(d < -1 for d in v):
+            raise ValueError(f"dimensions must be -1 (dynamic) or >= 0, got {v}")
+        return v
+
+
+def _check_relative_path(name: str) -> str:
+    p = PurePosixPath(name)
+    if not name or p.is_absolute() or ".." in p.parts or str(p) != name or name == METADATA_FILE:
+        raise ValueError(f"{name!r} must be a normalised relative path other than {METADATA_FILE}")
+    return name
+
+
 class ArtifactMetadata(_Camel):
-    """Contents of ``metadata.json``: makes an artifact self-describing."""
+    """Contents of ``metadata.json``: makes an artifact self-describing.
+
+    Schema 1 (``kiln-mlp``, what ``kiln-train`` writes) leaves ``format`` at its default and
+    ``inputs``/``outputs``/``files`` empty. Schema 2 (``kiln.sdk``) sets all four:
+    ``files`` maps every file of the artifact but ``metadata.json`` (relative path) to its
+    ``sha256:<hex>``, the model file included (with ``weightsDigest``).
+    """
 
     schemaVersion: int = METADATA_SCHEMA_VERSION
+    format: str = Field(default=FORMAT_MLP, description="kiln-mlp | torch-export | onnx (MODEL_FILES).")
     modelName: str = ""
-    weightsDigest: str
+    weightsDigest: str = Field(description="sha256 of the model file: the artifact's digest.")
+    inputs: list[TensorSpec] = Field(default_factory=list, description="Input signature (schema 2).")
+    outputs: list[TensorSpec] = Field(default_factory=list, description="Output signature (schema 2).")
+    files: dict[str, str] = Field(
+        default_factory=dict, description="Relative path -> 'sha256:<hex>' of every file (schema 2)."
+    )
     metrics: dict[str, float] = Field(default_factory=dict)
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     dataset: DatasetInfo | None = None
@@ -135,6 +258,115 @@ class ArtifactMetadata(_Camel):
     trainingJob: str = ""
     createdAt: str = Field(description="RFC 3339 UTC time the artifact was written.")
     framework: dict[str, str] = Field(default_factory=dict, description="e.g. {'torch': '2.5.1'}")
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, digest in v.items():
+            _check_relative_path(name)
+            if not DIGEST_RE.match(digest):
+                raise ValueError(f"files[{name!r}] must look like 'sha256:<64 lowercase hex>'")
+        return v
+
+
+def model_file(meta: ArtifactMetadata) -> str:
+    """The model file of ``meta``'s format (relative path).
+
+    Raises:
+        UnknownFormat: the format is not one of :data:`MODEL_FILES`.
+    """
+    try:
+        return MODEL_FILES[meta.format]
+    except KeyError:
+        known = ", ".join(MODEL_FILES)
+        raise UnknownFormat(
+            f"{METADATA_FILE} names unknown artifact format {meta.format!r} (known: {known})"
+        ) from None
+
+
+def metadata_problems(meta: ArtifactMetadata) -> list[str]:
+    """What is inconsistent in ``meta`` on its own (empty when nothing is): a schema-2 format
+    without a signature, a model file missing from ``files`` or with another digest than
+    ``weightsDigest``, tensor names given twice. Pure; the format must be known.
+    """
+    problems: list[str] = []
+    model = model_file(meta)
+    if meta.format != FORMAT_MLP:
+        if not meta.inputs or not meta.outputs:
+            problems.append(f"format {meta.format} needs 'inputs' and 'outputs' (the model's signature)")
+        if meta.files.get(model) != meta.weightsDigest:
+            problems.append(f"'files' must list {model} with the digest in 'weightsDigest'")
+    for kind, specs in (("inputs", meta.inputs), ("outputs", meta.outputs)):
+        names = [t.name for t in specs]
+        if len(set(names)) != len(names):
+            problems.append(f"'{kind}' names a tensor more than once: {names}")
+    return problems
+
+
+def artifact_files(meta: ArtifactMetadata) -> list[str]:
+    """Every file ``meta`` requires besides ``metadata.json``: the model file first, then
+    ``config.json`` for ``kiln-mlp``, then the rest of ``files`` (sorted).
+
+    Raises:
+        UnknownFormat: the format is not known.
+    """
+    model = model_file(meta)
+    extra = [CONFIG_FILE] if meta.format == FORMAT_MLP else []
+    return [model, *extra, *sorted(f for f in meta.files if f not in (model, *extra))]
+
+
+def check_artifact(
+    meta: ArtifactMetadata,
+    *,
+    where: str,
+    exists: Callable[[str], bool],
+    digest_of: Callable[[str], str],
+    expected_digest: str | None = None,
+) -> ArtifactMetadata:
+    """Verify an artifact against its metadata: the one implementation behind
+    :func:`verify_artifact` (local) and ``kiln.storage.verify_artifact_at`` (any store).
+
+    Order: the format is known; the metadata is consistent; every required file exists
+    (:func:`artifact_files`); the model file hashes to ``weightsDigest`` and to
+    ``expected_digest`` (when given); every other file in ``files`` hashes to its digest there.
+
+    Args:
+        where: how messages name the artifact (a path or URI).
+        exists: whether a relative path is a file of the artifact.
+        digest_of: ``'sha256:<hex>'`` of a relative path (may raise the store's errors).
+    Returns:
+        ``meta``.
+    Raises:
+        UnknownFormat: unknown ``format``.
+        ArtifactError: inconsistent metadata (:func:`metadata_problems`).
+        MissingFile: a required file is absent (named).
+        DigestMismatch: a file does not match (named).
+    """
+    try:
+        files = artifact_files(meta)
+    except UnknownFormat as e:
+        raise UnknownFormat(f"artifact {where}: {e}") from None
+    problems = metadata_problems(meta)
+    if problems:
+        raise ArtifactError(f"artifact {where}: {METADATA_FILE} is inconsistent: {'; '.join(problems)}")
+    for f in files:
+        if not exists(f):
+            raise MissingFile(f, f"artifact {where} is missing {f}")
+    model = files[0]
+    actual = digest_of(model)
+    if actual != meta.weightsDigest:
+        raise DigestMismatch(
+            f"artifact {where}: weights digest of {model} {actual} != metadata {meta.weightsDigest}", model
+        )
+    if expected_digest is not None and actual != expected_digest:
+        raise DigestMismatch(
+            f"artifact {where}: weights digest of {model} {actual} != expected {expected_digest}", model
+        )
+    for f in files[1:]:
+        recorded = meta.files.get(f)
+        if recorded is not None and (got := digest_of(f)) != recorded:
+            raise DigestMismatch(f"artifact {where}: digest of {f} {got} != metadata {recorded}", f)
+    return meta
 
 
 def utc_now_rfc3339() -> str:
@@ -199,28 +431,24 @@ def read_metadata(artifact_dir: str | Path) -> ArtifactMetadata:
 
 
 def verify_artifact(artifact_dir: str | Path, expected_digest: str | None = None) -> ArtifactMetadata:
-    """Check an artifact directory is complete and its weights match the expected digest.
-
-    The digest of the weights file on disk is recomputed and compared with ``expected_digest``
-    (when given) and with the digest recorded in the metadata.
+    """Check a local artifact directory with :func:`check_artifact` (every file's digest is
+    recomputed from disk).
 
     Returns:
         The artifact's metadata.
     Raises:
-        ArtifactError: a file is missing, or a digest does not match.
+        ArtifactError: metadata missing or invalid, unknown format (UnknownFormat), a file
+            missing (MissingFile), or a digest that does not match (DigestMismatch).
     """
     d = Path(artifact_dir)
-    weights = d / WEIGHTS_FILE
-    for f in (weights, d / CONFIG_FILE):
-        if not f.is_file():
-            raise ArtifactError(f"artifact {d} is missing {f.name}")
     meta = read_metadata(d)
-    actual = sha256_file(weights)
-    if actual != meta.weightsDigest:
-        raise ArtifactError(f"artifact {d}: weights digest {actual} != metadata {meta.weightsDigest}")
-    if expected_digest is not None and actual != expected_digest:
-        raise ArtifactError(f"artifact {d}: weights digest {actual} != expected {expected_digest}")
-    return meta
+    return check_artifact(
+        meta,
+        where=str(d),
+        exists=lambda f: (d / f).is_file(),
+        digest_of=lambda f: sha256_file(d / f),
+        expected_digest=expected_digest,
+    )
 
 
 def read_weights_metadata(weights_file: str | Path) -> dict[str, str]:

@@ -247,6 +247,8 @@ def _observe(
         "failed": sum(v.phase == "Failed" for v in current),
     }
     status["observedGeneration"] = gen
+    if len(current) >= spec.num_nodes:
+        status["createdGang"] = gang
     return _Reconcile(job, spec, now, Plan(status=status), gen, views, gang, current, stale)
 
 
@@ -325,11 +327,15 @@ def _rank0_succeeded(r: _Reconcile) -> Plan | None:
 
 
 def _disrupted(r: _Reconcile) -> Plan | None:
-    """A pod evicted, preempted or deleted under the gang, or pods of a started gang vanished
-    (node loss): restart the gang at once, counted in ``disruptionCount``, not ``restartCount``."""
+    """A pod evicted, preempted or deleted under the gang, or pods of a started, once complete
+    gang vanished (node loss): restart the gang at once, counted in ``disruptionCount``, not
+    ``restartCount``. A gang that was never complete (``createdGang``: its creation was
+    interrupted, or the API server refused a pod) is not disrupted: :func:`_gang_missing` creates
+    the pods it lacks."""
     current, num_nodes = r.current, r.spec.num_nodes
     started = any(v.phase in ("Running", "Succeeded", "Failed") for v in current)
-    vanished = started and len(current) < num_nodes
+    complete = r.status.get("createdGang") == r.gang
+    vanished = started and complete and len(current) < num_nodes
     disrupted = [v for v in current if v.disrupted or (v.deleting and not v.finished)]
     if not (disrupted or vanished):
         return None

@@ -12,7 +12,14 @@
 3. sends it to the ``status`` subresource with ``metadata.resourceVersion`` set to the version
    that was read: a precondition, so the API server answers 409 Conflict if anything changed
    since, and the patch (a diff against exactly that version) never applies to another one;
-4. lets the 409 out as :class:`kiln.kube.Conflict`, which the work queue
+4. on 409 re-reads the object. When nothing the decision was made from changed (spec, status,
+   deletion, ``kiln.dev/`` annotations, labels: :func:`decision_inputs`), only metadata that
+   other tools write (an Argo CD tracking annotation, a ``kubectl annotate``, a finalizer), the
+   same status is written again against the new resourceVersion, up to
+   :data:`CONFLICT_RETRIES` times. This is client-go's ``retry.RetryOnConflict`` narrowed to the
+   case where it is provably safe; without it a reconcile that takes longer than the interval
+   between such writes never lands its status (found by the 409-storm fault test). Otherwise
+   the 409 goes out as :class:`kiln.kube.Conflict`, which the work queue
    (:mod:`kiln.controllers.runtime`) turns into an immediate re-run from a fresh read (with a
    short delay only after several conflicts in a row), not an error: nothing was written, so
    deciding again is always safe. In-place retry loops (the registry's) catch it themselves.
@@ -43,6 +50,9 @@ from kiln.metrics import STATUS_WRITES
 
 Status = BaseModel | Mapping[str, Any]
 
+#: In-place re-writes after a 409 when only metadata outside :func:`decision_inputs` changed.
+CONFLICT_RETRIES = 5
+
 
 def as_dict(status: Status) -> dict[str, Any]:
     """The status as the API server stores it: camelCase keys, unset optionals omitted."""
@@ -57,6 +67,16 @@ def diff(old: Mapping[str, Any] | None, new: Status) -> dict[str, Any]:
     Keys of ``old`` missing from ``new`` are ``None`` (JSON ``null``: removed by the server).
     """
     return merge_patch(old or {}, as_dict(new))
+
+
+def decision_inputs(obj: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What a reconcile's decision about ``obj`` depends on: ``spec``, ``status``, deletion,
+    labels and the ``kiln.dev/`` annotations (e.g. the Model's change-cause). Two reads with
+    equal inputs get the same status; other metadata (resourceVersion, managedFields, other
+    tools' annotations) can change under a status write without making it stale."""
+    meta = obj.get("metadata") or {}
+    ours = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("kiln.dev/")}
+    return (obj.get("spec"), obj.get("status"), meta.get("deletionTimestamp"), meta.get("labels"), ours)
 
 
 def write_status(api: k8s.ApiClient, obj: dict[str, Any], status: Status) -> dict[str, Any]:
@@ -74,14 +94,25 @@ def write_status(api: k8s.ApiClient, obj: dict[str, Any], status: Status) -> dic
         kubernetes.client.rest.ApiException: any other refusal (e.g. 422 from the schema).
     """
     kind = str(obj.get("kind", ""))
-    patch = diff(obj.get("status"), status)
-    if not patch:
-        STATUS_WRITES.labels(kind, "skipped").inc()
-        return dict(obj)
-    try:
-        out = kube.patch_status(api, obj, patch, resource_version=obj["metadata"]["resourceVersion"])
-    except kube.Conflict:
-        STATUS_WRITES.labels(kind, "conflict").inc()
-        raise
-    STATUS_WRITES.labels(kind, "written").inc()
-    return out
+    new = as_dict(status)
+    current = obj
+    for attempt in range(CONFLICT_RETRIES + 1):
+        patch = diff(current.get("status"), new)
+        if not patch:
+            STATUS_WRITES.labels(kind, "skipped").inc()
+            return dict(current)
+        try:
+            out = kube.patch_status(
+                api, current, patch, resource_version=current["metadata"]["resourceVersion"]
+            )
+        except kube.Conflict:
+            STATUS_WRITES.labels(kind, "conflict").inc()
+            meta = obj["metadata"]
+            fresh = kube.get(api, str(obj["apiVersion"]), kind, meta.get("namespace"), meta["name"])
+            if attempt == CONFLICT_RETRIES or fresh is None or decision_inputs(fresh) != decision_inputs(obj):
+                raise
+            current = fresh
+            continue
+        STATUS_WRITES.labels(kind, "written").inc()
+        return out
+    raise AssertionError("unreachable")

@@ -50,13 +50,17 @@ from urllib.parse import urlparse
 from pydantic import ValidationError
 
 from kiln.artifact import (
-    CONFIG_FILE,
     METADATA_FILE,
-    WEIGHTS_FILE,
     ArtifactError,
     ArtifactMetadata,
+    MissingFile,
+    artifact_files,
+    check_artifact,
     sha256_file,
     verify_artifact,
+)
+from kiln.artifact import (
+    DigestMismatch as DigestMismatch,  # re-exported: raised by verify_artifact_at
 )
 
 OBJECT_NOT_FOUND = "ObjectNotFound"
@@ -97,10 +101,6 @@ class StorageError(ArtifactError):
     @property
     def transient(self) -> bool:
         return self.reason == STORE_UNAVAILABLE
-
-
-class DigestMismatch(ArtifactError):
-    """An artifact's weights do not hash to the expected digest (or to its metadata's)."""
 
 
 @dataclass(frozen=True)
@@ -608,67 +608,82 @@ def read_artifact_metadata(uri: str | Location) -> ArtifactMetadata:
 
 
 def verify_artifact_at(uri: str | Location, expected_digest: str | None = None) -> ArtifactMetadata:
-    """Check the artifact at ``uri`` is complete and its weights match the digest, in place.
+    """Check the artifact at ``uri`` in place with :func:`kiln.artifact.check_artifact`.
 
-    Works on a bucket prefix as on a directory: the weights are streamed through sha256 (nothing
-    is written locally) and compared with ``expected_digest`` (when given) and with the digest in
-    ``metadata.json``. Object stores' own checksums are not used: S3's stored SHA-256 of a
-    multipart upload is a checksum of part checksums, not of the file, and S3-compatible stores
-    may not keep one at all.
+    Works on a bucket prefix as on a directory: every file the metadata lists (the model file,
+    ``config.json`` of a ``kiln-mlp`` artifact, the rest of ``files``) is streamed through sha256
+    (nothing is written locally) and compared with the metadata, the model file also with
+    ``expected_digest`` (when given). Object stores' own checksums are not used: S3's stored
+    SHA-256 of a multipart upload is a checksum of part checksums, not of the file, and
+    S3-compatible stores may not keep one at all.
 
     Returns:
         The artifact's metadata.
     Raises:
-        StorageError: ObjectNotFound names the missing file (weights, config or metadata); any
-            other store error as in the module docstring.
-        DigestMismatch: the weights do not match.
-        ArtifactError: invalid metadata.
+        StorageError: ObjectNotFound names the missing file (``metadata.json`` or one it
+            requires); any other store error as in the module docstring.
+        DigestMismatch: a file does not match (named).
+        ArtifactError: invalid or inconsistent metadata; UnknownFormat for an unknown format.
     """
     loc = parse(uri)
-    for f in (WEIGHTS_FILE, CONFIG_FILE):
-        if not exists(loc.join(f)):
-            raise StorageError(OBJECT_NOT_FOUND, f"artifact {loc.uri} is missing {f}")
     meta = read_artifact_metadata(loc)
-    actual = sha256(loc.join(WEIGHTS_FILE))
-    if actual != meta.weightsDigest:
-        raise DigestMismatch(f"artifact {loc.uri}: weights digest {actual} != metadata {meta.weightsDigest}")
-    if expected_digest is not None and actual != expected_digest:
-        raise DigestMismatch(f"artifact {loc.uri}: weights digest {actual} != expected {expected_digest}")
-    return meta
+    try:
+        return check_artifact(
+            meta,
+            where=loc.uri,
+            exists=lambda f: exists(loc.join(f)),
+            digest_of=lambda f: sha256(loc.join(f)),
+            expected_digest=expected_digest,
+        )
+    except MissingFile as e:
+        raise StorageError(OBJECT_NOT_FOUND, str(e)) from e
 
 
 class VerificationCache:
     """Remembers artifacts that verified, so a store is read whole once per object version.
 
     An entry is keyed by ``(uri, digest)`` and holds the :class:`ObjectInfo` (size and ETag /
-    mtime+inode) of the weights and of ``metadata.json`` at the time it verified; :meth:`verify`
-    re-reads only when a HEAD shows either changed. Thread-safe. Bounded: the oldest entries go
-    past ``max_entries``.
+    mtime+inode) of ``metadata.json`` and of every file it lists, taken before they were hashed;
+    :meth:`verify` re-reads only when a HEAD shows one changed (one HEAD per file). Thread-safe.
+    Bounded: the oldest entries go past ``max_entries``.
     """
 
     def __init__(self, max_entries: int = 4096) -> None:
         self._lock = threading.Lock()
-        self._ok: dict[tuple[str, str], tuple[tuple[ObjectInfo, ObjectInfo], ArtifactMetadata]] = {}
+        self._ok: dict[tuple[str, str], tuple[tuple[ObjectInfo, ...], ArtifactMetadata]] = {}
         self._max = max_entries
+
+    @staticmethod
+    def _infos(loc: Location, meta: ArtifactMetadata) -> tuple[ObjectInfo, ...] | None:
+        """HEADs of ``metadata.json`` and the files ``meta`` lists; None when one is missing or
+        the format is unknown (then :func:`verify_artifact_at` says what is wrong)."""
+        try:
+            files = [METADATA_FILE, *artifact_files(meta)]
+            return tuple(stat(loc.join(f)) for f in files)
+        except ArtifactError as e:
+            if isinstance(e, StorageError) and e.reason != OBJECT_NOT_FOUND:
+                raise
+            return None
 
     def verify(self, uri: str, digest: str) -> ArtifactMetadata:
         """:func:`verify_artifact_at` with the cache in front (same errors)."""
         loc = parse(uri)
-        try:
-            infos = (stat(loc.join(WEIGHTS_FILE)), stat(loc.join(METADATA_FILE)))
-        except StorageError as e:
-            if e.reason != OBJECT_NOT_FOUND:
-                raise
-            return verify_artifact_at(loc, digest)  # raises, naming what is missing
         with self._lock:
             hit = self._ok.get((loc.uri, digest))
-        if hit is not None and hit[0] == infos:
+        if hit is not None and self._infos(loc, hit[1]) == hit[0]:
             return hit[1]
+        try:  # the files' state before hashing: a file replaced meanwhile is re-read next time
+            infos = self._infos(loc, read_artifact_metadata(loc))
+        except ArtifactError as e:
+            if isinstance(e, StorageError) and e.reason != OBJECT_NOT_FOUND:
+                raise
+            infos = None
         meta = verify_artifact_at(loc, digest)
-        with self._lock:
-            self._ok[(loc.uri, digest)] = (infos, meta)
-            while len(self._ok) > self._max:
-                self._ok.pop(next(iter(self._ok)))
+        if infos is not None and len(infos) == 1 + len(artifact_files(meta)):
+            with self._lock:
+                self._ok[(loc.uri, digest)] = (infos, meta)
+                while len(self._ok) > self._max:
+                    self._ok.pop(next(iter(self._ok)))
         return meta
 
 

@@ -299,7 +299,13 @@ class OperatorProcess:
     """
 
     def __init__(
-        self, kubeconfig: str | os.PathLike, args: list[str], log_path: Path, pod_name: str, namespace: str
+        self,
+        kubeconfig: str | os.PathLike,
+        args: list[str],
+        log_path: Path,
+        pod_name: str,
+        namespace: str,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.health_port, self.metrics_port = free_port(), free_port()
         self.log_path = log_path
@@ -311,6 +317,7 @@ class OperatorProcess:
             "POD_NAMESPACE": namespace,
             "KILN_WORKERS": "4",
             "PYTHONUNBUFFERED": "1",
+            **(env or {}),
         }
         ports = [f"--health-port={self.health_port}", f"--metrics-port={self.metrics_port}"]
         args = [a for a in args if not a.startswith(("--health-port", "--metrics-port"))]

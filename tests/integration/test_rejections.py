@@ -121,15 +121,23 @@ def test_pod_security_violation_is_reported_and_a_spec_fix_recovers(
     assert_backed_off(caplog, runner.output, elapsed)
 
 
-def test_resource_quota_is_reported_and_lifting_it_recovers(api, cluster, namespace, kiln_crds, caplog):
+@pytest.mark.parametrize("allowed", [0, 1], ids=["no-pod", "half-the-gang"])
+def test_resource_quota_is_reported_and_lifting_it_recovers(
+    api, cluster, namespace, kiln_crds, caplog, allowed
+):
+    """A quota admits none or one of the gang's two pods. With one admitted the gang is not
+    "disrupted" (it was never complete): the admitted pod is kept, no restart is counted, and
+    the missing pod is created once the quota allows it."""
     core = client.CoreV1Api(api)
     quota = client.V1ResourceQuota(
-        metadata=client.V1ObjectMeta(name="no-pods"), spec=client.V1ResourceQuotaSpec(hard={"pods": "0"})
+        metadata=client.V1ObjectMeta(name="no-pods"),
+        spec=client.V1ResourceQuotaSpec(hard={"pods": str(allowed)}),
     )
     core.create_namespaced_resource_quota(namespace, quota)
     wait_for(
         lambda: (
-            (core.read_namespaced_resource_quota("no-pods", namespace).status.hard or {}).get("pods") == "0"
+            (core.read_namespaced_resource_quota("no-pods", namespace).status.hard or {}).get("pods")
+            == str(allowed)
         ),
         30,
         message="quota status computed",
@@ -143,17 +151,26 @@ def test_resource_quota_is_reported_and_lifting_it_recovers(api, cluster, namesp
             message="Ready=False ChildRejected",
         )
         assert cond["status"] == "False"
-        assert "Pod digits-node-0 was rejected by the API server (403 Forbidden)" in cond["message"]
+        assert "was rejected by the API server (403 Forbidden)" in cond["message"]
+        if not allowed:
+            assert "Pod digits-node-0 was rejected" in cond["message"]
         assert "exceeded quota: no-pods" in cond["message"], cond
         events = wait_for(lambda: rejection_events(api, namespace), 10, message="ChildRejected event")
         assert events[0].type == "Warning" and "exceeded quota: no-pods" in events[0].message
+        admitted = {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods(api, namespace)}
+        assert len(admitted) == allowed
 
         # lifting the quota changes nothing the operator watches: the back-off retry finds it
         wait_for(lambda: time.monotonic() - t0 > 4, 10)
+        assert {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods(api, namespace)} == admitted
         core.delete_namespaced_resource_quota("no-pods", namespace)
         wait_for(lambda: len(pods(api, namespace)) == 2, 40, message="the gang created after the quota went")
         wait_for(lambda: ready(api, namespace).get("reason") != "ChildRejected", 10, message="Ready updated")
         elapsed = time.monotonic() - t0
+    after = {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods(api, namespace)}
+    assert {n: after[n] for n in admitted} == admitted  # the admitted pod was kept
+    st = kube.get(api, API_VERSION, "TrainingJob", namespace, "digits")["status"]
+    assert (st["gang"], st["restartCount"], st["disruptionCount"]) == (0, 0, 0), st
     assert len(rejection_events(api, namespace)) == 1
     assert_backed_off(caplog, runner.output, elapsed)
 

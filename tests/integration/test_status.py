@@ -51,10 +51,24 @@ def test_removed_keys_are_removed_and_a_stale_write_is_a_conflict(kube, namespac
     assert get_job(kube, namespace)["status"]["gang"] == 1  # the stale write changed nothing
 
 
-def test_conflict_from_a_concurrent_writer_requeues_not_errors(kube, namespace, kiln_crds, monkeypatch):
+@pytest.mark.parametrize(
+    ("change", "runs_expected"),
+    [
+        # metadata no decision reads: the same status is written again, in place
+        ({"metadata": {"annotations": {"example.com/x": "1"}}}, 1),
+        # the spec: the decision may differ, so the reconcile runs again from a fresh read
+        ({"spec": {"activeDeadlineSeconds": 3600}}, 2),
+    ],
+    ids=["other-annotation", "spec"],
+)
+def test_conflict_from_a_concurrent_writer_requeues_not_errors(
+    kube, namespace, kiln_crds, monkeypatch, change, runs_expected
+):
     """Another writer changes the job between our read and our status write: the API server
-    answers 409, the work queue runs the reconcile again at once, and the end state is the one
-    an undisturbed run gives (one gang of 2 pods, its start recorded, no error)."""
+    answers 409. When only metadata outside the decision's inputs changed, write_status writes
+    the same status against the new resourceVersion; otherwise the work queue runs the reconcile
+    again at once. Either way the end state is the one an undisturbed run gives (one gang of 2
+    pods, its start recorded, no error)."""
     _create(kube, namespace)
     real_list = kb.list_objects
     raced: list[bool] = []
@@ -63,19 +77,13 @@ def test_conflict_from_a_concurrent_writer_requeues_not_errors(kube, namespace, 
         out = real_list(api, api_version, kind, *a, **k)
         if kind == "Pod" and not raced:  # once: a concurrent writer bumps the resourceVersion
             raced.append(True)
-            kb.patch(
-                api,
-                API_VERSION,
-                KIND,
-                namespace,
-                "digits",
-                {"metadata": {"annotations": {"example.com/x": "1"}}},
-            )
+            kb.patch(api, API_VERSION, KIND, namespace, "digits", change)
         return out
 
     monkeypatch.setattr(kb, "list_objects", list_then_race)
     errors = RECONCILE_ERRORS.labels(KIND)._value.get()
     conflicts = RECONCILE_TOTAL.labels(KIND, "conflict")._value.get()
+    status_conflicts = STATUS_WRITES.labels(KIND, "conflict")._value.get()
     runs: list[str] = []
 
     def reconcile(ns: str, name: str) -> Any:
@@ -87,14 +95,15 @@ def test_conflict_from_a_concurrent_writer_requeues_not_errors(kube, namespace, 
         q.enqueue((namespace, "digits"))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
-        while len(runs) < 2 or q.keys_in_flight():
+        while len(runs) < runs_expected or q.keys_in_flight():
             assert loop.time() < deadline, f"runs: {runs}"
             await asyncio.sleep(0.02)
         await q.close()
 
     asyncio.run(main())
-    assert raced and len(runs) == 2
-    assert RECONCILE_TOTAL.labels(KIND, "conflict")._value.get() == conflicts + 1
+    assert raced and len(runs) == runs_expected
+    assert STATUS_WRITES.labels(KIND, "conflict")._value.get() == status_conflicts + 1
+    assert RECONCILE_TOTAL.labels(KIND, "conflict")._value.get() == conflicts + runs_expected - 1
     assert RECONCILE_ERRORS.labels(KIND)._value.get() == errors
     job = get_job(kube, namespace)
     st = job["status"]

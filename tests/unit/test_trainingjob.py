@@ -236,9 +236,27 @@ def test_disruption_restarts_without_counting():
 
 
 def test_vanished_pod_of_running_gang_is_a_disruption():
-    st = {"gang": 0, "startTime": rfc3339(T0)}
+    st = {"gang": 0, "startTime": rfc3339(T0), "createdGang": 0}
     p = plan(job(status=st), spec(), [pod(0)], T0)
     assert p.status["disruptionCount"] == 1 and p.status["gang"] == 1
+
+
+def test_complete_gang_is_recorded():
+    p = plan(job(status={"gang": 3, "startTime": rfc3339(T0)}), spec(), [pod(0, gang=3), pod(1, gang=3)], T0)
+    assert p.status["createdGang"] == 3
+
+
+@pytest.mark.parametrize(
+    "status", [{}, {"gang": 0, "startTime": rfc3339(T0)}, {"gang": 0, "createdGang": -1}]
+)
+def test_partly_created_gang_is_completed_not_restarted(status):
+    """Creation interrupted (operator killed between pod creates and the status write) or refused
+    (a ResourceQuota admits 1 of 2 pods): the missing pod is created again, the gang is kept, no
+    disruption is counted, whatever rank 0 is doing meanwhile."""
+    p = plan(job(status=status), spec(), [pod(0, "Running")], T0)
+    assert p.create_gang and not p.delete_pods
+    assert p.status["gang"] == 0 and p.status["disruptionCount"] == 0
+    assert "createdGang" not in p.status or p.status["createdGang"] != 0
 
 
 def test_success_records_result_and_registers():
@@ -466,3 +484,34 @@ def test_gang_whose_creation_was_not_recorded_gets_its_start_time():
     p = plan(job(status={"gang": 0}), spec(), [pod(0, "Pending"), pod(1, "Pending")], T0)
     assert not p.create_gang and p.status["startTime"] == rfc3339(T0)
     assert is_true(p.status["conditions"], "Created")
+
+
+def _env(s: TrainingJobSpec, rank: int) -> dict[str, str]:
+    return {
+        e["name"]: e["value"] for e in build.pod(job(), s, rank=rank, gang=0)["spec"]["containers"][0]["env"]
+    }
+
+
+def test_pod_env_is_pytorchjob_env_for_scripts_without_torchrun():
+    """What Kubeflow's PyTorchJob sets (training-operator setPodEnv): WORLD_SIZE = nodes x
+    processes per node, RANK = node rank; LOCAL_* only when one process per pod makes them exact."""
+    env = _env(spec(), rank=1)  # 8 GPUs per node: numProcPerNode auto -> 8
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("digits-node-0.digits.ml.svc", "29500")
+    assert (env["WORLD_SIZE"], env["RANK"]) == ("16", "1")
+    assert "LOCAL_RANK" not in env and "LOCAL_WORLD_SIZE" not in env  # per process: the launcher's
+    one = spec(numProcPerNode=1, resourcesPerNode={"limits": {"cpu": "1"}})
+    for rank in (0, 1):
+        env = _env(one, rank)
+        assert (env["WORLD_SIZE"], env["RANK"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == (
+            "2",
+            str(rank),
+            "0",
+            "1",
+        )
+        assert env["PET_NODE_RANK"] == env["RANK"] and env["PET_NNODES"] == env["WORLD_SIZE"]
+
+
+def test_user_env_comes_after_and_overrides_the_distributed_env():
+    s = spec(env=[{"name": "MASTER_PORT", "value": "23456"}])
+    names = [e["name"] for e in build.pod(job(), s, rank=0, gang=0)["spec"]["containers"][0]["env"]]
+    assert names.index("MASTER_PORT") < len(names) - 1 and names[-1] == "MASTER_PORT"

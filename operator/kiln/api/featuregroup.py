@@ -40,21 +40,86 @@ class TransformationType(StrEnum):
     LOG1P = "Log1p"
     STANDARDIZE = "Standardize"
     MIN_MAX_SCALE = "MinMaxScale"
+    CLIP = "Clip"
+
+
+#: Types that need a float feature (their result is a real number).
+NUMERIC_TRANSFORMATIONS = ("Log1p", "Standardize", "MinMaxScale", "Clip")
 
 
 class Transformation(KilnModel):
-    """A named, stateless-or-fitted transformation of one source column."""
+    """A declarative, stateless transformation of one source column (no code is evaluated).
+
+    Parameters are given, not fitted from the data: a parameter fitted over the whole source would
+    leak future values into training rows, and one fitted per run would make training and serving
+    disagree. ``kiln.features`` applies it identically in materialization and in point-in-time
+    retrieval. Formulas (x the source value, as a float64):
+
+    - ``Identity``: x (cast to the feature's dtype).
+    - ``Log1p``: ln(1 + x); null when x <= -1.
+    - ``Standardize``: (x - mean) / std.
+    - ``MinMaxScale``: (x - min) / (max - min).
+    - ``Clip``: x limited to [min, max] (either bound may be omitted).
+    """
+
+    model_config = with_rules(
+        cel(
+            "self.type != 'Standardize' || (has(self.mean) && has(self.std))",
+            "Standardize needs mean and std",
+        ),
+        cel(
+            "self.type != 'MinMaxScale' || (has(self.min) && has(self.max) && self.min < self.max)",
+            "MinMaxScale needs min < max",
+        ),
+        cel("self.type != 'Clip' || has(self.min) || has(self.max)", "Clip needs min or max"),
+        cel(
+            "!has(self.min) || !has(self.max) || self.min <= self.max",
+            "min must not exceed max",
+        ),
+    )
 
     type: TransformationType = Field(
         default=TransformationType.IDENTITY,
-        description="Identity, Log1p, Standardize (fitted mean/std) or MinMaxScale (fitted min/max).",
+        description="Identity, Log1p, Standardize ((x-mean)/std), MinMaxScale ((x-min)/(max-min)) or Clip (to [min, max]).",
     )
     column: str | None = Field(
         default=None, max_length=128, pattern=IDENT, description="Source column (default: the feature name)."
     )
+    mean: float | None = Field(default=None, description="Standardize: the mean subtracted (given, not fitted).")
+    std: float | None = Field(
+        default=None, gt=0, description="Standardize: the standard deviation divided by (> 0)."
+    )
+    min: float | None = Field(default=None, description="MinMaxScale: value mapped to 0; Clip: lower bound.")
+    max: float | None = Field(default=None, description="MinMaxScale: value mapped to 1; Clip: upper bound.")
+
+    @model_validator(mode="after")
+    def _params(self) -> Transformation:
+        t = self.type
+        if t == TransformationType.STANDARDIZE and (self.mean is None or self.std is None):
+            raise ValueError("Standardize needs mean and std")
+        if t == TransformationType.MIN_MAX_SCALE and (
+            self.min is None or self.max is None or self.min >= self.max
+        ):
+            raise ValueError("MinMaxScale needs min < max")
+        if t == TransformationType.CLIP and self.min is None and self.max is None:
+            raise ValueError("Clip needs min or max")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min must not exceed max")
+        return self
 
 
 class Feature(KilnModel):
+    """One feature: a typed value per entity and event time."""
+
+    model_config = with_rules(
+        cel(
+            "!has(self.transformation) || self.transformation.type == 'Identity'"
+            " || self.dtype in ['float32', 'float64']",
+            "a transformed feature must be float32 or float64",
+            field_path=".dtype",
+        )
+    )
+
     name: str = Field(
         min_length=1, max_length=63, pattern=IDENT, description="Feature name, unique in the group."
     )
@@ -63,6 +128,13 @@ class Feature(KilnModel):
     transformation: Transformation | None = Field(
         default=None, description="How the value is derived from the source."
     )
+
+    @model_validator(mode="after")
+    def _float_if_transformed(self) -> Feature:
+        t = self.transformation
+        if t is not None and t.type in NUMERIC_TRANSFORMATIONS and self.dtype not in ("float32", "float64"):
+            raise ValueError(f"feature {self.name}: a transformed feature must be float32 or float64")
+        return self
 
 
 class SourceFormat(StrEnum):

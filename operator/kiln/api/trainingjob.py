@@ -347,6 +347,14 @@ class TrainingJobStatus(KilnModel):
     gang: int = Field(
         default=0, description="Generation of the current set of pods; bumped at every gang restart."
     )
+    created_gang: int | None = Field(
+        default=None,
+        description=(
+            "The last gang all of whose numNodes pods were seen at once. Pods of that gang missing "
+            "later were lost (a disruption: the gang restarts); pods of a gang never complete "
+            "(creation interrupted or refused, e.g. by a ResourceQuota) are created again instead."
+        ),
+    )
     next_restart_time: str | None = Field(
         default=None,
         json_schema_extra={"format": "date-time"},

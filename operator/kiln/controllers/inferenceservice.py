@@ -31,7 +31,7 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from kiln import API_VERSION, GROUP, VERSION, events, kube
+from kiln import API_VERSION, GROUP, VERSION, events, failpoints, kube
 from kiln.api.common import spec_error
 from kiln.api.inferenceservice import (
     InferenceServiceSpec,
@@ -406,6 +406,8 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
     )
     keep = set() if stable is not None else {("Deployment", res.deployment_name(name, res.STABLE))}
     problems = _apply_children(api, obj, manifests, keep)
+    if status.canary_version is not None and plan.canary_weight != status.canary_weight:
+        failpoints.hit("inferenceservice-step-applied")
     if stable is None:
         problems.append(
             f"artifact of stable version {plan.stable_version} is unknown (pruned from the Model?)"

@@ -17,7 +17,7 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from kiln import API_VERSION, events, kube, storage
+from kiln import API_VERSION, events, failpoints, kube, storage
 from kiln.api.common import spec_error
 from kiln.api.trainingjob import TrainingJobSpec, TrainingJobStatus
 from kiln.artifact import ArtifactError
@@ -77,7 +77,14 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
         # fast as its slowest pod, and torchrun's rendezvous retries until node 0's name resolves.
         writes: list[tuple[Callable[..., Any], dict[str, Any]]] = [(kube.apply, build.service(job))]
         defaults = StorageDefaults.from_environ(os.environ)
-        writes += [(kube.create, m) for m in build.pods(job, spec, int(p.status["gang"]), defaults)]
+        # Only the missing pods: creating one that exists is not always a harmless 409 (under a
+        # full ResourceQuota the API server answers 403 before it looks for the name).
+        existing = {x["metadata"]["name"] for x in pods}
+        writes += [
+            (_create_pod, m)
+            for m in build.pods(job, spec, int(p.status["gang"]), defaults)
+            if m["metadata"]["name"] not in existing
+        ]
         futures = [_creators.submit(write, api, manifest) for write, manifest in writes]
         for f in futures:
             f.result()
@@ -85,6 +92,8 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
         _register(api, job, spec, p.status, now)
         if p.status.get("registeredVersion") is None:
             p.requeue(registration_retry_delay(p.status, now))
+        else:
+            failpoints.hit("trainingjob-registered")
     # A 409 here (the job changed under us) propagates: the work queue decides again at once.
     job = write_status(api, job, TrainingJobStatus.model_validate(p.status))
     for type_, reason, message in p.events:
@@ -93,6 +102,13 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
         kube.delete(api, API_VERSION, KIND, namespace, name, uid=job["metadata"]["uid"])
         return None
     return Result(requeue_after=p.requeue_after) if p.requeue_after is not None else None
+
+
+def _create_pod(api: k8s.ApiClient, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Create one gang pod (None when it already exists; see :func:`kiln.kube.create`)."""
+    created = kube.create(api, manifest)
+    failpoints.hit("trainingjob-pod-created")
+    return created
 
 
 def registration_retry_delay(status: dict[str, Any], now: datetime) -> float:

@@ -37,9 +37,11 @@ def verify(artifact_uri: str, digest: str) -> tuple[ArtifactMetadata | None, Pro
 
     Returns:
         ``(metadata, None)`` when it verifies, else ``(None, Problem)`` with reason
-        ArtifactMissing (no such prefix/directory, weights or config; or a bad URI),
-        ArtifactInvalid (unreadable metadata.json), DigestMismatch (weights differ from
-        ``digest`` or from the digest in metadata.json), or the store's own reason
+        ArtifactMissing (no such prefix/directory, or a file its metadata requires: model
+        file, config.json of kiln-mlp, any file in ``files``; or a bad URI), ArtifactInvalid
+        (unreadable or inconsistent metadata.json, unknown ``format``), DigestMismatch (the
+        model file differs from ``digest`` or any file from its digest in metadata.json; the
+        message names the file), or the store's own reason
         BucketNotFound / AccessDenied / StoreUnavailable (the last one transient). Messages name
         the bucket and key (or path), never credentials.
     """

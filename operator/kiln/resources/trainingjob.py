@@ -5,6 +5,15 @@ form of its arguments (``PET_<FLAG>``; see torch.distributed.run / torchrun's ``
 ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` (node 0's DNS
 name through the headless Service) and ``PET_MASTER_PORT`` (29500), the same variables Kubeflow
 Trainer sets, so plain torchrun works unchanged.
+
+For a ``command`` that is not torchrun (a script written for Kubeflow's PyTorchJob calling
+``torch.distributed.init_process_group("env://")``), every pod also gets what the
+training-operator's PyTorchJob sets (its ``setPodEnv``): ``MASTER_ADDR``, ``MASTER_PORT``,
+``WORLD_SIZE`` (nodes x processes per node) and ``RANK`` (the node rank), and, where one process
+per pod makes them exact, ``LOCAL_RANK=0`` and ``LOCAL_WORLD_SIZE=1``. Under torchrun they are
+harmless: torchrun reads only ``PET_*`` and sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` itself in each worker's environment.
+The contract: docs/byom.md.
 """
 
 from __future__ import annotations
@@ -92,6 +101,35 @@ def service(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def distributed_env(job: str, namespace: str, spec: TrainingJobSpec, rank: int) -> list[dict[str, Any]]:
+    """The distributed environment of node ``rank``: torchrun's ``PET_*``, then PyTorchJob's.
+
+    ``WORLD_SIZE`` is ``numNodes * numProcPerNode`` (``auto`` resolved to the GPU count, see
+    :func:`resolve_nproc_per_node`; Kubeflow counts ``auto`` as 1) and ``RANK`` the node rank,
+    as the training-operator sets them; with more than one process per pod they are only right
+    for a launcher (torchrun) that replaces them per process, so ``LOCAL_RANK`` /
+    ``LOCAL_WORLD_SIZE`` are set only with one process per pod.
+    """
+    nproc = resolve_nproc_per_node(spec)
+    addr = master_addr(job, namespace)
+    env = [
+        {"name": "PET_NNODES", "value": str(spec.num_nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(nproc)},
+        {"name": "PET_NODE_RANK", "value": str(rank)},
+        {"name": "PET_MASTER_ADDR", "value": addr},
+        {"name": "PET_MASTER_PORT", "value": str(MASTER_PORT)},
+        # Restarts are the operator's (whole gang); torchrun must not restart workers in place.
+        {"name": "PET_MAX_RESTARTS", "value": "0"},
+        {"name": "MASTER_ADDR", "value": addr},
+        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+        {"name": "WORLD_SIZE", "value": str(spec.num_nodes * nproc)},
+        {"name": "RANK", "value": str(rank)},
+    ]
+    if nproc == 1:
+        env += [{"name": "LOCAL_RANK", "value": "0"}, {"name": "LOCAL_WORLD_SIZE", "value": "1"}]
+    return env
+
+
 def output_uri(spec: TrainingJobSpec, defaults: StorageDefaults) -> str:
     """The artifact root of a job: ``spec.output.uri``, else the operator's default."""
     return spec.output.uri if spec.output and spec.output.uri else defaults.artifact_root
@@ -132,13 +170,7 @@ def pod(
         dataset_env = {"featureGroup": dataset.feature_group_ref.name}
 
     env: list[dict[str, Any]] = [
-        {"name": "PET_NNODES", "value": str(spec.num_nodes)},
-        {"name": "PET_NPROC_PER_NODE", "value": str(resolve_nproc_per_node(spec))},
-        {"name": "PET_NODE_RANK", "value": str(rank)},
-        {"name": "PET_MASTER_ADDR", "value": master_addr(name, ns)},
-        {"name": "PET_MASTER_PORT", "value": str(MASTER_PORT)},
-        # Restarts are the operator's (whole gang); torchrun must not restart workers in place.
-        {"name": "PET_MAX_RESTARTS", "value": "0"},
+        *distributed_env(name, ns, spec, rank),
         {"name": "KILN_HYPERPARAMETERS", "value": json.dumps(spec.hyperparameters or {}, sort_keys=True)},
         {"name": "KILN_DATASET", "value": json.dumps(dataset_env, sort_keys=True)},
         {"name": "KILN_OUTPUT_URI", "value": out_uri},

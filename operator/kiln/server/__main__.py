@@ -6,8 +6,9 @@ An ``s3://`` artifact is first downloaded into ``--model-dir`` and verified ther
 finds a verified copy and verifies it again before loading.
 
 Exit status: 0 after a graceful shutdown (SIGTERM/SIGINT) or a successful ``--fetch-only``, 1 when
-the artifact is refused (cannot be downloaded, missing files, digest mismatch, weights that do not
-fit the config), 2 for invalid settings.
+the artifact is refused (cannot be downloaded, unknown format, missing files, digest mismatch,
+weights that do not fit the config, a program that does not load, holds pickled payloads or does
+not fit its signature) or the model hook cannot be loaded, 2 for invalid settings.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from kiln.server.settings import parse_settings
 
@@ -57,13 +59,18 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
     configure_torch(settings.torch_threads)
     try:
-        model = load_model(
+        model: Any = load_model(
             local,
             settings.digest,
             name=settings.model_name,
             version=settings.model_version,
             threads=settings.torch_threads,
         )
+        if settings.model_hook:
+            from kiln.server.hooks import HookedModel, load_hook
+
+            model = HookedModel(model, load_hook(settings.model_hook))
+            log.info("model hook %s loaded (runs in this process, no isolation)", settings.model_hook)
     except ArtifactError as e:
         log.error("refusing to serve: %s", e)
         print(f"kiln-serve: refusing to serve artifact {settings.artifact}: {e}", file=sys.stderr)

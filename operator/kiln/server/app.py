@@ -16,9 +16,10 @@ and ``GET /metrics`` on the metrics port. Errors are ``{"error": "..."}`` with 4
 404 (unknown model, version or route), 405, 413 (body over ``max_request_bytes``), 500 (injected
 failure, or a bug: the handler never lets an exception escape) and 503 (shutting down).
 
-By default an inference response holds two outputs: the logits (``config.outputName``, FP32
-``[n, numClasses]``) and ``predicted_class`` (INT64 ``[n]``, the arg-max); a request may ask for
-either with ``outputs``.
+The model metadata and the requests follow the model's own signature (``Predictor.inputs`` /
+``outputs``: every input by name, several if the model has several); by default a response holds
+every output (for the built-in MLP: the logits, FP32 ``[n, numClasses]``, and
+``predicted_class``, INT64 ``[n]``, the arg-max); a request may ask for some with ``outputs``.
 
 Shutdown (:meth:`InferenceServer.shutdown`, on SIGTERM): readiness turns false at once; the server
 keeps serving for ``shutdown_delay_seconds`` (time for endpoints to drop the pod), then stops
@@ -40,7 +41,6 @@ from aiohttp.web_protocol import RequestPayloadError
 from kiln import __version__
 from kiln.server.core import (
     EXTENSIONS,
-    PLATFORM,
     SERVER_NAME,
     InferenceCore,
     OutputTensor,
@@ -60,7 +60,7 @@ from kiln.server.protocol import (
 )
 from kiln.server.settings import ServerSettings
 
-__all__ = ["EXTENSIONS", "PLATFORM", "SERVER_NAME", "InferenceServer", "Predictor", "serve"]
+__all__ = ["EXTENSIONS", "SERVER_NAME", "InferenceServer", "Predictor", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +301,7 @@ class InferenceServer:
         return parse_infer_request(
             body,
             header_length=request.headers.get(HEADER_LENGTH),
-            input_name=core.input.name,
-            input_size=core.input.shape[1],
+            inputs=core.inputs,
             output_names=core.output_names,
         )
 

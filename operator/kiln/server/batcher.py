@@ -17,6 +17,12 @@ latency:
 
 A lone request on a quiet server is therefore dispatched at once (no fixed delay is added), while
 a burst of concurrent requests is gathered into one forward pass.
+
+What is batched is a :data:`Tensors`: one array, or a mapping of input name to array (a model
+with several inputs), every array with the same leading (batch) dimension, the request's row
+count. Requests are concatenated along that dimension, so only requests whose arrays agree in
+everything else (names, trailing shapes, dtypes: :func:`layout`) share a forward pass; the
+outputs (an array or a mapping of arrays, each with the batch's rows first) are split back.
 """
 
 from __future__ import annotations
@@ -24,14 +30,46 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from types import TracebackType
 
 import numpy as np
 
-Predict = Callable[[np.ndarray], np.ndarray]
+#: A request's (or a batch's) tensors: one array, or input name -> array; rows first.
+Tensors = np.ndarray | Mapping[str, np.ndarray]
+Predict = Callable[[Tensors], Tensors]
+
+
+def rows(x: Tensors) -> int:
+    """The leading (batch) dimension of ``x`` (that of its first array for a mapping)."""
+    first = x if isinstance(x, np.ndarray) else next(iter(x.values()))
+    return int(first.shape[0])
+
+
+def layout(x: Tensors) -> tuple[object, ...]:
+    """What must agree for two requests to be concatenated: names, trailing shapes, dtypes."""
+    if isinstance(x, np.ndarray):
+        return (x.shape[1:], x.dtype.str)
+    return tuple((k, v.shape[1:], v.dtype.str) for k, v in x.items())
+
+
+def concat(parts: list[Tensors]) -> Tensors:
+    """``parts`` joined along the batch dimension (``parts[0]`` itself when alone)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if isinstance(first, np.ndarray):
+        return np.concatenate(parts)  # type: ignore[arg-type]
+    return {k: np.concatenate([p[k] for p in parts]) for k in first}
+
+
+def take(y: Tensors, start: int, stop: int) -> Tensors:
+    """Rows ``start:stop`` of every array of ``y``."""
+    if isinstance(y, np.ndarray):
+        return y[start:stop]
+    return {k: v[start:stop] for k, v in y.items()}
 
 
 class BatcherClosedError(RuntimeError):
@@ -40,13 +78,15 @@ class BatcherClosedError(RuntimeError):
 
 @dataclass
 class _Item:
-    rows: np.ndarray
-    future: asyncio.Future[np.ndarray]
+    rows: Tensors
+    future: asyncio.Future[Tensors]
     enqueued_at: float
     n: int = field(init=False)
+    layout: tuple[object, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.n = int(self.rows.shape[0])
+        self.n = rows(self.rows)
+        self.layout = layout(self.rows)
 
 
 class Arrival:
@@ -68,8 +108,8 @@ class Arrival:
             self._batcher._expected -= 1
             self._batcher._changed.set()
 
-    async def submit(self, rows: np.ndarray) -> np.ndarray:
-        """Queue ``rows`` (float32, shape ``(n, features)``) and return the model outputs for them."""
+    async def submit(self, rows: Tensors) -> Tensors:
+        """Queue ``rows`` (:data:`Tensors`, ``n`` rows first) and return the model outputs for them."""
         self.close()
         return await self._batcher.submit(rows)
 
@@ -86,8 +126,8 @@ class DynamicBatcher:
     """Gathers queued rows into batches for ``predict``, which runs in ``executor``.
 
     Args:
-        predict: maps a float32 ``(n, features)`` array to an ``(n, ...)`` output array; it runs
-            in ``executor``, one call at a time.
+        predict: maps :data:`Tensors` of ``n`` rows to outputs of ``n`` rows (an array or a
+            mapping of arrays); it runs in ``executor``, one call at a time.
         max_batch_size: most rows per forward pass (a single larger request still runs, alone).
         max_batch_delay: seconds; the longest a queued request waits for others to join it.
         executor: where ``predict`` runs (``None``: the loop's default executor).
@@ -146,7 +186,7 @@ class DynamicBatcher:
         """Announce a request whose rows will follow (see :class:`Arrival`)."""
         return Arrival(self)
 
-    async def submit(self, rows: np.ndarray) -> np.ndarray:
+    async def submit(self, rows: Tensors) -> Tensors:
         """Queue ``rows`` and wait for their outputs.
 
         Raises:
@@ -186,21 +226,25 @@ class DynamicBatcher:
 
     def _take_batch(self) -> list[_Item]:
         batch = [self._pending.popleft()]
-        rows = batch[0].n
-        while self._pending and rows + self._pending[0].n <= self._max_batch_size:
+        n = batch[0].n
+        while (
+            self._pending
+            and n + self._pending[0].n <= self._max_batch_size
+            and self._pending[0].layout == batch[0].layout
+        ):
             item = self._pending.popleft()
             batch.append(item)
-            rows += item.n
-        self._pending_rows -= rows
+            n += item.n
+        self._pending_rows -= n
         return batch
 
     async def _run_batch(self, batch: list[_Item]) -> None:
         live = [it for it in batch if not it.future.done()]  # a cancelled caller needs no rows
         if not live:
             return
-        x = live[0].rows if len(live) == 1 else np.concatenate([it.rows for it in live])
+        x = concat([it.rows for it in live])
         if self._on_batch is not None:
-            self._on_batch(int(x.shape[0]))
+            self._on_batch(rows(x))
         loop = asyncio.get_running_loop()
         try:
             y = await loop.run_in_executor(self._executor, self._predict, x)
@@ -212,5 +256,5 @@ class DynamicBatcher:
         start = 0
         for it in live:
             with contextlib.suppress(asyncio.InvalidStateError):
-                it.future.set_result(y[start : start + it.n])
+                it.future.set_result(take(y, start, start + it.n))
             start += it.n

@@ -21,41 +21,47 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import numpy as np
 
-from kiln.artifact import ModelConfig
-from kiln.server.batcher import BatcherClosedError, DynamicBatcher
+from kiln.server.batcher import BatcherClosedError, DynamicBatcher, Tensors
 from kiln.server.cache import OutputCache
 from kiln.server.metrics import ServerMetrics
-from kiln.server.protocol import PREDICTED_CLASS, InferRequest, ProtocolError, RequestedOutput, TensorMetadata
+from kiln.server.protocol import InferRequest, ProtocolError, RequestedOutput, TensorMetadata
 from kiln.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "kiln-serve"
-PLATFORM = "pytorch_safetensors"
 EXTENSIONS = ["binary_tensor_data"]
 
 T = TypeVar("T")
 
 
 class Predictor(Protocol):
-    """What the server needs of a model (``kiln.server.model.LoadedModel`` is one)."""
+    """What the server needs of a model (``kiln.server.model.ServedModel`` is one, and
+    ``kiln.server.hooks.HookedModel``: a hook applies to both transports)."""
 
     name: str
     version: str
     digest: str
-    config: ModelConfig
+    #: The model's inputs and outputs (OIP names, datatypes, shapes; -1 free, first the batch).
+    inputs: tuple[TensorMetadata, ...]
+    outputs: tuple[TensorMetadata, ...]
     #: FAULT INJECTION rate carried by the artifact (0.0 for a normal one).
     fault_injection_fail_rate: float
 
-    def predict(self, rows: np.ndarray) -> np.ndarray:
-        """Logits for float32 rows."""
+    @property
+    def platform(self) -> str:
+        """The model metadata's ``platform``."""
+        ...
+
+    def predict(self, x: Tensors) -> Tensors:
+        """Output name -> array for input name -> array (rows first)."""
         ...
 
 
@@ -90,13 +96,10 @@ class InferenceCore:
     ) -> None:
         self.model = model
         self.settings = settings
-        cfg = model.config
-        self.input = TensorMetadata(cfg.inputName, "FP32", [-1, cfg.inputSize])
-        self.outputs = (
-            TensorMetadata(cfg.outputName, "FP32", [-1, cfg.numClasses]),
-            TensorMetadata(PREDICTED_CLASS, "INT64", [-1]),
-        )
+        self.inputs = tuple(model.inputs)
+        self.outputs = tuple(model.outputs)
         self.output_names = tuple(t.name for t in self.outputs)
+        self._output_datatypes = {t.name: t.datatype for t in self.outputs}
         #: FAULT INJECTION: fraction of infer requests answered 500 on purpose, the larger of
         #: ``--fail-rate`` and the artifact's ``servingFaultInjectionFailRate``.
         self.fail_rate = max(settings.fail_rate, model.fault_injection_fail_rate)
@@ -197,7 +200,7 @@ class InferenceCore:
     def metadata(self) -> ModelMetadata:
         """The served model's metadata."""
         return ModelMetadata(
-            self.model.name, [self.model.version], PLATFORM, [self.input], list(self.outputs)
+            self.model.name, [self.model.version], self.model.platform, list(self.inputs), list(self.outputs)
         )
 
     # ----------------------------------------------------------------- inference
@@ -246,30 +249,27 @@ class InferenceCore:
             self.metrics.request_done(code, time.perf_counter() - started, protocol)
 
     async def _outputs(
-        self, request: InferRequest, submit: Callable[[np.ndarray], Awaitable[np.ndarray]]
+        self, request: InferRequest, submit: Callable[[Tensors], Awaitable[Tensors]]
     ) -> list[OutputTensor]:
         if self.fail_rate > 0 and self._random.random() < self.fail_rate:
             self.metrics.injected_failures.inc()
             source = self.fail_rate_source()
             log.info("injected failure (fault injection, %s)", source)
             raise ProtocolError(f"injected failure: fault injection is on ({source})", 500)
-        logits: np.ndarray | None = None
+        result: Mapping[str, np.ndarray] | None = None
         key = ""
         if self.cache.enabled:
-            key = self.cache.key(request.rows)
-            logits = self.cache.get(key)
-            (self.metrics.cache_hits if logits is not None else self.metrics.cache_misses).inc()
-        if logits is None:
-            logits = await submit(request.rows)
+            key = self.cache.key(request.inputs)
+            result = self.cache.get(key)
+            (self.metrics.cache_hits if result is not None else self.metrics.cache_misses).inc()
+        if result is None:
+            got = await submit(request.inputs)
+            assert isinstance(got, Mapping)  # inputs by name in, outputs by name out
+            result = got
             if self.cache.enabled:
-                self.cache.put(key, logits)
-        outputs = []
-        for requested in request.outputs:
-            if requested.name == PREDICTED_CLASS:
-                outputs.append(OutputTensor(requested, "INT64", logits.argmax(axis=1).astype(np.int64)))
-            else:
-                outputs.append(OutputTensor(requested, "FP32", logits))
-        return outputs
+                self.cache.put(key, result)
+        datatypes = self._output_datatypes
+        return [OutputTensor(r, datatypes[r.name], result[r.name]) for r in request.outputs]
 
 
 def request_id(request: InferRequest) -> str:

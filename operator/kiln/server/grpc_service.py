@@ -19,6 +19,8 @@ for an injected or internal failure, UNAVAILABLE while shutting down.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 import numpy as np
 
@@ -30,12 +32,13 @@ from kiln.server.protocol import (
     InferRequest,
     ProtocolError,
     RequestedOutput,
-    check_input_count,
-    check_input_name,
-    check_input_shape,
+    TensorMetadata,
+    check_batch,
     check_output_name,
+    check_shape,
+    convert_input,
     input_dtype,
-    to_rows,
+    match_inputs,
 )
 
 #: gRPC status of each HTTP status the core answers with (anything else: INTERNAL).
@@ -66,40 +69,58 @@ CONTENTS_FIELDS: dict[str, str] = {
 
 
 def decode_infer_request(
-    msg: pb.ModelInferRequest, *, input_name: str, input_size: int, output_names: tuple[str, ...]
+    msg: pb.ModelInferRequest, *, inputs: Sequence[TensorMetadata], output_names: tuple[str, ...]
 ) -> InferRequest:
-    """Validate a ``ModelInferRequest`` for a model with one ``[-1, input_size]`` input.
+    """Validate a ``ModelInferRequest`` against the model's input signature.
+
+    The checks are REST's (:mod:`kiln.server.protocol`): every model input exactly once, by name;
+    a numeric datatype; a shape fitting the signature; values converted to the model's datatype
+    (finite floats, integers in range); the same row count for every input.
 
     Args:
         msg: the request (its model name and version are checked by the caller).
-        input_name: the model's input tensor name.
-        input_size: features per row.
-        output_names: outputs the client may request.
+        inputs: the model's inputs (name, datatype, shape with -1 for free dimensions).
+        output_names: outputs the client may request (all of them by default).
     Returns:
-        The request with its rows as finite float32; its outputs are ``binary`` (answered in
+        The request with one array per model input; its outputs are ``binary`` (answered in
         ``raw_output_contents``) when the inputs came as ``raw_input_contents``.
     Raises:
         ProtocolError: 400 with a message naming the input or output at fault.
     """
-    for i, tensor in enumerate(msg.inputs):
-        check_input_name(tensor.name, i, input_name)
-    check_input_count(len(msg.inputs), input_name)
-    tensor = msg.inputs[0]
-    name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
-    dtype = input_dtype(name, datatype)
-    count = check_input_shape(name, shape, input_size)
+    specs = match_inputs([t.name for t in msg.inputs], inputs)
     raw = len(msg.raw_input_contents) > 0
-    if raw:
-        if len(msg.raw_input_contents) != len(msg.inputs):
-            raise ProtocolError(
-                f"raw_input_contents has {len(msg.raw_input_contents)} entries for {len(msg.inputs)} input(s)"
-            )
+    if raw and len(msg.raw_input_contents) != len(msg.inputs):
+        raise ProtocolError(
+            f"raw_input_contents has {len(msg.raw_input_contents)} entries for {len(msg.inputs)} input(s)"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for i, (tensor, spec) in enumerate(zip(msg.inputs, specs, strict=True)):
+        data = msg.raw_input_contents[i] if raw else None
+        arrays[spec.name] = _decode_input(tensor, data, i, spec)
+    check_batch(arrays)
+    outputs = [RequestedOutput(n, raw) for n in output_names]
+    if msg.outputs:
+        outputs = []
+        for out in msg.outputs:
+            check_output_name(out.name, output_names)
+            outputs.append(RequestedOutput(out.name, raw))
+    return InferRequest(id=msg.id or None, inputs={t.name: arrays[t.name] for t in inputs}, outputs=outputs)
+
+
+def _decode_input(
+    tensor: pb.ModelInferRequest.InferInputTensor, data: bytes | None, index: int, spec: TensorMetadata
+) -> np.ndarray:
+    """One input's values (``data``: its ``raw_input_contents`` entry, None for typed contents)."""
+    name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
+    dtype = input_dtype(name, datatype, spec)
+    shape = check_shape(name, shape, spec)
+    count = int(np.prod(shape))
+    if data is not None:
         if tensor.HasField("contents"):
             raise ProtocolError(f"input {name!r} has contents while the request uses raw_input_contents")
-        data = msg.raw_input_contents[0]
         if len(data) != count * dtype.itemsize:
             raise ProtocolError(
-                f"input {name!r}: raw_input_contents[0] has {len(data)} bytes but shape {shape} "
+                f"input {name!r}: raw_input_contents[{index}] has {len(data)} bytes but shape {shape} "
                 f"of {datatype} needs {count * dtype.itemsize}"
             )
         arr = np.frombuffer(data, dtype=dtype)
@@ -112,27 +133,27 @@ def decode_infer_request(
             raise ProtocolError(
                 f"input {name!r} has {len(values)} values in contents.{field} but shape {shape} needs {count}"
             )
-        arr = np.asarray(values)
-    outputs = [RequestedOutput(n, raw) for n in output_names]
-    if msg.outputs:
-        outputs = []
-        for out in msg.outputs:
-            check_output_name(out.name, output_names)
-            outputs.append(RequestedOutput(out.name, raw))
-    return InferRequest(id=msg.id or None, rows=to_rows(name, arr, shape), outputs=outputs)
+        # the typed field is wider than the datatype (int_contents for INT8): check its range
+        arr = convert_input(name, np.asarray(values), datatype)
+    return convert_input(name, arr.reshape(shape), spec.datatype)
 
 
 def encode_infer_response(
     *, model_name: str, model_version: str, request_id: str, outputs: list[OutputTensor]
 ) -> pb.ModelInferResponse:
-    """A ``ModelInferResponse``: binary outputs in ``raw_output_contents`` (little-endian), others typed."""
+    """A ``ModelInferResponse``: binary outputs in ``raw_output_contents`` (little-endian), others typed.
+
+    All outputs are raw when one is binary or has a datatype without a typed field (FP16).
+    """
     response = pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=request_id)
+    # raw for every output or for none (the proto's rule); FP16 has no typed field: raw then
+    raw = any(o.requested.binary or o.datatype not in CONTENTS_FIELDS for o in outputs)
     for out in outputs:
         arr = out.array
         tensor = response.outputs.add(name=out.requested.name, datatype=out.datatype, shape=list(arr.shape))
-        if out.requested.binary:
-            raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
-            response.raw_output_contents.append(raw)
+        if raw:
+            data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            response.raw_output_contents.append(data)
         else:
             getattr(tensor.contents, CONTENTS_FIELDS[out.datatype]).extend(arr.ravel().tolist())
     return response
@@ -206,12 +227,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def decode() -> InferRequest:
             core.check_model(request.model_name, request.model_version or None)
-            return decode_infer_request(
-                request,
-                input_name=core.input.name,
-                input_size=core.input.shape[1],
-                output_names=core.output_names,
-            )
+            return decode_infer_request(request, inputs=core.inputs, output_names=core.output_names)
 
         def encode(parsed: InferRequest, outputs: list[OutputTensor]) -> pb.ModelInferResponse:
             return encode_infer_response(

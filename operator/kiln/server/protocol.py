@@ -12,16 +12,25 @@ Supported:
   header of ``Inference-Header-Content-Length`` bytes followed by raw little-endian tensors; an input
   names its byte count in ``parameters.binary_data_size``. Outputs are returned in binary when the
   request asks with ``outputs[].parameters.binary_data`` or ``parameters.binary_data_output``.
-- Input datatypes ``FP16/FP32/FP64/INT8..64/UINT8..64`` (converted to float32); ``BOOL`` and
-  ``BYTES`` are rejected with 400.
+- Any number of named inputs, each checked against the model's signature
+  (:class:`TensorMetadata`: ``-1`` dimensions free, the first one the batch of at least one row,
+  the same for every input). Input datatypes ``FP16/FP32/FP64/INT8..64/UINT8..64`` are
+  converted to the datatype the model declares (to an integer one only when every value is an
+  integer in its range); ``BOOL`` and ``BYTES`` are rejected with 400. Messages name the input.
 
 Unknown top-level and ``parameters`` keys are ignored (KServe's client sends ``model_name``,
 MLServer's codecs send ``parameters.content_type``).
+
+The checks of a request against the signature (:func:`match_inputs`, :func:`input_dtype`,
+:func:`check_shape`, :func:`convert_input`, :func:`check_batch`, :func:`check_output_name`) are
+public: the gRPC service (:mod:`kiln.server.grpc_service`) runs the same ones, so both transports
+accept the same tensors and refuse the rest with the same messages.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,11 +91,17 @@ class RequestedOutput:
 
 @dataclass
 class InferRequest:
-    """A validated inference request: a float32 ``(rows, features)`` C-contiguous array."""
+    """A validated inference request: one C-contiguous array per model input, in the model's
+    input order and datatypes, all with the same number of rows (the first dimension)."""
 
     id: str | None
-    rows: np.ndarray
+    inputs: dict[str, np.ndarray]
     outputs: list[RequestedOutput] = field(default_factory=list)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The first input's array (the only one of a single-input model)."""
+        return next(iter(self.inputs.values()))
 
 
 def _reject_constant(name: str) -> Any:
@@ -109,23 +124,30 @@ def parse_infer_request(
     body: bytes,
     *,
     header_length: str | None,
-    input_name: str,
-    input_size: int,
     output_names: tuple[str, ...],
+    inputs: Sequence[TensorMetadata] | None = None,
+    input_name: str | None = None,
+    input_size: int | None = None,
 ) -> InferRequest:
-    """Parse and validate an inference request body for a model with one ``[-1, input_size]`` input.
+    """Parse and validate an inference request body against the model's input signature.
 
     Args:
         body: the raw request body.
         header_length: value of the ``Inference-Header-Content-Length`` header, if any.
-        input_name: the model's input tensor name.
-        input_size: features per row.
-        output_names: outputs the client may request (the first is the logits tensor).
+        output_names: outputs the client may request (all of them by default).
+        inputs: the model's inputs (name, datatype, shape with -1 for free dimensions); or,
+            for a model with one ``[-1, input_size]`` FP32 input, ``input_name`` and
+            ``input_size``.
     Returns:
-        The request with its rows as a float32 array (the rows are finite).
+        The request with one array per model input (finite values for float datatypes).
     Raises:
-        ProtocolError: 400 with a message naming the problem, for anything malformed.
+        ProtocolError: 400 with a message naming the problem (and the input), for anything
+            malformed.
     """
+    if inputs is None:
+        if input_name is None or input_size is None:
+            raise TypeError("give inputs, or input_name and input_size")
+        inputs = (TensorMetadata(input_name, "FP32", [-1, input_size]),)
     json_part, binary = _split_body(body, header_length)
     try:
         doc = _DECODER.decode(json_part.decode("utf-8"))
@@ -140,35 +162,83 @@ def parse_infer_request(
     params = _parameters(doc, "request")
     binary_default = params.get("binary_data_output") is True
 
-    inputs = doc.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise ProtocolError(f"'inputs' must be a non-empty list of tensors (one named {input_name!r})")
-    for i, tensor in enumerate(inputs):
-        if not isinstance(tensor, dict):
-            raise ProtocolError(f"inputs[{i}] must be a JSON object, got {type(tensor).__name__}")
-        check_input_name(tensor.get("name"), i, input_name)
-    check_input_count(len(inputs), input_name)
-    rows, used = _parse_input(inputs[0], binary, input_size)
+    tensors = _match_inputs(doc.get("inputs"), inputs)
+    arrays: dict[str, np.ndarray] = {}
+    used = 0
+    for tensor, spec in tensors:  # binary data follows the JSON in the order of 'inputs'
+        arrays[spec.name], n = _parse_input(tensor, binary, used, spec)
+        used += n
     if used != len(binary):
         raise ProtocolError(
             f"binary section has {len(binary)} bytes but inputs declare {used} (parameters.binary_data_size)"
         )
+    check_batch(arrays)
     outputs = _parse_outputs(doc.get("outputs"), output_names, binary_default)
-    return InferRequest(id=request_id, rows=rows, outputs=outputs)
+    return InferRequest(id=request_id, inputs={t.name: arrays[t.name] for t in inputs}, outputs=outputs)
 
 
-def check_input_name(name: Any, index: int, input_name: str) -> None:
-    """Raise ProtocolError 400 naming ``name`` (``inputs[index]``) unless it is ``input_name``."""
-    if name != input_name:
+def _names(specs: Sequence[TensorMetadata]) -> str:
+    return ", ".join(repr(t.name) for t in specs)
+
+
+def _match_inputs(
+    tensors: Any, specs: Sequence[TensorMetadata]
+) -> list[tuple[dict[str, Any], TensorMetadata]]:
+    """Pair each JSON request tensor with the model input of its name (request order)."""
+    if not isinstance(tensors, list) or not tensors:
         raise ProtocolError(
-            f"unknown input {name!r} (inputs[{index}]); the model has one input, {input_name!r}"
+            f"'inputs' must be a non-empty list of tensors (the model's inputs: {_names(specs)})"
         )
+    for i, tensor in enumerate(tensors):
+        if not isinstance(tensor, dict):
+            raise ProtocolError(f"inputs[{i}] must be a JSON object, got {type(tensor).__name__}")
+    return list(zip(tensors, match_inputs([t.get("name") for t in tensors], specs), strict=True))
 
 
-def check_input_count(count: int, input_name: str) -> None:
-    """Raise ProtocolError 400 unless the request has exactly one input tensor."""
-    if count != 1:
-        raise ProtocolError(f"expected exactly one input tensor {input_name!r}, got {count}")
+def match_inputs(names: Sequence[Any], specs: Sequence[TensorMetadata]) -> list[TensorMetadata]:
+    """The model input of each of a request's input tensor names (request order).
+
+    Both transports' check of the request's inputs against the model's signature.
+
+    Raises:
+        ProtocolError: 400 naming the input: none given, unknown, given twice, or missing.
+    """
+    by_name = {t.name: t for t in specs}
+    if not names:
+        raise ProtocolError(f"the request has no inputs; the model's inputs are {_names(specs)}")
+    out: list[TensorMetadata] = []
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or name not in by_name:
+            raise ProtocolError(
+                f"unknown input {name!r} (inputs[{i}]); the model's inputs are {_names(specs)}"
+            )
+        if name in seen:
+            raise ProtocolError(
+                f"input {name!r} is given more than once; expected exactly one input tensor per model input"
+            )
+        seen.add(name)
+        out.append(by_name[name])
+    missing = [t.name for t in specs if t.name not in seen]
+    if missing:
+        raise ProtocolError(f"missing input {missing[0]!r}; the model's inputs are {_names(specs)}")
+    return out
+
+
+def check_batch(arrays: dict[str, np.ndarray]) -> None:
+    """Every input must have the same number of rows (its first dimension).
+
+    Raises:
+        ProtocolError: 400 naming two inputs that differ.
+    """
+    sizes = {name: int(a.shape[0]) for name, a in arrays.items()}
+    first = next(iter(sizes))
+    for name, n in sizes.items():
+        if n != sizes[first]:
+            raise ProtocolError(
+                f"input {name!r} has {n} rows but input {first!r} has {sizes[first]}; "
+                "every input needs the same first (batch) dimension"
+            )
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -192,13 +262,91 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
-def _parse_input(tensor: dict[str, Any], binary: bytes, input_size: int) -> tuple[np.ndarray, int]:
-    """Return (rows, bytes of the binary section consumed)."""
+def input_dtype(name: str, datatype: Any, spec: TensorMetadata) -> np.dtype[Any]:
+    """The little-endian numpy dtype of the OIP ``datatype`` a request gives input ``name``.
+
+    Any numeric datatype is accepted (the values are converted to ``spec.datatype`` by
+    :func:`convert_input`).
+
+    Raises:
+        ProtocolError: 400 naming the input: not a string, BOOL/BYTES, or unknown.
+    """
+    if not isinstance(datatype, str):
+        raise ProtocolError(f"input {name!r} needs a string 'datatype' (e.g. \"FP32\"), got {datatype!r}")
+    if datatype in REJECTED_DATATYPES:
+        raise ProtocolError(
+            f"input {name!r} has datatype {datatype} ({REJECTED_DATATYPES[datatype]}); "
+            f"expected a numeric datatype such as {spec.datatype}"
+        )
+    dtype = NUMERIC_DATATYPES.get(datatype)
+    if dtype is None:
+        raise ProtocolError(
+            f"input {name!r} has unknown datatype {datatype!r}; expected {spec.datatype} (or another number type)"
+        )
+    return dtype
+
+
+def check_shape(name: str, shape: Any, spec: TensorMetadata) -> list[int]:
+    """Validate a request tensor's ``shape`` against the model input ``spec``.
+
+    Returns:
+        The shape.
+    Raises:
+        ProtocolError: 400 naming the input: not a list of non-negative integers, another
+            rank, a fixed dimension that differs, or no rows.
+    """
+    expected = _shape_str(spec.shape)
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ProtocolError(
+            f"input {name!r} has invalid shape {_shape_str(shape)}; expected a list of non-negative integers "
+            f"matching {expected}"
+        )
+    fits = len(shape) == len(spec.shape) and all(w in (-1, d) for d, w in zip(shape, spec.shape, strict=True))
+    if not fits or shape[0] < 1:
+        raise ProtocolError(
+            f"input {name!r} has wrong shape {_shape_str(shape)}; expected {expected} "
+            "(-1: any size; at least one row)"
+        )
+    return shape
+
+
+def convert_input(name: str, arr: np.ndarray, datatype: str) -> np.ndarray:
+    """``arr`` as a writable C-contiguous array of the model's ``datatype``.
+
+    Raises:
+        ProtocolError: 400 naming the input: float values that are not finite in the target
+            float type, or values that are not integers in the target integer type's range.
+    """
+    target = NUMERIC_DATATYPES[datatype]
+    if target.kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.ascontiguousarray(arr, dtype=target.newbyteorder("="))
+        if not np.isfinite(out).all():
+            raise ProtocolError(
+                f"input {name!r} has values that are not finite in {datatype.lower().replace('fp', 'float')} "
+                "(NaN, inf or out of range)"
+            )
+    else:
+        info = np.iinfo(target)
+        if arr.dtype.kind == "f" and not (np.isfinite(arr).all() and (np.floor(arr) == arr).all()):
+            raise ProtocolError(f"input {name!r} must hold integers ({datatype}); got fractions or NaN")
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise ProtocolError(f"input {name!r} has values outside the range of {datatype}")
+        out = np.ascontiguousarray(arr, dtype=target.newbyteorder("="))
+    if not out.flags.writeable:  # a view of the request bytes; torch wants writable memory
+        out = out.copy()
+    return out
+
+
+def _parse_input(
+    tensor: dict[str, Any], binary: bytes, offset: int, spec: TensorMetadata
+) -> tuple[np.ndarray, int]:
+    """Return (array in the model's datatype, bytes of the binary section consumed at ``offset``)."""
     name = tensor["name"]
     datatype = tensor.get("datatype")
-    dtype = input_dtype(name, datatype)
-    shape: Any = tensor.get("shape")
-    count = check_input_shape(name, shape, input_size)
+    dtype = input_dtype(name, datatype, spec)
+    shape = check_shape(name, tensor.get("shape"), spec)
+    count = int(np.prod(shape))
     params = _parameters(tensor, f"input {name!r}")
     size = params.get("binary_data_size")
     used = 0
@@ -214,12 +362,12 @@ def _parse_input(tensor: dict[str, Any], binary: bytes, input_size: int) -> tupl
                 f"input {name!r}: binary_data_size is {size} bytes but shape {_shape_str(shape)} "
                 f"of {datatype} needs {count * dtype.itemsize}"
             )
-        if size > len(binary):
+        if size > len(binary) - offset:
             raise ProtocolError(
                 f"input {name!r}: binary_data_size is {size} bytes "
-                f"but only {len(binary)} follow the JSON header"
+                f"but only {len(binary) - offset} follow the JSON header"
             )
-        arr = np.frombuffer(binary, dtype=dtype, count=count)
+        arr = np.frombuffer(binary, dtype=dtype, count=count, offset=offset)
         used = size
     else:
         if "data" not in tensor:
@@ -229,65 +377,7 @@ def _parse_input(tensor: dict[str, Any], binary: bytes, input_size: int) -> tupl
             raise ProtocolError(
                 f"input {name!r} has {arr.size} values in 'data' but shape {_shape_str(shape)} needs {count}"
             )
-    return to_rows(name, arr, shape), used
-
-
-def input_dtype(name: str, datatype: Any) -> np.dtype[Any]:
-    """The little-endian numpy dtype of an input's OIP ``datatype``.
-
-    Raises:
-        ProtocolError: 400 naming the input, for BOOL/BYTES, an unknown or a non-string datatype.
-    """
-    if not isinstance(datatype, str):
-        raise ProtocolError(f"input {name!r} needs a string 'datatype' (e.g. \"FP32\"), got {datatype!r}")
-    if datatype in REJECTED_DATATYPES:
-        raise ProtocolError(
-            f"input {name!r} has datatype {datatype} ({REJECTED_DATATYPES[datatype]}); "
-            "expected a numeric datatype such as FP32"
-        )
-    dtype = NUMERIC_DATATYPES.get(datatype)
-    if dtype is None:
-        raise ProtocolError(
-            f"input {name!r} has unknown datatype {datatype!r}; expected FP32 (or another number type)"
-        )
-    return dtype
-
-
-def check_input_shape(name: str, shape: Any, input_size: int) -> int:
-    """Check an input's ``shape`` against ``[-1, input_size]``; return its element count.
-
-    Raises:
-        ProtocolError: 400 naming the input, for anything but ``[n >= 1, input_size]``.
-    """
-    expected = f"[-1, {input_size}]"
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise ProtocolError(
-            f"input {name!r} has invalid shape {_shape_str(shape)}; expected a list of non-negative integers "
-            f"matching {expected}"
-        )
-    if len(shape) != 2 or shape[1] != input_size or shape[0] < 1:
-        raise ProtocolError(
-            f"input {name!r} has wrong shape {_shape_str(shape)}; expected {expected} "
-            f"(at least one row of {input_size} features)"
-        )
-    return int(shape[0] * shape[1])
-
-
-def to_rows(name: str, arr: np.ndarray, shape: list[int]) -> np.ndarray:
-    """An input's values (``shape[0] * shape[1]`` of any numeric dtype) as writable finite float32 rows.
-
-    Raises:
-        ProtocolError: 400 naming the input, when a value is not finite in float32.
-    """
-    with np.errstate(over="ignore", invalid="ignore"):
-        rows = np.ascontiguousarray(arr.reshape(shape[0], shape[1]), dtype=np.float32)
-    if not rows.flags.writeable:  # a view of the request bytes; torch wants writable memory
-        rows = rows.copy()
-    if not np.isfinite(rows).all():
-        raise ProtocolError(
-            f"input {name!r} has values that are not finite in float32 (NaN, inf or out of range)"
-        )
-    return rows
+    return convert_input(name, arr.reshape(shape), spec.datatype), used
 
 
 def _json_data_to_array(name: str, data: Any) -> np.ndarray:

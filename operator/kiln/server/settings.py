@@ -40,6 +40,7 @@ class ServerSettings:
     torch_threads: int = 1
     log_level: str = "INFO"
     model_dir: str = "/tmp/kiln-model"
+    model_hook: str = ""
     fetch_only: bool = False
 
     def __post_init__(self) -> None:
@@ -163,6 +164,14 @@ OPTIONS: tuple[_Option, ...] = (
         "KILN_MODEL_DIR",
         str,
         "where an s3:// artifact is downloaded to (a copy verified there is reused at the next start)",
+    ),
+    _Option(
+        "model_hook",
+        "--model-hook",
+        "KILN_MODEL_HOOK",
+        str,
+        "pre/post-processing hook: module:attr, or an entry point of group kiln.model_hooks "
+        "(runs in the server process: no isolation)",
     ),
 )
 

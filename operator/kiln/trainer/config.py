@@ -402,7 +402,7 @@ def resolve_config(
     output = args.output or env.get(ENV_OUTPUT_URI, "").strip()
     if not output:
         raise UsageError(f"no output: set {ENV_OUTPUT_URI} (file:// or s3:// URI, or a path) or --output")
-    output_root, output_remote = _output_root(output, staging_dir)
+    output_root, output_remote = resolve_output_root(output, staging_dir)
 
     model_name = _check_name(
         args.model_name or env.get(ENV_MODEL_NAME, "").strip() or DEFAULT_MODEL_NAME, "model name"
@@ -441,8 +441,13 @@ def resolve_config(
     )
 
 
-def _output_root(output: str, staging_dir: Path) -> tuple[Path, storage.Location | None]:
-    """``(local root, remote root)`` of ``KILN_OUTPUT_URI`` (see ``TrainConfig.output_root``)."""
+def resolve_output_root(output: str, staging_dir: Path) -> tuple[Path, storage.Location | None]:
+    """``(local root, remote root)`` of ``KILN_OUTPUT_URI`` (see ``TrainConfig.output_root``):
+    ``(<staging_dir>/output, s3 root)`` for an ``s3://`` output, ``(path, None)`` otherwise.
+
+    Raises:
+        UsageError: not a usable URI.
+    """
     if storage.is_remote(output):
         try:
             return staging_dir / "output", storage.parse(output)

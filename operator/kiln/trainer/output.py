@@ -1,5 +1,8 @@
 """Rank 0's outputs: the versioned artifact directory and the termination message.
 
+Shared by ``kiln-train`` and ``kiln.sdk`` (users' own training scripts); only
+:func:`write_artifact` (the MLP's safetensors) needs torch, and imports it when called.
+
 Artifact directory: ``<output root>/<model name>/<run>/`` where ``<run>`` is the TrainingJob name
 (or a UTC timestamp ``YYYYmmddTHHMMSSZ`` when there is none). It is assembled in a sibling
 temporary directory ``.tmp-<run>-<random>`` and renamed into place, so readers never see a
@@ -33,9 +36,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
 from kiln import storage
 from kiln.artifact import (
@@ -47,6 +48,9 @@ from kiln.artifact import (
     ModelConfig,
     sha256_file,
 )
+
+if TYPE_CHECKING:  # torch and safetensors only for write_artifact: kiln.sdk uses the rest without them
+    import torch
 
 log = logging.getLogger("kiln.trainer")
 FAILURE_PREFIX = "kiln-train: "
@@ -107,6 +111,8 @@ def write_artifact(
         FileExistsError: ``final_dir`` already exists (artifacts are immutable).
         OSError: the output cannot be written.
     """
+    from safetensors.torch import save_file
+
     if final_dir.exists():
         raise FileExistsError(f"artifact directory {final_dir} already exists")
     final_dir.parent.mkdir(parents=True, exist_ok=True)

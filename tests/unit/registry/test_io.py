@@ -52,12 +52,13 @@ def test_verify_classifies_problems(tmp_path: Path) -> None:
     assert problem is not None and problem.reason == "ArtifactMissing" and "gs" in problem.message
     _, problem = artifacts.verify(path_to_uri(tmp_path / "nope"), digest)
     assert problem is not None and problem.reason == "ArtifactMissing"
+    (d / WEIGHTS_FILE).rename(d / "moved")
+    _, problem = artifacts.verify(path_to_uri(d), digest)
+    assert problem is not None and problem.reason == "ArtifactMissing" and WEIGHTS_FILE in problem.message
+    (d / "moved").rename(d / WEIGHTS_FILE)
     (d / METADATA_FILE).write_text("{}")
     _, problem = artifacts.verify(path_to_uri(d), digest)
     assert problem is not None and problem.reason == "ArtifactInvalid"
-    (d / WEIGHTS_FILE).unlink()
-    _, problem = artifacts.verify(path_to_uri(d), digest)
-    assert problem is not None and problem.reason == "ArtifactMissing" and WEIGHTS_FILE in problem.message
 
 
 def test_write_record_then_scan_finds_it(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ def test_everything_comes_from_the_environment_and_flags_win() -> None:
         "KILN_LOG_LEVEL": "DEBUG",
         "KILN_HOST": "127.0.0.1",
         "KILN_MODEL_DIR": "/var/lib/kiln/model",
+        "KILN_MODEL_HOOK": "digits_hooks:Scale",
     }
     assert set(env) == set(ENV_VARS.values())
     s = parse_settings([], env)
@@ -67,6 +68,7 @@ def test_everything_comes_from_the_environment_and_flags_win() -> None:
         model_name="digits",
         model_version="3",
         model_dir="/var/lib/kiln/model",
+        model_hook="digits_hooks:Scale",
         host="127.0.0.1",
         port=8000,
         grpc_port=8001,

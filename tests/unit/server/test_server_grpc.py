@@ -228,7 +228,19 @@ def _bad(rows: np.ndarray, **kw: Any) -> pb.ModelInferRequest:
         (
             lambda r: pb.ModelInferRequest(model_name=MODEL_NAME),
             "INVALID_ARGUMENT",
-            "expected exactly one input",
+            "the request has no inputs; the model's inputs are 'input-0'",
+        ),
+        (
+            lambda r: _with_input(
+                _with_input(_bad(r), "input-0", "FP32", [1, 64]), "input-0", "FP32", [1, 64]
+            ),
+            "INVALID_ARGUMENT",
+            "input 'input-0' is given more than once",
+        ),
+        (
+            lambda r: _typed_int8(r, 300),
+            "INVALID_ARGUMENT",
+            "input 'input-0' has values outside the range of INT8",
         ),
         (
             lambda r: _with_input(pb.ModelInferRequest(model_name="mnist"), "input-0", "FP32", [1, 64]),
@@ -255,6 +267,13 @@ def _with_input(
     req: pb.ModelInferRequest, name: str, datatype: str, shape: list[int]
 ) -> pb.ModelInferRequest:
     req.inputs.add(name=name, datatype=datatype, shape=shape)
+    return req
+
+
+def _typed_int8(rows: np.ndarray, value: int) -> pb.ModelInferRequest:
+    """INT8 typed contents (sent in the wider int_contents) all equal to ``value``."""
+    req = _with_input(pb.ModelInferRequest(model_name=MODEL_NAME), "input-0", "INT8", list(rows.shape))
+    req.inputs[0].contents.int_contents.extend([value] * rows.size)
     return req
 
 
