@@ -85,7 +85,9 @@ class Transformation(KilnModel):
     column: str | None = Field(
         default=None, max_length=128, pattern=IDENT, description="Source column (default: the feature name)."
     )
-    mean: float | None = Field(default=None, description="Standardize: the mean subtracted (given, not fitted).")
+    mean: float | None = Field(
+        default=None, description="Standardize: the mean subtracted (given, not fitted)."
+    )
     std: float | None = Field(
         default=None, gt=0, description="Standardize: the standard deviation divided by (> 0)."
     )

@@ -233,6 +233,16 @@ def progress_failure(dep: Mapping[str, Any] | None, version: int | None) -> str 
     return None
 
 
+def replica_failure(dep: Mapping[str, Any] | None) -> str | None:
+    """The Deployment's ``ReplicaFailure=True`` message, else None: its ReplicaSet cannot create
+    pods (PodSecurity admission, a ResourceQuota, a webhook), so no pod of it will ever start
+    until that changes. The API server accepted the Deployment; only this condition says so."""
+    for c in ((dep or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == "ReplicaFailure" and c.get("status") == "True":
+            return str(c.get("message") or c.get("reason") or "ReplicaFailure")
+    return None
+
+
 def measure(
     spec: InferenceServiceSpec, status: InferenceServiceStatus, namespace: str, name: str
 ) -> Measurement:
@@ -265,25 +275,13 @@ def measure(
     return Measurement(version=status.canary_version, results=tuple(results))
 
 
-def _apply_children(
-    api: k8s.ApiClient, obj: dict[str, Any], manifests: list[dict[str, Any]], keep: set[tuple[str, str]]
-) -> list[str]:
-    """Apply ``manifests``; delete owned children not among them nor in ``keep``.
+def _children(api: k8s.ApiClient, obj: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """This InferenceService's children by (kind, name): one LIST per child kind, owned ones only.
 
-    Returns problems for the Ready condition (a kind whose CRD is not installed: 404).
+    A kind whose CRD is not installed (404) has none.
     """
-    problems: list[str] = []
-    wanted = {(m["kind"], m["metadata"]["name"]) for m in manifests} | keep
-    for m in manifests:
-        try:
-            kube.apply(api, m)
-        except ApiException as e:
-            if e.status == 404:
-                group = m["apiVersion"].split("/")[0]
-                problems.append(f"{m['kind']} not created: the {group} CRDs are not installed")
-                continue
-            raise
     ns, name, uid = obj["metadata"]["namespace"], obj["metadata"]["name"], obj["metadata"]["uid"]
+    out: dict[tuple[str, str], dict[str, Any]] = {}
     for api_version, kind in res.CHILD_KINDS:
         try:
             items = kube.list_objects(api, api_version, kind, ns, f"{res.LABEL_ISVC}={name}")
@@ -292,11 +290,44 @@ def _apply_children(
                 continue
             raise
         for it in items:
-            meta = it["metadata"]
-            owned = any(r.get("uid") == uid for r in meta.get("ownerReferences") or [])
-            if owned and (kind, meta["name"]) not in wanted:
-                log.info("deleting %s %s/%s (no longer wanted)", kind, ns, meta["name"])
-                kube.delete(api, api_version, kind, ns, meta["name"], uid=meta.get("uid"))
+            if any(r.get("uid") == uid for r in it["metadata"].get("ownerReferences") or []):
+                it.setdefault("apiVersion", api_version)
+                out[(kind, it["metadata"]["name"])] = it
+    return out
+
+
+def _apply_children(
+    api: k8s.ApiClient,
+    obj: dict[str, Any],
+    manifests: list[dict[str, Any]],
+    keep: set[tuple[str, str]],
+    children: dict[tuple[str, str], dict[str, Any]],
+) -> list[str]:
+    """Apply the ``manifests`` that ``children`` (as listed) do not already match; delete
+    children neither among them nor in ``keep``. Nothing is written for a child at rest
+    (:func:`kiln.kube.covers`).
+
+    Returns problems for the Ready condition (a kind whose CRD is not installed: 404).
+    """
+    problems: list[str] = []
+    wanted = {(m["kind"], m["metadata"]["name"]) for m in manifests} | keep
+    for m in manifests:
+        live = children.get((m["kind"], m["metadata"]["name"]))
+        if live is not None and kube.covers(live, m):
+            continue
+        try:
+            kube.apply(api, m)
+        except ApiException as e:
+            if e.status == 404:
+                group = m["apiVersion"].split("/")[0]
+                problems.append(f"{m['kind']} not created: the {group} CRDs are not installed")
+                continue
+            raise
+    ns = obj["metadata"]["namespace"]
+    for (kind, child), it in children.items():
+        if (kind, child) not in wanted:
+            log.info("deleting %s %s/%s (no longer wanted)", kind, ns, child)
+            kube.delete(api, it["apiVersion"], kind, ns, child, uid=it["metadata"].get("uid"))
     return problems
 
 
@@ -369,10 +400,8 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
     except Unresolved as u:
         return _not_ready(api, obj, old_status, u.reason, u.message, now, model_loaded=False)
 
-    deps = {
-        t: kube.get(api, "apps/v1", "Deployment", namespace, res.deployment_name(name, t))
-        for t in (res.STABLE, res.CANARY)
-    }
+    children = _children(api, obj)
+    deps = {t: children.get(("Deployment", res.deployment_name(name, t))) for t in (res.STABLE, res.CANARY)}
     total = spec.replicas
     if spec.autoscaling is not None:
         current = int(((deps[res.STABLE] or {}).get("spec") or {}).get("replicas") or 0)
@@ -405,7 +434,7 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
         defaults=StorageDefaults.from_environ(os.environ),
     )
     keep = set() if stable is not None else {("Deployment", res.deployment_name(name, res.STABLE))}
-    problems = _apply_children(api, obj, manifests, keep)
+    problems = _apply_children(api, obj, manifests, keep, children)
     if status.canary_version is not None and plan.canary_weight != status.canary_weight:
         failpoints.hit("inferenceservice-step-applied")
     if stable is None:
@@ -469,8 +498,15 @@ def _status(
     gateway_missing = spec.rollout.traffic_routing == TrafficRouting.GATEWAY_API and any(
         "HTTPRoute" in p for p in problems
     )
+    failures = [
+        f"{track} Deployment cannot create pods: {m}"
+        for track in (res.STABLE, res.CANARY)
+        if (m := replica_failure(deps[track]))
+    ]
     if gateway_missing:
         verdict = (FALSE, "GatewayAPINotInstalled", "; ".join(problems))
+    elif failures:
+        verdict = (FALSE, "ReplicaFailure", "; ".join(failures))
     elif not stable_ok:
         verdict = (
             FALSE,

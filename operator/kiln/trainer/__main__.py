@@ -241,13 +241,18 @@ def run(config: TrainConfig) -> int:
         "valLoss": last.val_loss,
         "trainLoss": last.train_loss,
     }
+    fg = config.dataset.featureGroup
     metadata = ArtifactMetadata(
         modelName=config.model_name,
         weightsDigest="sha256:" + "0" * 64,  # replaced by the digest of the file written
         metrics=metrics,
         hyperparameters=lineage,
         dataset=DatasetInfo(
-            name=config.dataset.display_name, digest=dataset.digest, numSamples=dataset.num_samples
+            name=config.dataset.display_name,
+            digest=dataset.digest,
+            numSamples=dataset.num_samples,
+            featureGroup=fg and f"{fg.namespace}/{fg.name}",
+            schemaDigest=fg and fg.schemaDigest,
         ),
         image=config.image,
         trainingJob=config.training_job,
