@@ -147,6 +147,7 @@ class ThreadedServer:
             model_version=model.version,
             host="127.0.0.1",
             port=0,
+            grpc_port=0,
             metrics_port=0,
             max_request_bytes=256 * 1024,
             drain_timeout_seconds=5.0,
@@ -159,6 +160,7 @@ class ThreadedServer:
         self.run(self.server.start())
         self.url = f"http://127.0.0.1:{self.server.port}"
         self.metrics_url = f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+        self.grpc_target = f"127.0.0.1:{self.server.grpc_port}"
 
     def run(self, coro: Any, timeout: float = 30.0) -> Any:
         """Run a coroutine on the server's loop and wait for its result."""
