@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from kiln.monitoring.profile import PROFILE_FILE, build_profile  # noqa: E402
+from kiln.monitoring.profile import PROFILE_FILE, build_profile
 
-from .conftest import MODEL_NAME  # noqa: E402
+from .conftest import MODEL_NAME
 
 
 def infer(url: str, rows: np.ndarray) -> None:
@@ -65,11 +65,12 @@ def test_served_traffic_is_compared_with_the_reference(
     assert report.prediction is not None and report.prediction.drifted is drifted
 
     metrics = get(server.metrics_url)
-    assert (
-        "kiln_drift_reference_present" in metrics and 'feature="pixel_' in metrics or 'feature="' in metrics
-    )
+    present = next(x for x in metrics.splitlines() if x.startswith("kiln_drift_reference_present"))
+    assert present.endswith(" 1.0")
+    assert sum(x.startswith("kiln_feature_drift{") for x in metrics.splitlines()) >= 64
     snapshot = json.loads(get(server.metrics_url.replace("/metrics", "/debug/drift")))
-    assert snapshot["windowRows"] == 300 if "windowRows" in snapshot else snapshot
+    assert snapshot["windowRows"] == 300 and snapshot["reference"] is True
+    assert (snapshot["driftShare"] > 0.5) is drifted
 
 
 def test_no_reference_is_a_state_not_an_error(make_server, tmp_path):
