@@ -116,6 +116,8 @@ KINDS: tuple[Kind, ...] = (
             {"name": "Entities", "type": "string", "jsonPath": ".spec.entities[*].name"},
             {"name": "Online", "type": "boolean", "jsonPath": ".spec.online.enabled"},
             {"name": "Materialized", "type": "date", "jsonPath": ".status.lastMaterializationTime"},
+            {"name": "Rows", "type": "integer", "jsonPath": ".status.materializedRows"},
+            {"name": "Last Run", "type": "string", "priority": 1, "jsonPath": ".status.lastRun.phase"},
             _READY,
             _REASON,
             _AGE,
