@@ -118,6 +118,7 @@ KINDS: tuple[Kind, ...] = (
             {"name": "Materialized", "type": "date", "jsonPath": ".status.lastMaterializationTime"},
             {"name": "Rows", "type": "integer", "jsonPath": ".status.materializedRows"},
             {"name": "Last Run", "type": "string", "priority": 1, "jsonPath": ".status.lastRun.phase"},
+            {"name": "Running", "type": "string", "priority": 1, "jsonPath": ".status.activeRun.jobName"},
             _READY,
             _REASON,
             _AGE,

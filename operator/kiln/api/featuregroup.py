@@ -336,6 +336,10 @@ class MaterializationRun(KilnModel):
         "Schedule (the CronJob), Validation (online store disabled: source check only)."
     )
     phase: RunPhase = Field(description="Running, Succeeded or Failed.")
+    generation: int | None = Field(
+        default=None, description="The FeatureGroup's metadata.generation the run was started for."
+    )
+    schema_digest: str | None = Field(default=None, description="The definitions the run wrote.")
     start: str | None = Field(
         default=None, json_schema_extra={"format": RFC3339}, description="Start of the event-time range."
     )
@@ -357,6 +361,11 @@ class MaterializationRun(KilnModel):
     )
     message: str | None = Field(default=None, max_length=4096, description="Details (names the column).")
     column: str | None = Field(default=None, description="The source column at fault, when one is.")
+    transient: bool | None = Field(
+        default=None,
+        description="The failure was transient (exit 3: a store unavailable): a backfill or validation "
+        "is retried after 5 minutes, a scheduled run at the next schedule.",
+    )
     start_time: str | None = Field(
         default=None, json_schema_extra={"format": RFC3339}, description="When the Job started."
     )

@@ -138,7 +138,11 @@ def materialize_command(args: argparse.Namespace) -> int:
         address = args.redis or (view.spec.online.store.address if view.spec.online.store else None)
         if not address:
             return _fail(
-                "NoOnlineStore", "spec.online.store is not set and --redis is not given", None, 1, log
+                "NoOnlineStore",
+                "spec.online.store is not set and --redis is not given",
+                None,
+                EXIT_PERMANENT,
+                log,
             )
         client = online.connect(address)
     except ValueError as e:  # pydantic.ValidationError is a ValueError

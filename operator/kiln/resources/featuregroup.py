@@ -67,6 +67,8 @@ ANNOTATION_END = "kiln.dev/materialize-end"
 #: On the FeatureGroup: set (to any new value, e.g. the time) to request a run (``kiln features
 #: materialize``); ``status.lastHandledMaterializeAt`` echoes the value once a run was started.
 ANNOTATION_REQUEST = "kiln.dev/materialize-requested-at"
+#: On a requested run's Job: the request value it answers (so a lost status write cannot repeat it).
+ANNOTATION_ANSWERS = "kiln.dev/answers-request"
 CONTAINER = "materialize"
 ENV_FEATURE_GROUP = "KILN_FEATURE_GROUP"
 ENV_FEATURES_IMAGE = "KILN_FEATURES_IMAGE"
@@ -309,6 +311,7 @@ def run_job(
     start: dt.datetime | None,
     end: dt.datetime | None,
     defaults: MaterializationDefaults,
+    request: str | None = None,
 ) -> dict[str, Any]:
     """The Job of one run the operator starts: an Indexed Job over ``[start, end)`` (see the module
     docstring), or, for ``trigger`` Validation (no online store), one pod checking the source.
@@ -326,6 +329,8 @@ def run_job(
         ANNOTATION_DIGEST: schema_digest(spec),
         ANNOTATION_GENERATION: str(meta.get("generation", "")),
     }
+    if request:
+        annotations[ANNOTATION_ANSWERS] = request
     if trigger == RunTrigger.VALIDATION or start is None or end is None:
         command, args, windows = "validate", [], 1
     else:
