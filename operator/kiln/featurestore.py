@@ -176,7 +176,9 @@ def run_view(job: dict[str, Any], pods: list[dict[str, Any]]) -> RunView:
         return _succeeded(base, mine)
     failed = _condition(job, "Failed")
     if failed:
-        return _failed(base, mine, failed)
+        # a failed Job has no completionTime (only a successful one does): its condition's time
+        when = base.completion_time or failed.get("lastTransitionTime")
+        return _failed(_replace(base, completion_time=when), mine, failed)
     return base
 
 

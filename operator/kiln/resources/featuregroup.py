@@ -39,6 +39,7 @@ source.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import math
@@ -153,7 +154,7 @@ def quantity_bytes(q: int | str) -> int | None:
 def resources(spec: FeatureGroupSpec) -> dict[str, Any]:
     """The container's resources: ``spec.materialization.resources``, else :data:`DEFAULT_RESOURCES`."""
     r = spec.materialization.resources
-    return r.to_api() if r is not None else DEFAULT_RESOURCES
+    return r.to_api() if r is not None else copy.deepcopy(DEFAULT_RESOURCES)
 
 
 def duckdb_memory_limit(res: dict[str, Any]) -> str:
@@ -234,7 +235,7 @@ def _container(
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": _SECURITY_CONTEXT,
+        "securityContext": copy.deepcopy(_SECURITY_CONTEXT),
     }
     if spec.materialization.image_pull_policy:
         container["imagePullPolicy"] = spec.materialization.image_pull_policy
@@ -295,7 +296,7 @@ def _job_spec(
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]
         },
-        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
     }
     if m.active_deadline_seconds:
         job["activeDeadlineSeconds"] = m.active_deadline_seconds
@@ -397,7 +398,7 @@ def cronjob(
             "successfulJobsHistoryLimit": 1,
             "failedJobsHistoryLimit": 1,
             "jobTemplate": {
-                "metadata": {"labels": labels, "annotations": annotations},
+                "metadata": {"labels": dict(labels), "annotations": dict(annotations)},
                 "spec": _job_spec(fg, spec, img, "materialize", args, labels, 1, defaults),
             },
         },
