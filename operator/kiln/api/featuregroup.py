@@ -6,7 +6,7 @@ Names follow Feast (entities, features, materialization, ``ttl`` -> ``maxAgeSeco
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -17,6 +17,7 @@ from kiln.api.common import (
     KilnModel,
     ObjectStorage,
     ResourceRequirements,
+    Toleration,
     cel,
     with_rules,
 )
@@ -269,6 +270,12 @@ class Materialization(KilnModel):
         default=None,
         max_length=253,
         description="ServiceAccount the pods run as (e.g. for a workload identity).",
+    )
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        default=None, description="Node labels the pods must match."
+    )
+    tolerations: list[Toleration] | None = Field(
+        default=None, max_length=32, description="Tolerations of the pods."
     )
 
 

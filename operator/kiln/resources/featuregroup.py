@@ -267,8 +267,8 @@ def _job_spec(
     }
     pod_spec.update(
         pod_placement(
-            node_selector=None,
-            tolerations=None,
+            node_selector=m.node_selector,
+            tolerations=m.tolerations,
             resources=ResourceRequirements.model_validate(resources(spec)),
             priority_class_name=None,
             service_account_name=m.service_account_name,
