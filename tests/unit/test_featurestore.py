@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kiln.api.featuregroup import FeatureGroupSpec
+from kiln.api.featuregroup import FeatureGroupSpec, FeatureGroupStatus
 from kiln.conditions import get_condition, rfc3339
 from kiln.features.schema import schema_digest
 from kiln.featurestore import RETRY_SECONDS, Plan, plan
@@ -55,7 +55,9 @@ def run(
     defaults: build.MaterializationDefaults = DEFAULTS,
 ) -> Plan:
     spec = FeatureGroupSpec.model_validate(fg["spec"])
-    return plan(fg, spec, list(jobs), list(pods), list(cronjobs), now, defaults)
+    p = plan(fg, spec, list(jobs), list(pods), list(cronjobs), now, defaults)
+    FeatureGroupStatus.model_validate(p.status)  # what the controller writes
+    return p
 
 
 def then(fg: dict[str, Any], p: Plan) -> dict[str, Any]:

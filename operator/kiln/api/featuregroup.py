@@ -402,8 +402,9 @@ class FeatureGroupStatus(KilnModel):
         description="The schemaDigest lastMaterializationTime refers to; new definitions start over.",
     )
     last_run: MaterializationRun | None = Field(
-        default=None, description="The latest run, whatever its outcome."
+        default=None, description="The latest finished run (Succeeded or Failed), whatever started it."
     )
+    active_run: MaterializationRun | None = Field(default=None, description="The run in progress, if any.")
     last_handled_materialize_at: str | None = Field(
         default=None,
         description="The value of annotation kiln.dev/materialize-requested-at last acted on (a run was started).",
