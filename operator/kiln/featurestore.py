@@ -444,7 +444,9 @@ def _start_run(r: _Reconcile) -> None:
     if trigger != RunTrigger.VALIDATION:
         end = r.now.replace(microsecond=0)
         start = range_start(r.spec, r.watermark, end)
-    name = build.run_name(r.fg["metadata"]["name"], r.now)
+    taken, t = {v.name for v in r.runs}, r.now
+    while (name := build.run_name(r.fg["metadata"]["name"], t)) in taken:  # a Job of this second exists
+        t += timedelta(seconds=1)
     job = build.run_job(
         r.fg,
         r.spec,
