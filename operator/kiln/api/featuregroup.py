@@ -15,6 +15,7 @@ from kiln.api.common import (
     Conditions,
     FreeFormObject,
     KilnModel,
+    LocalObjectReference,
     ObjectStorage,
     ResourceRequirements,
     Toleration,
@@ -193,7 +194,16 @@ class OnlineStore(KilnModel):
     """The key-value store serving online lookups."""
 
     type: OnlineStoreType = Field(default=OnlineStoreType.REDIS, description="Store type; Redis today.")
-    address: str = Field(min_length=1, max_length=1024, description="host:port of the store.")
+    address: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="host:port of the store, or a redis:// / rediss:// URL.",
+    )
+    secret_ref: LocalObjectReference | None = Field(
+        default=None,
+        description="Secret in this namespace whose key KILN_REDIS_PASSWORD is the store's password, "
+        "given to the materialization pods (envFrom).",
+    )
 
 
 class Online(KilnModel):

@@ -221,6 +221,9 @@ def _container(
     if is_s3(spec.source.uri):
         s3_env, env_from = storage_env(spec.source.storage, defaults.storage)
         env += s3_env
+    store = spec.online.store
+    if command == "materialize" and store is not None and store.secret_ref is not None:
+        env_from.append({"secretRef": {"name": store.secret_ref.name}})  # KILN_REDIS_PASSWORD
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
     if spec.source.volume and not is_s3(spec.source.uri):
         mounts.append({"name": "source", "mountPath": source_mount_path(spec.source.uri), "readOnly": True})

@@ -124,6 +124,19 @@ def test_cronjob_golden_starts_at_the_watermark():
     assert job["metadata"]["annotations"][build.ANNOTATION_DIGEST] == schema_digest(spec())
 
 
+def test_redis_password_secret_reaches_materialization_pods_only():
+    fg = copy.deepcopy(FG)
+    fg["spec"]["online"]["store"]["secretRef"] = {"name": "redis-auth"}
+    c = backfill(fg)["spec"]["template"]["spec"]["containers"][0]
+    assert {"secretRef": {"name": "redis-auth"}} in c["envFrom"]
+    check = build.run_job(
+        fg, spec(fg), name="x", trigger=RunTrigger.VALIDATION, start=None, end=None, defaults=DEFAULTS
+    )
+    assert {"secretRef": {"name": "redis-auth"}} not in check["spec"]["template"]["spec"]["containers"][0][
+        "envFrom"
+    ]
+
+
 def test_file_source_volume_is_mounted_read_only_at_its_parent():
     fg = copy.deepcopy(FG)
     fg["spec"]["source"] = {
