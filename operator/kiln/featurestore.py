@@ -199,6 +199,7 @@ def _succeeded(base: RunView, pods: list[dict[str, Any]]) -> RunView:
             phase=RunPhase.FAILED,
             reason="ResultMissing",
             message=f"the Job completed but left no result for window(s) {missing[:10]}",
+            transient=True,  # its pods went away before they were read: running again helps
         )
     starts = [parse_time(r["start"]) for r in results if r.get("start")]
     ends = [parse_time(r["watermark"]) for r in results if r.get("watermark")]
@@ -509,7 +510,7 @@ def _conditions(r: _Reconcile) -> None:
     r.cond("Ready", TRUE if ok else FALSE, reason, message)
     failed = last or {}
     permanent = failed.get("phase") == RunPhase.FAILED and not failed.get("transient")
-    stalled = permanent and not active and failed.get("reason") != "ResultMissing"
+    stalled = permanent and not active
     r.status["conditions"] = set_stalled(
         r.status.get("conditions"), stalled, reason, message, generation=r.gen, now=r.now
     )

@@ -269,6 +269,7 @@ def test_complete_job_without_every_result_fails_and_keeps_the_watermark():
     assert "lastMaterializationTime" not in p2.status
     assert p2.status["lastRun"]["reason"] == "ResultMissing" and "[3]" in p2.status["lastRun"]["message"]
     assert ready(p2)["status"] == "False" and not stalled(p2)
+    assert p2.requeue_after == RETRY_SECONDS - 60  # a backfill again, 5 minutes after it ended
 
 
 def test_column_missing_is_not_ready_names_the_column_and_keeps_the_watermark():
