@@ -38,15 +38,36 @@ NAME = "activity"
 QUIET_SCHEDULE = "0 0 29 2 *"
 
 
+#: Every test here needs this worktree's FeatureGroup CRD (see conftest.featuregroup_crd).
+pytestmark = pytest.mark.usefixtures("featuregroup_crd")
+
+
 @pytest.fixture(autouse=True)
-def featuregroup_crd(cluster: Any, kiln_crds: list[str]) -> None:
-    """This worktree's FeatureGroup CRD, applied again before each test: on a cluster shared by
-    several test sessions, another session's (older) CRD would prune the status fields it lacks."""
-    crd = REPO / "crds" / "kiln.dev_featuregroups.yaml"
-    cluster.kubectl_run(
-        "apply", "--server-side", "--force-conflicts", "--field-manager=kiln-tests", "-f", str(crd)
-    )
-    cluster.kubectl_run("wait", "--for=condition=Established", "--timeout=60s", "crd/featuregroups.kiln.dev")
+def no_job_pods_left_running(kube: Any, namespace: str) -> Any:
+    """After the test, delete the groups (their Jobs go with them) and end any pod still running.
+
+    kwok runs no process, so such a pod never ends by itself; it carries the Job controller's
+    ``batch.kubernetes.io/job-tracking`` finalizer, which (with a podFailurePolicy) goes only once
+    the pod reaches a terminal phase or its Job is gone: the namespace would stay Terminating.
+    The groups go first, or the operator (still running) would start new runs.
+    """
+    yield
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    for fg in kb.list_objects(kube, API_VERSION, "FeatureGroup", namespace):
+        kb.delete(kube, API_VERSION, "FeatureGroup", namespace, fg["metadata"]["name"])
+    batch, core = client.BatchV1Api(kube), client.CoreV1Api(kube)
+    wait_for(lambda: not batch.list_namespaced_job(namespace).items, 60, message="the Jobs deleted")
+    for pod in core.list_namespaced_pod(namespace).items:
+        if pod.status.phase not in ("Succeeded", "Failed"):
+            try:
+                core.patch_namespaced_pod_status(
+                    pod.metadata.name, namespace, {"status": {"phase": "Failed"}}
+                )
+            except ApiException as e:
+                if e.status != 404:
+                    raise
 
 
 def body(ns: str, **materialization: Any) -> dict[str, Any]:
