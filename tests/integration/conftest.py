@@ -9,6 +9,7 @@
   unless the test says `@pytest.mark.pod_security("baseline")` (or "privileged").
 - `kiln_crds` (session): applies every YAML in crds/ and waits until the CRDs are Established.
 - `operator`: the Kiln operator running in-process (kopf.testing.KopfRunner) against the cluster.
+- `redis_server` (tests/redis.py): a private redis-server for the test.
 - `s3`, `private_s3` (tests/s3.py): a fresh bucket on the cluster's versitygw; a versitygw of the
   test's own that it can stop and start (fault tests).
 """
@@ -21,15 +22,18 @@ import os
 import re
 import secrets
 import subprocess
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
+from tests.redis import redis_server  # noqa: F401  (fixture, by name)
 from tests.s3 import private_s3, s3  # noqa: F401  (fixtures, by name)
 
 from .helpers import run_operator, wait_for
@@ -181,6 +185,52 @@ def kiln_crds(cluster: Cluster) -> list[str]:
     names = cluster.kubectl_run("get", *args, "-o", "name").stdout.split()
     cluster.kubectl_run("wait", "--for=condition=Established", "--timeout=60s", *names)
     return [n.split("/", 1)[1] for n in names]
+
+
+@pytest.fixture
+def featuregroup_crd(cluster: Cluster, kiln_crds: list[str]) -> Iterator[None]:
+    """This checkout's FeatureGroup CRD, kept in place for the test.
+
+    On a cluster shared by several test sessions, another session applies its own CRDs when it
+    starts; an older FeatureGroup CRD would prune the spec and status fields it lacks from every
+    write. A thread puts this checkout's CRD back (a superset of older ones) whenever the one in
+    the cluster differs, every second, until the test ends.
+    """
+    crd_file = CRDS / "kiln.dev_featuregroups.yaml"
+    want = yaml.safe_load(crd_file.read_text())["spec"]["versions"]
+    api = config.new_client_from_config(config_file=cluster.kubeconfig)
+    url = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/featuregroups.kiln.dev"
+    stop = threading.Event()
+
+    def current() -> bool:
+        from kiln.kube import request
+
+        crd = request(api, "GET", url)
+        return [v["schema"] for v in crd["spec"]["versions"]] == [v["schema"] for v in want]
+
+    def apply() -> None:
+        cluster.kubectl_run(
+            "apply", "--server-side", "--force-conflicts", "--field-manager=kiln-tests", "-f", str(crd_file)
+        )
+        cluster.kubectl_run(
+            "wait", "--for=condition=Established", "--timeout=60s", "crd/featuregroups.kiln.dev"
+        )
+
+    def keep() -> None:
+        while not stop.wait(1.0):
+            try:
+                if not current():
+                    apply()
+            except Exception as e:  # the next round tries again
+                warnings.warn(f"keeping the FeatureGroup CRD: {e!r}", stacklevel=1)
+
+    apply()
+    watchdog = threading.Thread(target=keep, name="featuregroup-crd", daemon=True)
+    watchdog.start()
+    yield
+    stop.set()
+    watchdog.join(10)
+    api.close()
 
 
 @pytest.fixture
