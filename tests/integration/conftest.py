@@ -22,14 +22,12 @@ import os
 import re
 import secrets
 import subprocess
-import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -185,52 +183,6 @@ def kiln_crds(cluster: Cluster) -> list[str]:
     names = cluster.kubectl_run("get", *args, "-o", "name").stdout.split()
     cluster.kubectl_run("wait", "--for=condition=Established", "--timeout=60s", *names)
     return [n.split("/", 1)[1] for n in names]
-
-
-@pytest.fixture
-def featuregroup_crd(cluster: Cluster, kiln_crds: list[str]) -> Iterator[None]:
-    """This checkout's FeatureGroup CRD, kept in place for the test.
-
-    On a cluster shared by several test sessions, another session applies its own CRDs when it
-    starts; an older FeatureGroup CRD would prune the spec and status fields it lacks from every
-    write. A thread puts this checkout's CRD back (a superset of older ones) whenever the one in
-    the cluster differs, every second, until the test ends.
-    """
-    crd_file = CRDS / "kiln.dev_featuregroups.yaml"
-    want = yaml.safe_load(crd_file.read_text())["spec"]["versions"]
-    api = config.new_client_from_config(config_file=cluster.kubeconfig)
-    url = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/featuregroups.kiln.dev"
-    stop = threading.Event()
-
-    def current() -> bool:
-        from kiln.kube import request
-
-        crd = request(api, "GET", url)
-        return [v["schema"] for v in crd["spec"]["versions"]] == [v["schema"] for v in want]
-
-    def apply() -> None:
-        cluster.kubectl_run(
-            "apply", "--server-side", "--force-conflicts", "--field-manager=kiln-tests", "-f", str(crd_file)
-        )
-        cluster.kubectl_run(
-            "wait", "--for=condition=Established", "--timeout=60s", "crd/featuregroups.kiln.dev"
-        )
-
-    def keep() -> None:
-        while not stop.wait(1.0):
-            try:
-                if not current():
-                    apply()
-            except Exception as e:  # the next round tries again
-                warnings.warn(f"keeping the FeatureGroup CRD: {e!r}", stacklevel=1)
-
-    apply()
-    watchdog = threading.Thread(target=keep, name="featuregroup-crd", daemon=True)
-    watchdog.start()
-    yield
-    stop.set()
-    watchdog.join(10)
-    api.close()
 
 
 @pytest.fixture

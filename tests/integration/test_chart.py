@@ -404,7 +404,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
 
 @pytest.mark.parametrize("mode", ["cluster-wide", "watchNamespaces"])
 def test_every_kind_runs_with_exactly_the_chart_rbac(
-    mode, cluster, kube, namespace, kiln_crds, featuregroup_crd, store, tmp_path
+    mode, cluster, kube, namespace, kiln_crds, store, tmp_path
 ):
     """Every kind, InferenceService children included, as the chart's ServiceAccount, in both RBAC modes.
 

@@ -38,10 +38,6 @@ NAME = "activity"
 QUIET_SCHEDULE = "0 0 29 2 *"
 
 
-#: Every test here needs this worktree's FeatureGroup CRD (see conftest.featuregroup_crd).
-pytestmark = pytest.mark.usefixtures("featuregroup_crd")
-
-
 @pytest.fixture(autouse=True)
 def no_job_pods_left_running(kube: Any, namespace: str) -> Any:
     """After the test, delete the groups (their Jobs go with them) and end any pod still running.
