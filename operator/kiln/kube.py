@@ -34,6 +34,11 @@ PLURALS: dict[tuple[str, str], str] = {
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitors",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
+    ("scheduling.k8s.io/v1", "PriorityClass"): "priorityclasses",
+    # Kueue (TrainingJobs queued with kueue.x-k8s.io/queue-name, see kiln.queueing)
+    ("kueue.x-k8s.io/v1beta2", "Workload"): "workloads",
+    ("kueue.x-k8s.io/v1beta2", "ResourceFlavor"): "resourceflavors",
+    ("kueue.x-k8s.io/v1beta2", "WorkloadPriorityClass"): "workloadpriorityclasses",
     (API_VERSION, "Model"): "models",
     (API_VERSION, "TrainingJob"): "trainingjobs",
     (API_VERSION, "InferenceService"): "inferenceservices",
@@ -274,7 +279,8 @@ def patch_status(
     api: k8s.ApiClient, obj: dict[str, Any], status: dict[str, Any], *, resource_version: str | None = None
 ) -> dict[str, Any]:
     """JSON-merge-patch ``status`` into ``obj``'s status subresource (the transport of
-    :func:`kiln.status.write_status`; controllers call that, never this).
+    :func:`kiln.status.write_status`; controllers call that, never this, for kiln.dev kinds; the
+    TrainingJob controller also writes Kueue Workloads' status with it, see :mod:`kiln.queueing`).
 
     With ``resource_version`` the patch applies only if the object is unchanged since then.
 
