@@ -198,8 +198,11 @@ class World:
 
 
 @pytest.fixture
-def world(kueue: None, cluster: Cluster, kube: client.ApiClient, namespace: str) -> Iterator[World]:
+def world(
+    kueue: None, cluster: Cluster, kiln_crds: list[str], kube: client.ApiClient, namespace: str
+) -> Iterator[World]:
     """The test's quota world and the operator, watching the test's namespace only."""
+    _ensure_trainingjob_crd(cluster)
     w = World(kube, namespace)
     try:
         w.create()
@@ -207,6 +210,26 @@ def world(kueue: None, cluster: Cluster, kube: client.ApiClient, namespace: str)
             yield w
     finally:
         w.delete()
+
+
+def _ensure_trainingjob_crd(cluster: Cluster) -> None:
+    """This checkout's TrainingJob CRD (phase Queued, status.workload), applied again when
+    another test session on this shared cluster applied an older one since ``kiln_crds`` ran."""
+    crd = REPO / "crds" / "kiln.dev_trainingjobs.yaml"
+    phases = cluster.kubectl_run(
+        "get",
+        "crd",
+        "trainingjobs.kiln.dev",
+        "-o",
+        "jsonpath={.spec.versions[0].schema.openAPIV3Schema.properties.status.properties.phase.enum}",
+    ).stdout
+    if "Queued" not in phases:
+        cluster.kubectl_run(
+            "apply", "--server-side", "--force-conflicts", "--field-manager=kiln-tests", f"--filename={crd}"
+        )
+        cluster.kubectl_run(
+            "wait", "--for=condition=Established", "--timeout=60s", "crd/trainingjobs.kiln.dev"
+        )
 
 
 # --- jobs ---------------------------------------------------------------------------------------
@@ -337,7 +360,8 @@ def test_quota_admits_whole_gangs_queues_the_rest_and_releases_on_finish(world: 
             assert any(t.get("key") == "kiln.dev/kueue-test" for t in p["spec"]["tolerations"])
     for n in waiting:
         assert_queued(w, n)
-    assert w.reserved_gpus() == QUOTA
+    # Kueue's own books agree (its ClusterQueue status is written a moment after admissions)
+    wait_for(lambda: w.reserved_gpus() == QUOTA, 30, message="ClusterQueue reserving 16 GPUs")
 
     # the first job finishes: its Workload is Finished, a waiting job takes the quota
     succeed(w, first[0])
