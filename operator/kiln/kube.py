@@ -279,8 +279,7 @@ def patch_status(
     api: k8s.ApiClient, obj: dict[str, Any], status: dict[str, Any], *, resource_version: str | None = None
 ) -> dict[str, Any]:
     """JSON-merge-patch ``status`` into ``obj``'s status subresource (the transport of
-    :func:`kiln.status.write_status`; controllers call that, never this, for kiln.dev kinds; the
-    TrainingJob controller also writes Kueue Workloads' status with it, see :mod:`kiln.queueing`).
+    :func:`kiln.status.write_status`; controllers call that, never this).
 
     With ``resource_version`` the patch applies only if the object is unchanged since then.
 

@@ -38,9 +38,10 @@ Kiln takes (a), because:
   the quota is free at once; resuming queues a new one).
 
 What (a) costs: Kiln writes the Workload's status in two places Kueue's jobframework does
-(clearing the reservation after an eviction, and ``Finished``), with a JSON merge patch guarded
-by resourceVersion, as Kueue itself does with its ``WorkloadRequestUseMergePatch`` gate, because
-server-side apply cannot remove ``status.admission``, which Kueue's field manager owns.
+(clearing the reservation after an eviction, and ``Finished``), through
+:func:`kiln.status.write_status` (a JSON merge patch guarded by resourceVersion), as Kueue
+itself does under its ``WorkloadRequestUseMergePatch`` gate: server-side apply cannot remove
+``status.admission``, which Kueue's field manager owns.
 
 States (from the Workload's conditions, Kueue's names):
 
@@ -143,14 +144,14 @@ def observe(queue: str, name: str, live: dict[str, Any] | None, desired: dict[st
 
 
 def unreserve(workload: dict[str, Any], now: datetime) -> dict[str, Any]:
-    """The status merge patch that gives an evicted Workload's quota back, once its pods are
-    gone: what Kueue's jobframework writes then (``SetRequeuedCondition`` +
+    """The new status that gives an evicted Workload's quota back, once its pods are gone: what
+    Kueue's jobframework writes then (``SetRequeuedCondition`` +
     ``UnsetQuotaReservationWithCondition``): ``Requeued`` (True for a preemption or node
     failure, else False) with the eviction's reason, ``QuotaReserved=False`` (reason Pending),
-    ``Admitted=False`` (NoReservation) and no ``admission``.
+    ``Admitted=False`` (NoReservation) and no ``admission``; the rest as read.
 
-    Conditions are written whole (a merge patch replaces lists); send it with the Workload's
-    resourceVersion so nothing Kueue wrote since is lost.
+    The whole status, for :func:`kiln.status.write_status`: written against the resourceVersion
+    it was computed from, so nothing Kueue wrote since is lost.
     """
     status = workload.get("status") or {}
     gen = workload.get("metadata", {}).get("generation")
@@ -171,17 +172,19 @@ def unreserve(workload: dict[str, Any], now: datetime) -> dict[str, Any]:
             generation=gen,
             now=now,
         )
-    return {"conditions": conds, "admission": None}
+    out = {k: v for k, v in status.items() if k != "admission"}
+    return out | {"conditions": conds}
 
 
 def finish(workload: dict[str, Any], succeeded: bool, message: str, now: datetime) -> dict[str, Any]:
-    """The status merge patch marking a Workload ``Finished`` (reason Succeeded or Failed, as
-    Kueue's ``workload.Finish``): Kueue then no longer counts its quota."""
+    """The new status marking a Workload ``Finished`` (reason Succeeded or Failed, as Kueue's
+    ``workload.Finish``): Kueue then no longer counts its quota. The whole status, as
+    :func:`unreserve`."""
     status = workload.get("status") or {}
     gen = workload.get("metadata", {}).get("generation")
     reason = "Succeeded" if succeeded else "Failed"
     conds = set_condition(status.get("conditions"), FINISHED, TRUE, reason, message, generation=gen, now=now)
-    return {"conditions": conds}
+    return {**status, "conditions": conds}
 
 
 def flavor_placement(flavors: list[dict[str, Any]]) -> dict[str, Any]:

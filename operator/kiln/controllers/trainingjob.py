@@ -152,9 +152,9 @@ def _sync_workload(
 ) -> None:
     """Carry out the plan's Workload steps: delete, create, give the quota back, finish.
 
-    The status writes are merge patches guarded by the Workload's resourceVersion (Kueue writes
-    the same conditions): a 409 re-runs the reconcile from a fresh read; a Workload deleted
-    meanwhile is left to the next reconcile (its DELETED event brings one).
+    The status writes go through :func:`kiln.status.write_status`, guarded by the Workload's
+    resourceVersion (Kueue writes the same conditions): a 409 re-runs the reconcile from a fresh
+    read; a Workload deleted meanwhile is left to the next reconcile (its DELETED event).
     """
     ns = job["metadata"]["namespace"]
     if p.delete_workload:
@@ -162,14 +162,14 @@ def _sync_workload(
         kube.delete(api, wl.KUEUE_API_VERSION, wl.WORKLOAD, ns, name, uid=uid or None)
     if p.create_workload:
         _create_workload(api, job, spec, p, now)
-    patch: dict[str, Any] | None = None
+    status: dict[str, Any] | None = None
     if live is not None and p.release_workload:
-        patch = queueing.unreserve(live, now)
+        status = queueing.unreserve(live, now)
     elif live is not None and p.finish_workload:
-        patch = queueing.finish(live, *p.finish_workload, now)
-    if live is not None and patch is not None:
+        status = queueing.finish(live, *p.finish_workload, now)
+    if live is not None and status is not None:
         with contextlib.suppress(kube.Gone):
-            kube.patch_status(api, live, patch, resource_version=live["metadata"]["resourceVersion"])
+            write_status(api, live, status)
 
 
 def _create_workload(
