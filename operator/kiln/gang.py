@@ -373,7 +373,11 @@ def _hold(r: _Reconcile, q: QueueView, reason: str, message: str) -> Plan:
         r.cond(
             "Suspended", TRUE, "Queued", f"waiting for Kueue to admit the whole gang (LocalQueue {q.queue})"
         )
-        r.event(NORMAL, "Queued", f"Workload {q.workload} queued in LocalQueue {q.queue}: {message}")
+        r.event(
+            NORMAL,
+            "Queued",
+            f"no pods until Kueue admits the whole gang: Workload {q.workload}, LocalQueue {q.queue}",
+        )
     if get_condition(r.status.get("conditions"), "Running") is not None:
         r.cond("Running", FALSE, "Queued", "")
     r.status["phase"] = "Queued"
