@@ -9,6 +9,13 @@ ask for 2 nodes x 4 GPUs each. kwok plays the kubelet; ``finish_pod`` ends pods.
 Needs Kueue built (`hack/cluster build --kueue`, or CI's `hack/cluster up --kueue`): skipped
 otherwise, a failure under CI=true. The fixture starts it on the running cluster
 (`hack/cluster kueue --no-build`, idempotent).
+
+On a cluster shared with other sessions, any other Kiln operator watching all namespaces (an
+`operator` fixture elsewhere, a Helm install for the demo) also reconciles these jobs, and one
+from a checkout without Kueue support creates their pods at once: the quota checks then fail,
+rightly. Run these tests on a cluster of their own there, e.g.
+``KILN_CLUSTER_DIR=/tmp/kueue-cluster KILN_CLUSTER_PORT_OFFSET=1000 hack/cluster up --kueue``
+with the same two variables set for pytest (and for its ``hack/cluster down`` afterwards).
 """
 
 from __future__ import annotations
