@@ -34,6 +34,11 @@ PLURALS: dict[tuple[str, str], str] = {
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitors",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
+    ("scheduling.k8s.io/v1", "PriorityClass"): "priorityclasses",
+    # Kueue (TrainingJobs queued with kueue.x-k8s.io/queue-name, see kiln.queueing)
+    ("kueue.x-k8s.io/v1beta2", "Workload"): "workloads",
+    ("kueue.x-k8s.io/v1beta2", "ResourceFlavor"): "resourceflavors",
+    ("kueue.x-k8s.io/v1beta2", "WorkloadPriorityClass"): "workloadpriorityclasses",
     (API_VERSION, "Model"): "models",
     (API_VERSION, "TrainingJob"): "trainingjobs",
     (API_VERSION, "InferenceService"): "inferenceservices",

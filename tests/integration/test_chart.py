@@ -196,14 +196,30 @@ def test_rbac_is_namespaced_with_watch_namespaces_and_never_reads_secrets(cluste
         if d["kind"] == "RoleBinding":
             assert d["subjects"] == [{"kind": "ServiceAccount", "name": "kiln", "namespace": "kiln-system"}]
     assert {"--namespace=team-a", "--namespace=team-b"} <= set(container(namespaced)["args"])
-    # the cluster-wide role only adds read access to CRDs (kopf's resource scanning)
+    # the cluster-wide role only adds read access to CRDs (kopf's resource scanning) and to
+    # Kueue's cluster-scoped objects (priority classes, ResourceFlavors: docs/kueue.md)
     extra = [r for r in rbac_rules(clusterwide) if r not in rbac_rules(namespaced)]
+    kueue_reads = [
+        {
+            "apiGroups": ["kueue.x-k8s.io"],
+            "resources": ["resourceflavors", "workloadpriorityclasses"],
+            "verbs": ["get"],
+        },
+        {"apiGroups": ["scheduling.k8s.io"], "resources": ["priorityclasses"], "verbs": ["get"]},
+    ]
     assert extra == [
         {
             "apiGroups": ["apiextensions.k8s.io"],
             "resources": ["customresourcedefinitions"],
             "verbs": ["get", "list", "watch"],
-        }
+        },
+        *kueue_reads,
+    ]
+    # with watchNamespaces, those reads only when asked for, as their own read-only ClusterRole
+    opted = render(cluster, "--set-json", 'watchNamespaces=["team-a"]', "--set", "kueue.clusterReads=true")
+    cluster_roles = [d for d in opted if d["kind"] == "ClusterRole"]
+    assert [(d["metadata"]["name"], d["rules"]) for d in cluster_roles] == [
+        ("kiln-kueue-reader", kueue_reads)
     ]
 
 

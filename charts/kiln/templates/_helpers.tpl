@@ -83,6 +83,27 @@ tests/integration/test_chart.py runs every kind with exactly these.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# Kueue: a TrainingJob labelled kueue.x-k8s.io/queue-name gets a Workload Kiln creates, watches
+# and deletes; Kiln writes its status to give quota back after an eviction and to finish it.
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [get, list, watch, create, delete]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads/status]
+  verbs: [patch]
+{{- end -}}
+
+{{- /*
+Cluster-scoped reads for Kueue: the priority classes whose value goes into a Workload, and the
+ResourceFlavors whose node labels and tolerations place an admitted gang's pods.
+*/}}
+{{- define "kiln.kueueClusterRules" -}}
+- apiGroups: [kueue.x-k8s.io]
+  resources: [resourceflavors, workloadpriorityclasses]
+  verbs: [get]
+- apiGroups: [scheduling.k8s.io]
+  resources: [priorityclasses]
+  verbs: [get]
 {{- end -}}
 
 {{- /*

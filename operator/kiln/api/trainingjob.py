@@ -313,7 +313,8 @@ class TrainingJobSpec(KilnModel):
     )
     suspend: bool = Field(
         default=False,
-        description="Delete the pods but keep the job; setting it back to false recreates them.",
+        description="Delete the pods but keep the job; setting it back to false recreates them. "
+        "A job queued in Kueue also gives its quota back (its Workload is deleted) and queues again on resume.",
     )
     output: Output | None = Field(default=None, description="Where the artifact goes.")
     storage: ObjectStorage | None = Field(
@@ -327,6 +328,8 @@ class TrainingJobPhase(StrEnum):
     RUNNING = "Running"
     RESTARTING = "Restarting"
     SUSPENDED = "Suspended"
+    #: Waiting for Kueue to admit the gang (the job names a LocalQueue); no pods.
+    QUEUED = "Queued"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
@@ -367,7 +370,9 @@ class TrainingJobStatus(KilnModel):
 
     observed_generation: int | None = Field(default=None, description="metadata.generation last reconciled.")
     conditions: Conditions | None = Field(
-        default=None, description="Created, Running, Restarting, Succeeded, Failed, Suspended, Ready."
+        default=None,
+        description="Created, Running, Restarting, Succeeded, Failed, Suspended, Ready; Admitted for a job "
+        "queued in Kueue (False while it waits, with Kueue's reason and message).",
     )
     phase: TrainingJobPhase | None = Field(default=None, description="Summary of the conditions, for people.")
     restart_count: int = Field(default=0, description="Gang restarts counted against maxRestarts.")
@@ -394,6 +399,11 @@ class TrainingJobStatus(KilnModel):
     nodes: NodeCounts | None = Field(default=None, description="Pods per phase.")
     result: TrainingResultStatus | None = None
     registered_version: int | None = Field(default=None, description="Version registered in the Model.")
+    workload: str | None = Field(
+        default=None,
+        description="The Kueue Workload (kueue.x-k8s.io/v1beta2, same namespace) that queues this job, "
+        "when it names a LocalQueue with the kueue.x-k8s.io/queue-name label.",
+    )
 
 
 class TrainingJob(KilnModel):

@@ -182,6 +182,7 @@ def pod(
     rank: int,
     gang: int,
     defaults: StorageDefaults | None = None,
+    admitted: dict[str, Any] | None = None,
     feature_group: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Pod of node ``rank`` (0-based) of gang ``gang`` (bumped at every whole-gang restart).
@@ -190,7 +191,9 @@ def pod(
     (required then; see :func:`feature_group_blocker`).
 
     ``defaults`` is the operator's storage configuration (artifact root, S3 endpoint and Secret)
-    for what ``spec.output`` / ``spec.storage`` leave unset. With an ``s3://`` output or dataset
+    for what ``spec.output`` / ``spec.storage`` leave unset. ``admitted`` is the placement Kueue's
+    admission adds (``nodeSelector`` and ``tolerations`` of the assigned ResourceFlavors, see
+    :func:`kiln.queueing.flavor_placement`), merged into the job's own. With an ``s3://`` output or dataset
     the pod gets the AWS SDK environment (:func:`kiln.resources.storage.storage_env`) and no
     output volume: the trainer stages files under ``/tmp`` and uploads them.
 
@@ -299,6 +302,7 @@ def pod(
             service_account_name=spec.service_account_name,
         )
     )
+    _merge_placement(pod_spec, admitted or {})
 
     labels = standard_labels(job, "trainer") | {
         LABEL_JOB: name,
@@ -318,13 +322,26 @@ def pod(
     }
 
 
+def _merge_placement(pod_spec: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Add ``extra``'s ``nodeSelector`` labels and ``tolerations`` to ``pod_spec`` (in place), as
+    Kueue's jobframework merges a ResourceFlavor into a pod set (podset.Merge). Kueue assigns
+    only flavors whose node labels the pod's own nodeSelector allows, so keys do not clash."""
+    if extra.get("nodeSelector"):
+        pod_spec["nodeSelector"] = {**pod_spec.get("nodeSelector", {}), **extra["nodeSelector"]}
+    tolerations = list(pod_spec.get("tolerations", []))
+    tolerations += [t for t in extra.get("tolerations", []) if t not in tolerations]
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+
+
 def pods(
     job: dict[str, Any],
     spec: TrainingJobSpec,
     gang: int,
     defaults: StorageDefaults | None = None,
+    admitted: dict[str, Any] | None = None,
     feature_group: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """All ``numNodes`` pods of gang ``gang``, rank 0 first (``defaults``, ``feature_group`` as
-    in :func:`pod`)."""
-    return [pod(job, spec, rank, gang, defaults, feature_group) for rank in range(spec.num_nodes)]
+    """All ``numNodes`` pods of gang ``gang``, rank 0 first (``defaults``, ``admitted``,
+    ``feature_group`` as in :func:`pod`)."""
+    return [pod(job, spec, rank, gang, defaults, admitted, feature_group) for rank in range(spec.num_nodes)]
