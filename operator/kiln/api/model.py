@@ -188,7 +188,7 @@ class DriftTrigger(KilnModel):
         min_length=1,
         max_length=4096,
         description="PromQL returning one or more samples (the largest counts), e.g. "
-        "max(kiln_feature_drift{namespace=\"{{namespace}}\",model=\"{{model}}\",method=\"psi\"}); "
+        'max(kiln_feature_drift{namespace="{{namespace}}",model="{{model}}",method="psi"}); '
         "{{namespace}} and {{model}} are substituted.",
     )
     threshold: float = Field(description="Above this value the trigger is pending.")
@@ -417,7 +417,9 @@ class RetrainingRun(KilnModel):
     completion_time: str | None = Field(
         default=None, json_schema_extra={"format": "date-time"}, description="When it ended."
     )
-    result: RetrainingResult | None = Field(default=None, description="Succeeded or Failed; absent while it runs.")
+    result: RetrainingResult | None = Field(
+        default=None, description="Succeeded or Failed; absent while it runs."
+    )
 
 
 class DriftObservation(KilnModel):
