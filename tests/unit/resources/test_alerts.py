@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from kiln import kube
 from kiln.api.inferenceservice import Alerts, InferenceServiceSpec
 from kiln.resources import alerts
 from kiln.resources import inferenceservice as build
@@ -99,6 +100,7 @@ def test_no_rule_without_alerts_and_rule_is_a_child_kind():
     }
     assert "PrometheusRule" in kinds
     assert ("monitoring.coreos.com/v1", "PrometheusRule") in build.CHILD_KINDS
+    assert all(k in kube.PLURALS for k in build.CHILD_KINDS)  # the controller lists each kind
 
 
 @pytest.mark.parametrize(
