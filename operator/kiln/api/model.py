@@ -420,6 +420,14 @@ class RetrainingRun(KilnModel):
     result: RetrainingResult | None = Field(
         default=None, description="Succeeded or Failed; absent while it runs."
     )
+    reason: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Why it failed: TrainingJobFailed, TemplateRejected (the API server refused the TrainingJob) or TrainingJobMissing.",
+    )
+    template_hash: str | None = Field(
+        default=None, max_length=64, description="Digest of the template it was made from."
+    )
 
 
 class DriftObservation(KilnModel):
