@@ -25,6 +25,7 @@ from kiln.conditions import FALSE, TRUE, get_condition, set_condition, set_stall
 from kiln.controllers.runtime import ReconcileFn, Result, watch, watch_children
 from kiln.gang import plan
 from kiln.resources import trainingjob as build
+from kiln.resources.retraining import ANNOTATION_TRIGGER as ANNOTATION_RETRAINING_TRIGGER
 from kiln.resources.storage import StorageDefaults
 from kiln.status import write_status
 
@@ -133,6 +134,9 @@ def _register(
         "trainingJob": job["metadata"]["name"],
         "image": spec.image,
     }
+    trigger = (job["metadata"].get("annotations") or {}).get(ANNOTATION_RETRAINING_TRIGGER)
+    if trigger:  # a run of the Model's spec.retraining (kiln.resources.retraining)
+        lineage["retrainingTrigger"] = trigger
     try:
         meta = storage.read_artifact_metadata(result["artifactUri"])
     except ArtifactError:

@@ -69,6 +69,8 @@ CREATE_GRACE_SECONDS = 60.0
 JOB_FAILED, TEMPLATE_REJECTED, JOB_MISSING = "TrainingJobFailed", "TemplateRejected", "TrainingJobMissing"
 #: Longest requeue while anything is scheduled (a cron time, the end of a cooldown).
 MAX_REQUEUE_SECONDS = 3600.0
+#: How often a FeatureGroup's lastMaterializationTime is looked at (no watch on FeatureGroups).
+NEW_DATA_POLL_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -335,6 +337,8 @@ def _requeue(spec: Retraining, st: RetrainingStatus, now: datetime, *times: date
     out: list[float] = [(t - now).total_seconds() for t in times if t is not None]
     if spec.triggers.drift is not None:
         out.append(float(spec.triggers.drift.interval_seconds))
+    if spec.triggers.new_data is not None:
+        out.append(NEW_DATA_POLL_SECONDS)
     if spec.triggers.schedule is not None and st.last_schedule_time:
         tick = croniter(spec.triggers.schedule.cron, parse_time(st.last_schedule_time)).get_next(datetime)
         out.append((tick - now).total_seconds())
