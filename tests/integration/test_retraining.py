@@ -313,3 +313,17 @@ def test_template_with_a_model_ref_is_refused_at_admission(api, namespace, kiln_
     assert (
         "spec.retraining.template.spec.modelRef" in text and "spec.retraining.triggers.schedule.cron" in text
     )
+
+
+def test_what_the_schema_cannot_see_is_ready_false_naming_the_field(api, namespace, operator):
+    # Five fields (the schema's pattern) but minute 61 does not exist: only croniter knows.
+    create_model(api, namespace, triggers={"schedule": {"cron": "61 * * * *"}})
+    wait_model(
+        api,
+        namespace,
+        lambda m: condition(api, namespace, "Ready").get("reason") == "InvalidSpec",
+        message="Ready=False InvalidSpec",
+    )
+    ready = condition(api, namespace, "Ready")
+    assert ready["status"] == "False" and ready["message"].startswith("spec.retraining.triggers.schedule")
+    assert "61 * * * *" in ready["message"] and jobs(api, namespace) == []
