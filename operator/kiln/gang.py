@@ -43,6 +43,8 @@ NORMAL, WARNING = "Normal", "Warning"
 DISRUPTION_REASONS = {"Evicted", "Preempting", "NodeLost", "Shutdown", "NodeShutdown", "Terminated"}
 #: How often to look again while waiting for the previous gang's pods to go away.
 TERMINATING_POLL_SECONDS = 1.0
+#: How often to look again while a gang is blocked (e.g. its FeatureGroup does not exist yet).
+BLOCKED_RETRY_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ class Plan:
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     register: TrainingResult | None = None
     requeue_after: float | None = None
+    #: (reason, message) when a gang was due but could not be created (see :func:`plan`).
+    blocked: tuple[str, str] | None = None
 
     def requeue(self, seconds: float) -> None:
         """Ask for another reconcile in ``seconds`` (the earliest request wins)."""
@@ -137,8 +141,19 @@ def backoff_seconds(spec: TrainingJobSpec, restart: int) -> float:
     return float(min(cap, initial * 2 ** max(0, restart - 1)))
 
 
-def plan(job: dict[str, Any], spec: TrainingJobSpec, pods: list[dict[str, Any]], now: datetime) -> Plan:
+def plan(
+    job: dict[str, Any],
+    spec: TrainingJobSpec,
+    pods: list[dict[str, Any]],
+    now: datetime,
+    *,
+    blocked: tuple[str, str] | None = None,
+) -> Plan:
     """Decide the next step of a TrainingJob from its current state (see the module docstring).
+
+    ``blocked`` is (reason, message) when a gang could not be built now (its FeatureGroup is
+    missing or invalid): a gang that is due is then not created; the job stays Pending with
+    ``Ready=False`` and that reason, and is looked at again in :data:`BLOCKED_RETRY_SECONDS`.
 
     One function per phase, in priority order: :func:`_terminal`, :func:`_suspended` (and
     :func:`_resumed`), then the first of :func:`_deadline`, :func:`_rank0_succeeded`,
@@ -146,6 +161,7 @@ def plan(job: dict[str, Any], spec: TrainingJobSpec, pods: list[dict[str, Any]],
     :func:`_steady`. Each returns the finished :class:`Plan`, or None when it does not apply.
     """
     r = _observe(job, spec, pods, now)
+    r.blocked = blocked
     conditions = r.status.get("conditions")
     if is_true(conditions, "Succeeded") or is_true(conditions, "Failed"):
         return _terminal(r)
@@ -178,6 +194,7 @@ class _Reconcile:
     gang: int
     current: list[PodView]
     stale: list[PodView]
+    blocked: tuple[str, str] | None = None
 
     @property
     def status(self) -> dict[str, Any]:
@@ -412,6 +429,11 @@ def _gang_missing(r: _Reconcile) -> Plan | None:
         r.p.requeue((next_restart - r.now).total_seconds())
         r.status["phase"] = "Restarting"
         return r.settle()
+    if r.blocked is not None:
+        r.p.blocked = r.blocked
+        r.p.requeue(BLOCKED_RETRY_SECONDS)
+        r.status["phase"] = "Pending"
+        return r.settle()
     return _create_gang(r)
 
 
@@ -507,6 +529,8 @@ def _ready(p: Plan, now: datetime, gen: int | None) -> None:
     elif is_true(c, "Failed"):
         failed = next(x for x in c or [] if x["type"] == "Failed")
         value, reason, msg = FALSE, failed["reason"], failed["message"]
+    elif p.blocked is not None:
+        value, (reason, msg) = FALSE, p.blocked
     else:
         value, reason, msg = FALSE, st.get("phase") or "Pending", "training in progress"
     st["conditions"] = set_condition(c, "Ready", value, reason, msg, generation=gen, now=now)

@@ -140,6 +140,8 @@ def start_server(
             str(port),
             "--metrics-port",
             str(metrics_port),
+            "--grpc-port",  # not the default 8081: several servers (and test sessions) share loopback
+            str(free_port()),
             "--max-batch-delay-ms",
             "0",
             *extra,

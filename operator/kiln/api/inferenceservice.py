@@ -27,6 +27,8 @@ from kiln.api.model import ALIAS_PATTERN, VersionNumber
 from kiln.api.names import dns1035_label
 
 SERVER_PORT = 8080
+#: kiln-serve's gRPC port (the Open Inference Protocol's inference.GRPCInferenceService).
+GRPC_PORT = 8081
 METRICS_PORT = 9090
 #: Default artifact root, the TrainingJob's default output (``file:///var/lib/kiln/artifacts``).
 ARTIFACT_ROOT = "/var/lib/kiln/artifacts"

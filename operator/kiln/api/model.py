@@ -318,6 +318,13 @@ class Lineage(KilnModel):
     training_job: str | None = Field(default=None, description="Name of the TrainingJob that produced it.")
     dataset: str | None = Field(default=None, description="Dataset name or URI.")
     dataset_digest: str | None = Field(default=None, description="sha256 of the dataset.")
+    feature_group: str | None = Field(
+        default=None, description="FeatureGroup the features came from (a name in the Model's namespace)."
+    )
+    feature_group_schema_digest: str | None = Field(
+        default=None,
+        description="That FeatureGroup's schema digest when trained: serving refuses a version trained on other definitions.",
+    )
     image: str | None = Field(default=None, description="Trainer image.")
     retraining_trigger: str | None = Field(
         default=None,

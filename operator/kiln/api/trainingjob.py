@@ -90,6 +90,11 @@ class Dataset(KilnModel):
             "dataset.uri needs labelColumn",
             field_path=".labelColumn",
         ),
+        cel(
+            "!has(self.featureGroupRef) || (has(self.entityUri) && has(self.labelColumn))",
+            "dataset.featureGroupRef needs entityUri and labelColumn",
+            field_path=".entityUri",
+        ),
     )
 
     builtin: Literal["sklearn-digits"] | None = Field(
@@ -106,10 +111,31 @@ class Dataset(KilnModel):
         default=None, description="csv or parquet; guessed from the uri suffix when empty."
     )
     label_column: str | None = Field(
-        default=None, max_length=256, description="Column holding the class label (uri only)."
+        default=None,
+        max_length=256,
+        description="Column holding the class label (of the uri's table, or of entityUri's).",
     )
     feature_group_ref: LocalObjectReference | None = Field(
-        default=None, description="A FeatureGroup whose point-in-time training data feeds the job."
+        default=None,
+        description=(
+            "A FeatureGroup (same namespace) whose point-in-time training data feeds the job: each "
+            "row of entityUri gets the feature values as of its timestamp (never later, at most "
+            "offline.lookbackSeconds older), inside the trainer pods."
+        ),
+    )
+    entity_uri: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=STORAGE_URI_PATTERN,
+        description=(
+            "With featureGroupRef: the entity table (Feast's entity dataframe), CSV or Parquet: the "
+            "FeatureGroup's entity columns, timestampColumn and labelColumn. s3:// or a path in the pod."
+        ),
+    )
+    timestamp_column: str = Field(
+        default="event_timestamp",
+        max_length=128,
+        description="With featureGroupRef: entityUri's event time column (the 'as of' time of each row).",
     )
     volume: FreeFormObject | None = Field(
         default=None, description="core/v1 VolumeSource holding the uri, mounted read-only at its directory."
@@ -117,6 +143,8 @@ class Dataset(KilnModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> Dataset:
+        if self.feature_group_ref is not None and not (self.entity_uri and self.label_column):
+            raise ValueError("dataset.featureGroupRef needs entityUri and labelColumn")
         n = sum(x is not None for x in (self.builtin, self.uri, self.feature_group_ref))
         if n != 1:
             raise ValueError("dataset needs exactly one of builtin, uri, featureGroupRef")

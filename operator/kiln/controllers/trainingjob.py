@@ -69,7 +69,9 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
         return None
 
     pods = kube.list_objects(api, "v1", "Pod", namespace, f"{build.LABEL_JOB}={name}")
-    p = plan(job, spec, pods, now)
+    fg_ref = spec.dataset.feature_group_ref
+    feature_group = kube.get(api, API_VERSION, "FeatureGroup", namespace, fg_ref.name) if fg_ref else None
+    p = plan(job, spec, pods, now, blocked=build.feature_group_blocker(spec, feature_group))
 
     for pod_name, uid in p.delete_pods:
         kube.delete(api, "v1", "Pod", namespace, pod_name, uid=uid)
@@ -83,7 +85,7 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
         existing = {x["metadata"]["name"] for x in pods}
         writes += [
             (_create_pod, m)
-            for m in build.pods(job, spec, int(p.status["gang"]), defaults)
+            for m in build.pods(job, spec, int(p.status["gang"]), defaults, feature_group)
             if m["metadata"]["name"] not in existing
         ]
         futures = [_creators.submit(write, api, manifest) for write, manifest in writes]
@@ -144,8 +146,12 @@ def _register(
     if meta and meta.dataset:
         lineage["dataset"] = meta.dataset.name
         lineage["datasetDigest"] = meta.dataset.digest
+        if meta.dataset.schemaDigest:
+            lineage["featureGroupSchemaDigest"] = meta.dataset.schemaDigest
     elif spec.dataset.builtin or spec.dataset.uri:
         lineage["dataset"] = spec.dataset.builtin or spec.dataset.uri
+    if spec.dataset.feature_group_ref:
+        lineage["featureGroup"] = spec.dataset.feature_group_ref.name
     gen = job["metadata"].get("generation")
     try:
         version = register_version(

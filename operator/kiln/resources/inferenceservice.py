@@ -4,7 +4,7 @@ Children (all owned by the InferenceService, labelled ``kiln.dev/inferenceservic
 
 - ``<name>-stable`` and ``<name>-canary`` Deployments of the model server (kiln-serve), pods
   labelled ``kiln.dev/track: stable|canary`` and ``kiln.dev/model-version: <N>``;
-- Service ``<name>`` (port 80 -> ``http``, 9090 ``metrics``). With ``ReplicaRatio`` routing it
+- Service ``<name>`` (port 80 -> ``http``, 8081 ``grpc``, 9090 ``metrics``). With ``ReplicaRatio`` routing it
   selects the pods of both tracks, so traffic splits by Ready pod counts. With ``GatewayAPI`` it
   selects the stable track only (in-cluster callers bypass the gateway), and per-track Services
   ``<name>-stable`` / ``<name>-canary`` are the HTTPRoute's weighted backends;
@@ -29,7 +29,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from kiln.api.inferenceservice import METRICS_PORT, SERVER_PORT, InferenceServiceSpec, TrafficRouting
+from kiln.api.inferenceservice import (
+    GRPC_PORT,
+    METRICS_PORT,
+    SERVER_PORT,
+    InferenceServiceSpec,
+    TrafficRouting,
+)
 from kiln.resources.alerts import rule_groups
 from kiln.resources.common import child_name, owner_reference, pod_placement, standard_labels
 from kiln.resources.storage import StorageDefaults, is_s3, storage_env
@@ -41,6 +47,10 @@ LABEL_SCRAPE = "kiln.dev/scrape"
 STABLE, CANARY = "stable", "canary"
 CONTAINER = "server"
 SERVICE_PORT = 80
+#: appProtocol of the gRPC Service port: HTTP/2 with prior knowledge (cleartext), the value Gateway
+#: API implementations use to speak HTTP/2 to a backend (GEP-1911, conformance-tested); the port's
+#: name ``grpc`` is what name-based protocol detection (e.g. Istio's) reads.
+GRPC_APP_PROTOCOL = "kubernetes.io/h2c"
 SHUTDOWN_DELAY_SECONDS = 5
 DRAIN_TIMEOUT_SECONDS = 30
 TERMINATION_GRACE_SECONDS = SHUTDOWN_DELAY_SECONDS + DRAIN_TIMEOUT_SECONDS + 5
@@ -61,6 +71,7 @@ ENV_ARTIFACT_DIGEST = "KILN_ARTIFACT_DIGEST"
 ENV_MODEL_NAME = "KILN_MODEL_NAME"
 ENV_MODEL_VERSION = "KILN_MODEL_VERSION"
 ENV_PORT = "KILN_PORT"
+ENV_GRPC_PORT = "KILN_GRPC_PORT"
 ENV_METRICS_PORT = "KILN_METRICS_PORT"
 ENV_MAX_BATCH_SIZE = "KILN_MAX_BATCH_SIZE"
 ENV_MAX_BATCH_DELAY_MS = "KILN_MAX_BATCH_DELAY_MS"
@@ -118,6 +129,7 @@ def server_env(
         ENV_MODEL_NAME: spec.model_ref.name,
         ENV_MODEL_VERSION: str(version),
         ENV_PORT: str(SERVER_PORT),
+        ENV_GRPC_PORT: str(GRPC_PORT),
         ENV_METRICS_PORT: str(METRICS_PORT),
         ENV_MAX_BATCH_SIZE: str(rt.max_batch_size),
         ENV_MAX_BATCH_DELAY_MS: str(rt.max_batch_delay_milliseconds),
@@ -215,6 +227,7 @@ def deployment(
         "env": env,
         "ports": [
             {"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
         "readinessProbe": {
@@ -297,6 +310,13 @@ def deployment(
 def _ports() -> list[dict[str, Any]]:
     return [
         {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"},
+        {
+            "name": "grpc",
+            "port": GRPC_PORT,
+            "targetPort": "grpc",
+            "protocol": "TCP",
+            "appProtocol": GRPC_APP_PROTOCOL,
+        },
         {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
     ]
 

@@ -4,9 +4,10 @@ Each :class:`ServerMetrics` owns a dedicated ``CollectorRegistry`` (no global st
 servers can run in one test process); the process/platform/GC collectors are registered on it
 too, so the ``/metrics`` page looks like the default one plus the ``kiln_`` series:
 
-- ``kiln_inference_requests_total{model,version,code}``: infer requests by HTTP status code
-  (including deliberately injected 500s);
-- ``kiln_inference_request_duration_seconds{model,version}``: infer latency histogram;
+- ``kiln_inference_requests_total{model,version,protocol,code}``: infer requests by transport
+  (``rest`` or ``grpc``) and HTTP status code (a gRPC call counts the HTTP status of the same
+  answer over REST: 400 for INVALID_ARGUMENT, 503 for UNAVAILABLE, ...; injected 500s included);
+- ``kiln_inference_request_duration_seconds{model,version,protocol}``: infer latency histogram;
 - ``kiln_inference_batch_size{model,version}``: rows per forward pass (histogram);
 - ``kiln_inference_inflight_requests{model,version}``: infer requests being handled;
 - ``kiln_inference_cache_requests_total{model,version,result}``: cache ``hit``/``miss``;
@@ -59,17 +60,17 @@ class ServerMetrics:
         self._labels = (model, version)
         self._requests = Counter(
             "kiln_inference_requests_total",
-            "Inference requests by HTTP status code.",
-            [*mv, "code"],
+            "Inference requests by transport (rest, grpc) and HTTP status code (gRPC: the REST equivalent).",
+            [*mv, "protocol", "code"],
             registry=r,
         )
-        self.duration = Histogram(
+        self._duration = Histogram(
             "kiln_inference_request_duration_seconds",
             "Inference request latency, from handler start to response.",
-            mv,
+            [*mv, "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=r,
-        ).labels(model, version)
+        )
         self.batch_size = Histogram(
             "kiln_inference_batch_size", "Rows per forward pass.", mv, buckets=BATCH_BUCKETS, registry=r
         ).labels(model, version)
@@ -101,15 +102,25 @@ class ServerMetrics:
         Gauge(
             "kiln_model_info", "The model artifact being served (always 1).", [*mv, "digest"], registry=r
         ).labels(model, version, digest).set(1)
-        self._by_code: dict[int, Counter] = {}
+        self._by_code: dict[tuple[str, int], Counter] = {}
+        self._by_protocol: dict[str, Histogram] = {}
 
-    def request_done(self, code: int, seconds: float) -> None:
-        """Record one finished inference request."""
-        child = self._by_code.get(code)
+    def request_done(self, code: int, seconds: float, protocol: str = "rest") -> None:
+        """Record one finished inference request.
+
+        Args:
+            code: the HTTP status of the answer (for gRPC, that of the same answer over REST).
+            seconds: handler start to response.
+            protocol: ``rest`` or ``grpc``.
+        """
+        child = self._by_code.get((protocol, code))
         if child is None:
-            child = self._by_code[code] = self._requests.labels(*self._labels, str(code))
+            child = self._by_code[protocol, code] = self._requests.labels(*self._labels, protocol, str(code))
         child.inc()
-        self.duration.observe(seconds)
+        duration = self._by_protocol.get(protocol)
+        if duration is None:
+            duration = self._by_protocol[protocol] = self._duration.labels(*self._labels, protocol)
+        duration.observe(seconds)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""

@@ -20,6 +20,11 @@ Supported:
 
 Unknown top-level and ``parameters`` keys are ignored (KServe's client sends ``model_name``,
 MLServer's codecs send ``parameters.content_type``).
+
+The checks of a request against the signature (:func:`match_inputs`, :func:`input_dtype`,
+:func:`check_shape`, :func:`convert_input`, :func:`check_batch`, :func:`check_output_name`) are
+public: the gRPC service (:mod:`kiln.server.grpc_service`) runs the same ones, so both transports
+accept the same tensors and refuse the rest with the same messages.
 """
 
 from __future__ import annotations
@@ -179,18 +184,31 @@ def _names(specs: Sequence[TensorMetadata]) -> str:
 def _match_inputs(
     tensors: Any, specs: Sequence[TensorMetadata]
 ) -> list[tuple[dict[str, Any], TensorMetadata]]:
-    """Pair each request tensor with the model input of its name (request order)."""
-    by_name = {t.name: t for t in specs}
+    """Pair each JSON request tensor with the model input of its name (request order)."""
     if not isinstance(tensors, list) or not tensors:
         raise ProtocolError(
             f"'inputs' must be a non-empty list of tensors (the model's inputs: {_names(specs)})"
         )
-    out: list[tuple[dict[str, Any], TensorMetadata]] = []
-    seen: set[str] = set()
     for i, tensor in enumerate(tensors):
         if not isinstance(tensor, dict):
             raise ProtocolError(f"inputs[{i}] must be a JSON object, got {type(tensor).__name__}")
-        name = tensor.get("name")
+    return list(zip(tensors, match_inputs([t.get("name") for t in tensors], specs), strict=True))
+
+
+def match_inputs(names: Sequence[Any], specs: Sequence[TensorMetadata]) -> list[TensorMetadata]:
+    """The model input of each of a request's input tensor names (request order).
+
+    Both transports' check of the request's inputs against the model's signature.
+
+    Raises:
+        ProtocolError: 400 naming the input: none given, unknown, given twice, or missing.
+    """
+    by_name = {t.name: t for t in specs}
+    if not names:
+        raise ProtocolError(f"the request has no inputs; the model's inputs are {_names(specs)}")
+    out: list[TensorMetadata] = []
+    seen: set[str] = set()
+    for i, name in enumerate(names):
         if not isinstance(name, str) or name not in by_name:
             raise ProtocolError(
                 f"unknown input {name!r} (inputs[{i}]); the model's inputs are {_names(specs)}"
@@ -200,7 +218,7 @@ def _match_inputs(
                 f"input {name!r} is given more than once; expected exactly one input tensor per model input"
             )
         seen.add(name)
-        out.append((tensor, by_name[name]))
+        out.append(by_name[name])
     missing = [t.name for t in specs if t.name not in seen]
     if missing:
         raise ProtocolError(f"missing input {missing[0]!r}; the model's inputs are {_names(specs)}")
@@ -242,6 +260,30 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise ProtocolError(f"{where} 'parameters' must be a JSON object, got {type(params).__name__}")
     return params
+
+
+def input_dtype(name: str, datatype: Any, spec: TensorMetadata) -> np.dtype[Any]:
+    """The little-endian numpy dtype of the OIP ``datatype`` a request gives input ``name``.
+
+    Any numeric datatype is accepted (the values are converted to ``spec.datatype`` by
+    :func:`convert_input`).
+
+    Raises:
+        ProtocolError: 400 naming the input: not a string, BOOL/BYTES, or unknown.
+    """
+    if not isinstance(datatype, str):
+        raise ProtocolError(f"input {name!r} needs a string 'datatype' (e.g. \"FP32\"), got {datatype!r}")
+    if datatype in REJECTED_DATATYPES:
+        raise ProtocolError(
+            f"input {name!r} has datatype {datatype} ({REJECTED_DATATYPES[datatype]}); "
+            f"expected a numeric datatype such as {spec.datatype}"
+        )
+    dtype = NUMERIC_DATATYPES.get(datatype)
+    if dtype is None:
+        raise ProtocolError(
+            f"input {name!r} has unknown datatype {datatype!r}; expected {spec.datatype} (or another number type)"
+        )
+    return dtype
 
 
 def check_shape(name: str, shape: Any, spec: TensorMetadata) -> list[int]:
@@ -302,18 +344,7 @@ def _parse_input(
     """Return (array in the model's datatype, bytes of the binary section consumed at ``offset``)."""
     name = tensor["name"]
     datatype = tensor.get("datatype")
-    if not isinstance(datatype, str):
-        raise ProtocolError(f"input {name!r} needs a string 'datatype' (e.g. \"FP32\"), got {datatype!r}")
-    if datatype in REJECTED_DATATYPES:
-        raise ProtocolError(
-            f"input {name!r} has datatype {datatype} ({REJECTED_DATATYPES[datatype]}); "
-            f"expected a numeric datatype such as {spec.datatype}"
-        )
-    dtype = NUMERIC_DATATYPES.get(datatype)
-    if dtype is None:
-        raise ProtocolError(
-            f"input {name!r} has unknown datatype {datatype!r}; expected {spec.datatype} (or another number type)"
-        )
+    dtype = input_dtype(name, datatype, spec)
     shape = check_shape(name, tensor.get("shape"), spec)
     count = int(np.prod(shape))
     params = _parameters(tensor, f"input {name!r}")
@@ -379,12 +410,17 @@ def _parse_outputs(
     for i, out in enumerate(outputs):
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise ProtocolError(f"outputs[{i}] must be an object with a string 'name'")
-        if out["name"] not in output_names:
-            known = ", ".join(repr(n) for n in output_names)
-            raise ProtocolError(f"unknown output {out['name']!r}; the model's outputs are {known}")
+        check_output_name(out["name"], output_names)
         binary = _parameters(out, f"output {out['name']!r}").get("binary_data", binary_default)
         result.append(RequestedOutput(out["name"], binary is True))
     return result
+
+
+def check_output_name(name: str, output_names: tuple[str, ...]) -> None:
+    """Raise ProtocolError 400 naming ``name`` unless it is one of ``output_names``."""
+    if name not in output_names:
+        known = ", ".join(repr(n) for n in output_names)
+        raise ProtocolError(f"unknown output {name!r}; the model's outputs are {known}")
 
 
 def encode_infer_response(

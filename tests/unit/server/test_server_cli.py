@@ -26,6 +26,7 @@ REQUIRED = ["--artifact", "/a", "--digest", DIGEST, "--model-name", "digits"]
 def test_defaults() -> None:
     s = parse_settings(REQUIRED, {})
     assert s == ServerSettings(artifact="/a", digest=DIGEST, model_name="digits")
+    assert (s.port, s.grpc_port, s.metrics_port) == (8080, 8081, 9090)
     assert (s.port, s.metrics_port, s.max_batch_size, s.max_batch_delay_ms, s.cache_size, s.fail_rate) == (
         8080,
         9090,
@@ -44,6 +45,7 @@ def test_everything_comes_from_the_environment_and_flags_win() -> None:
         "KILN_MODEL_NAME": "digits",
         "KILN_MODEL_VERSION": "3",
         "KILN_PORT": "8000",
+        "KILN_GRPC_PORT": "8001",
         "KILN_METRICS_PORT": "9100",
         "KILN_MAX_BATCH_SIZE": "64",
         "KILN_MAX_BATCH_DELAY_MS": "5",
@@ -69,6 +71,7 @@ def test_everything_comes_from_the_environment_and_flags_win() -> None:
         model_hook="digits_hooks:Scale",
         host="127.0.0.1",
         port=8000,
+        grpc_port=8001,
         metrics_port=9100,
         max_batch_size=64,
         max_batch_delay_ms=5.0,
@@ -94,6 +97,7 @@ def test_everything_comes_from_the_environment_and_flags_win() -> None:
         ([*REQUIRED, "--fail-rate", "1.5"], {}, "fail rate must be in [0, 1]"),
         ([*REQUIRED, "--max-batch-size", "0"], {}, "max batch size must be >= 1"),
         ([*REQUIRED, "--port", "9090"], {}, "port and metrics port must differ"),
+        ([*REQUIRED, "--grpc-port", "8080"], {}, "port and grpc port must differ"),
         ([*REQUIRED, "--port", "70000"], {}, "port must be in 0..65535"),
     ],
 )
