@@ -63,6 +63,7 @@ ALERTS: dict[str, Any] = {
     "latency": [{"percentile": 99, "thresholdSeconds": 0.2, "forSeconds": 2, "severity": "critical"}],
     "errorRatio": {"threshold": 0.1, "forSeconds": 2, "severity": "critical"},
     "drift": [{"method": "psi", "threshold": 0.2, "forSeconds": 5}],
+    "driftShare": {"threshold": 0.5, "forSeconds": 1},
 }
 SLOW_HOOK = '''
 import time
@@ -85,6 +86,7 @@ class DriftExporter:
     namespace: str
     feature: Gauge
     prediction: Gauge
+    share: Gauge
 
     def set(self, version: int, feature: str, method: str, value: float) -> None:
         self.feature.labels(MODEL, str(version), self.namespace, feature, method).set(value)
@@ -97,9 +99,10 @@ def drift_exporter(namespace: str) -> DriftExporter:
     prediction = Gauge(
         "kiln_prediction_drift", "Prediction drift statistic.", [*labels[:3], "method"], registry=registry
     )
+    share = Gauge("kiln_drift_share", "Share of features that drifted.", labels[:3], registry=registry)
     port = free_port()
     start_http_server(port, addr="127.0.0.1", registry=registry)  # a daemon thread
-    return DriftExporter(port, namespace, feature, prediction)
+    return DriftExporter(port, namespace, feature, prediction, share)
 
 
 def alerts(prom: Prometheus) -> list[dict[str, Any]]:
@@ -236,6 +239,12 @@ def test_alerts_fire_for_the_versions_and_features_that_deserve_them(setup: Setu
     (alert,) = firing(prom, "KilnFeatureDrift")
     assert alert["labels"]["method"] == "psi" and alert["labels"]["version"] == "1"
     assert not firing(prom, "KilnPredictionDrift")
+
+    # Dataset drift: half the features drifted (Evidently's rule: share >= 0.5).
+    d.share.labels(MODEL, "1", setup.ns).set(0.25)
+    d.share.labels(MODEL, "2", setup.ns).set(0.5)
+    wait_for(lambda: firing(prom, "KilnDatasetDrift"), 30, interval=0.2, message="dataset drift firing")
+    assert {a["labels"]["version"] for a in firing(prom, "KilnDatasetDrift")} == {"2"}
 
     # ... and resolves when the drift falls back.
     d.set(1, "pixel-5", "psi", 0.1)

@@ -243,8 +243,9 @@ class ServiceMonitorSpec(KilnModel):
 
 #: A Prometheus label value we accept for ``severity`` (Alertmanager routes on it).
 SEVERITY_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
-#: The ``method`` label of the drift gauges (e.g. psi, ks, wasserstein, jensenshannon).
-DRIFT_METHOD_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
+#: Drift methods whose score rises with drift (distances), the ones a "score above a threshold"
+#: alert makes sense for; ks, chisquare and z export p-values, which fall (docs/monitoring.md).
+DRIFT_DISTANCE_METHODS = ("psi", "wasserstein", "jensenshannon")
 
 _FOR = Field(
     default=300,
@@ -277,16 +278,33 @@ class ErrorRatioAlert(KilnModel):
 
 
 class DriftAlert(KilnModel):
-    """Fires when a drift gauge of this method (feature or prediction drift) stays over threshold.
+    """Fires when a drift score of this method (feature or prediction drift) stays over threshold.
 
-    Methods have different scales (PSI, Wasserstein distance, Jensen-Shannon distance, ...), so
-    each method gets its own threshold.
+    Methods have different scales, so each method gets its own threshold. Only distances
+    (psi, wasserstein, jensenshannon) rise with drift; for the p-value methods alert on the
+    share of drifted features (driftShare), which uses each method's own decision.
     """
 
-    method: str = Field(
-        pattern=DRIFT_METHOD_PATTERN, description="The gauges' method label, e.g. psi, wasserstein."
+    method: Literal["psi", "wasserstein", "jensenshannon"] = Field(
+        description="The gauges' method label: psi, wasserstein or jensenshannon (distances: they rise with drift)."
     )
-    threshold: float = Field(ge=0, description="Fires while the drift statistic is above, e.g. 0.2 for PSI.")
+    threshold: float = Field(
+        ge=0, description="Fires while the score is above, e.g. 0.2 for PSI, 0.1 for the others."
+    )
+    for_seconds: int = _FOR
+    severity: str = _SEVERITY
+
+
+class DriftShareAlert(KilnModel):
+    """Fires when the share of drifted features (kiln_drift_share: each feature judged by its
+    default method, Evidently's dataset drift) stays at or above ``threshold``."""
+
+    threshold: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Share of drifted features (0..1]; Evidently's dataset drift is 0.5.",
+    )
     for_seconds: int = _FOR
     severity: str = _SEVERITY
 
@@ -322,6 +340,9 @@ class Alerts(KilnModel):
         max_length=16,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["method"]},
         description="Feature and prediction drift alerts, at most one per method.",
+    )
+    drift_share: DriftShareAlert | None = Field(
+        default=None, description="Dataset drift alert: the share of drifted features."
     )
 
     @model_validator(mode="after")

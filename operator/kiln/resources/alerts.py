@@ -21,7 +21,9 @@ convention), per ``namespace, model, version``, labelled ``inferenceservice: <na
 Alerts (each ``for: <forSeconds>s`` with labels ``severity`` and ``inferenceservice``):
 ``KilnInferenceLatencyHigh`` (label ``percentile``), ``KilnInferenceErrorRatioHigh``,
 ``KilnFeatureDrift`` and ``KilnPredictionDrift`` (label ``method``; the drift gauges
-``kiln_feature_drift`` / ``kiln_prediction_drift`` averaged over the pods of a version).
+``kiln_feature_drift`` / ``kiln_prediction_drift`` of a distance method averaged over the pods
+of a version), ``KilnDatasetDrift`` (``kiln_drift_share``, the share of drifted features,
+averaged likewise, at or above the threshold as Evidently's dataset drift).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ REQUESTS = "kiln_inference_requests_total"
 DURATION_BUCKETS = "kiln_inference_request_duration_seconds_bucket"
 FEATURE_DRIFT = "kiln_feature_drift"
 PREDICTION_DRIFT = "kiln_prediction_drift"
+DRIFT_SHARE = "kiln_drift_share"
 #: What each recorded series is per: the served model version.
 BY = "namespace, model, version"
 
@@ -149,6 +152,10 @@ def alerting_rules(namespace: str, name: str, alerts: Alerts) -> list[dict[str, 
         rules.append(_alert("KilnInferenceErrorRatioHigh", expr, er.for_seconds, er.severity, name, summary))
     for d in sorted(alerts.drift or [], key=lambda a: a.method):
         rules += _drift_alerts(namespace, name, d)
+    if (ds := alerts.drift_share) is not None:
+        expr = f"avg by ({BY}) ({DRIFT_SHARE}{selector(namespace, name)}) >= {ds.threshold:g}"
+        summary = f"share of drifted features at or above {ds.threshold:g}"
+        rules.append(_alert("KilnDatasetDrift", expr, ds.for_seconds, ds.severity, name, summary))
     return rules
 
 

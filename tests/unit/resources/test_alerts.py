@@ -30,6 +30,7 @@ ALERTS: dict[str, Any] = {
     ],
     "errorRatio": {"threshold": 0.05, "forSeconds": 120, "severity": "critical"},
     "drift": [{"method": "psi", "threshold": 0.2, "forSeconds": 600}],
+    "driftShare": {"forSeconds": 900, "severity": "critical"},
 }
 
 
@@ -89,6 +90,10 @@ def test_alerts_read_the_recording_rules_of_this_service_only():
         '(kiln_feature_drift{namespace="ml",service=~"digits(-stable|-canary)?",method="psi"}) > 0.2'
     )
     assert drift["for"] == "600s"
+    share = by["KilnDatasetDrift/[('inferenceservice', 'digits'), ('severity', 'critical')]"]
+    assert share["expr"] == (
+        'avg by (namespace, model, version) (kiln_drift_share{namespace="ml",service=~"digits(-stable|-canary)?"}) >= 0.5'
+    )
     assert "$value" in drift["annotations"]["description"]
 
 
@@ -111,6 +116,8 @@ def test_no_rule_without_alerts_and_rule_is_a_child_kind():
         {"latency": [{"percentile": 99, "thresholdSeconds": 1}, {"percentile": 99, "thresholdSeconds": 2}]},
         {"errorRatio": {"threshold": 1.5}},
         {"drift": [{"method": "PSI", "threshold": 0.2}]},
+        {"drift": [{"method": "ks", "threshold": 0.05}]},  # a p-value: it falls with drift
+        {"driftShare": {"threshold": 0}},
         {"drift": [{"method": "psi", "threshold": 0.2}, {"method": "psi", "threshold": 0.3}]},
         {"errorRatio": {"threshold": 0.1, "severity": "Page me"}},
         {"windowSeconds": 1},
