@@ -33,6 +33,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitors",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrules",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
     ("scheduling.k8s.io/v1", "PriorityClass"): "priorityclasses",
     # Kueue (TrainingJobs queued with kueue.x-k8s.io/queue-name, see kiln.queueing)

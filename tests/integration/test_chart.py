@@ -281,8 +281,9 @@ def can(
 
 
 def exercise_every_kind(kube: client.ApiClient, ns: str, store: Store) -> None:
-    """TrainingJob (gang, registration, TTL), InferenceService (every child, a canary, deletions),
-    FeatureGroup (materialization Jobs and their pods' results, the CronJob)."""
+    """TrainingJob (gang, registration, TTL), Model retraining (creates a TrainingJob),
+    InferenceService (every child, a canary, deletions), FeatureGroup (materialization Jobs and
+    their pods' results, the CronJob)."""
     # TrainingJob: Service + pods, registration in its Model, ttlSecondsAfterFinished deletes it
     assert create(
         kube,
@@ -321,6 +322,31 @@ def exercise_every_kind(kube: client.ApiClient, ns: str, store: Store) -> None:
         60,
         message="the TTL to delete the job",
     )
+    # Model spec.retraining: a request makes the operator create a TrainingJob
+    template = {k: v for k, v in job["spec"].items() if k not in ("modelRef", "ttlSecondsAfterFinished")}
+    patch(
+        kube, API_VERSION, "Model", ns, "trained", {"spec": {"retraining": {"template": {"spec": template}}}}
+    )
+    wait_for(
+        lambda: ((get(kube, API_VERSION, "Model", ns, "trained") or {}).get("status") or {}).get(
+            "retraining"
+        ),
+        30,
+        message="retraining enabled",
+    )
+    patch(
+        kube,
+        API_VERSION,
+        "Model",
+        ns,
+        "trained",
+        {"metadata": {"annotations": {"kiln.dev/retrain-requested-at": "now"}}},
+    )
+    wait_for(
+        lambda: get(kube, API_VERSION, "TrainingJob", ns, "trained-retrain-1") is not None,
+        30,
+        message="the retraining TrainingJob",
+    )
 
     # InferenceService: Deployments, Services, ServiceMonitor, HPA, HTTPRoute; a canary promoted
     create_model(kube, ns, [store.version(1)], production=1)
@@ -332,6 +358,10 @@ def exercise_every_kind(kube: client.ApiClient, ns: str, store: Store) -> None:
             "steps": [{"weight": 50, "pauseSeconds": 0}],
         },
         autoscaling={"minReplicas": 1, "maxReplicas": 2},
+        monitoring={
+            "serviceMonitor": {"labels": {"release": "prometheus"}},
+            "alerts": {"errorRatio": {"threshold": 0.1}},
+        },
     )
     assert create(kube, body)
 
@@ -343,6 +373,7 @@ def exercise_every_kind(kube: client.ApiClient, ns: str, store: Store) -> None:
         ("apps/v1", "Deployment", f"{MODEL}-stable"),
         ("v1", "Service", MODEL),
         ("monitoring.coreos.com/v1", "ServiceMonitor", MODEL),
+        ("monitoring.coreos.com/v1", "PrometheusRule", MODEL),
         ("autoscaling/v2", "HorizontalPodAutoscaler", MODEL),
         ("gateway.networking.k8s.io/v1", "HTTPRoute", MODEL),
     ):
@@ -371,12 +402,13 @@ def exercise_every_kind(kube: client.ApiClient, ns: str, store: Store) -> None:
             "spec": {
                 "autoscaling": None,
                 "rollout": {"trafficRouting": "ReplicaRatio", "gatewayAPI": None},
-                "monitoring": {"serviceMonitor": {"enabled": False}},
+                "monitoring": {"serviceMonitor": {"enabled": False}, "alerts": None},
             }
         },
     )
     for api_version, kind in (
         ("monitoring.coreos.com/v1", "ServiceMonitor"),
+        ("monitoring.coreos.com/v1", "PrometheusRule"),
         ("autoscaling/v2", "HorizontalPodAutoscaler"),
         ("gateway.networking.k8s.io/v1", "HTTPRoute"),
     ):

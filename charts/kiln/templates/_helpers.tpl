@@ -45,10 +45,10 @@ tests/integration/test_chart.py runs every kind with exactly these.
 - apiGroups: [kiln.dev]
   resources: [models/status, trainingjobs/status, inferenceservices/status, featuregroups/status]
   verbs: [patch]
-# ttlSecondsAfterFinished deletes finished TrainingJobs.
+# ttlSecondsAfterFinished deletes finished TrainingJobs; a Model's spec.retraining creates them.
 - apiGroups: [kiln.dev]
   resources: [trainingjobs]
-  verbs: [delete]
+  verbs: [create, delete]
 # TrainingJob gangs: pods are created and deleted whole; the headless Service is applied.
 - apiGroups: [""]
   resources: [pods]
@@ -65,7 +65,7 @@ tests/integration/test_chart.py runs every kind with exactly these.
   resources: [horizontalpodautoscalers]
   verbs: [list, create, patch, delete]
 - apiGroups: [monitoring.coreos.com]
-  resources: [servicemonitors]
+  resources: [servicemonitors, prometheusrules]
   verbs: [list, create, patch, delete]
 - apiGroups: [gateway.networking.k8s.io]
   resources: [httproutes]

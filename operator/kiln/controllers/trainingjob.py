@@ -31,6 +31,7 @@ from kiln.gang import Plan, plan
 from kiln.queueing import QueueView
 from kiln.resources import trainingjob as build
 from kiln.resources import workload as wl
+from kiln.resources.retraining import ANNOTATION_TRIGGER as ANNOTATION_RETRAINING_TRIGGER
 from kiln.resources.storage import StorageDefaults
 from kiln.status import write_status
 
@@ -276,6 +277,9 @@ def _register(
         "trainingJob": job["metadata"]["name"],
         "image": spec.image,
     }
+    trigger = (job["metadata"].get("annotations") or {}).get(ANNOTATION_RETRAINING_TRIGGER)
+    if trigger:  # a run of the Model's spec.retraining (kiln.resources.retraining)
+        lineage["retrainingTrigger"] = trigger
     try:
         meta = storage.read_artifact_metadata(result["artifactUri"])
     except ArtifactError:

@@ -11,6 +11,8 @@ Children (all owned by the InferenceService, labelled ``kiln.dev/inferenceservic
 - ServiceMonitor ``<name>`` (monitoring.coreos.com/v1) scraping the named port ``metrics`` of
   every Service labelled ``kiln.dev/scrape: "true"`` (each pod exactly once: the shared Service
   under ReplicaRatio, the per-track Services under GatewayAPI);
+- PrometheusRule ``<name>`` (monitoring.coreos.com/v1) with ``monitoring.alerts``: recording
+  rules and alerts, see :mod:`kiln.resources.alerts`;
 - HorizontalPodAutoscaler ``<name>`` (autoscaling/v2) on the stable Deployment, with ``autoscaling``;
 - HTTPRoute ``<name>`` (gateway.networking.k8s.io/v1) with ``trafficRouting: GatewayAPI``.
 
@@ -34,6 +36,7 @@ from kiln.api.inferenceservice import (
     InferenceServiceSpec,
     TrafficRouting,
 )
+from kiln.resources.alerts import rule_groups
 from kiln.resources.common import child_name, owner_reference, pod_placement, standard_labels
 from kiln.resources.storage import StorageDefaults, is_s3, storage_env
 
@@ -57,6 +60,7 @@ CHILD_KINDS: tuple[tuple[str, str], ...] = (
     ("apps/v1", "Deployment"),
     ("v1", "Service"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("gateway.networking.k8s.io/v1", "HTTPRoute"),
 )
@@ -367,6 +371,25 @@ def service_monitor(isvc: dict[str, Any], spec: InferenceServiceSpec) -> dict[st
     }
 
 
+def prometheus_rule(isvc: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any]:
+    """PrometheusRule ``<name>`` from ``monitoring.alerts`` (which must be set): recording rules
+    and alerts of :func:`kiln.resources.alerts.rule_groups`.
+
+    ``alerts.labels`` go on the object so a Prometheus's ``ruleSelector`` can pick it.
+    """
+    alerts = spec.monitoring.alerts
+    assert alerts is not None
+    m = isvc["metadata"]
+    meta = _meta(isvc, m["name"], "monitoring")
+    meta["labels"] = meta["labels"] | dict(alerts.labels or {})
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": meta,
+        "spec": {"groups": rule_groups(m["namespace"], m["name"], alerts)},
+    }
+
+
 def hpa(isvc: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any]:
     """autoscaling/v2 HPA of the stable Deployment on CPU utilization (needs ``autoscaling``)."""
     assert spec.autoscaling is not None
@@ -470,6 +493,8 @@ def children(
         out.append(http_route(isvc, spec, canary_weight if canary is not None else None))
     if spec.monitoring.service_monitor.enabled:
         out.append(service_monitor(isvc, spec))
+    if spec.monitoring.alerts is not None:
+        out.append(prometheus_rule(isvc, spec))
     if spec.autoscaling is not None:
         out.append(hpa(isvc, spec))
     return out

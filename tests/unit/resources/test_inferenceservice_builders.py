@@ -297,7 +297,11 @@ def test_service_monitor_can_be_disabled_and_selects_scraped_services():
 def test_every_child_is_labelled_and_owned():
     objs = build.children(
         ISVC,
-        spec(rollout=GATEWAY, autoscaling={"maxReplicas": 3}),
+        spec(
+            rollout=GATEWAY,
+            autoscaling={"maxReplicas": 3},
+            monitoring={"alerts": {"errorRatio": {"threshold": 0.1}}},
+        ),
         stable=(1, "u", DIGEST),
         stable_replicas=None,
         canary=(2, "u2", DIGEST),
