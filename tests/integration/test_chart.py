@@ -24,6 +24,7 @@ from kiln.conditions import get_condition
 from kiln.kube import create, get, list_objects, patch
 
 from .helpers import finish_pod, operator_processes, serviceaccount_kubeconfig, wait_for
+from .test_featuregroup import succeed as succeed_featuregroup_run
 from .test_inferenceservice import MODEL, Store, create_model, isvc_body, set_production, wait_status
 from .test_trainingjob import JOB, result_message
 
@@ -156,6 +157,16 @@ def test_high_availability_defaults(cluster):
     assert "--log-format=text" in container(custom)["args"]
 
 
+def test_features_image_default(cluster):
+    """Materialization Jobs without spec.materialization.image run the chart's features image."""
+    assert env(render(cluster))["KILN_FEATURES_IMAGE"] == "ghcr.io/kiln-dev/kiln-trainer:0.1.0"
+    custom = render(
+        cluster, "--set", "features.image.repository=reg/trainer", "--set", "features.image.tag=v2"
+    )
+    assert env(custom)["KILN_FEATURES_IMAGE"] == "reg/trainer:v2"
+    assert "KILN_FEATURES_IMAGE" not in env(render(cluster, "--set", "features.image.repository="))
+
+
 def rbac_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for d in docs if d["kind"] in ("Role", "ClusterRole") for r in d["rules"]]
 
@@ -254,7 +265,8 @@ def can(
 
 
 def exercise_every_kind(kube: client.ApiClient, ns: str, store: Store) -> None:
-    """TrainingJob (gang, registration, TTL), InferenceService (every child, a canary, deletions), FeatureGroup."""
+    """TrainingJob (gang, registration, TTL), InferenceService (every child, a canary, deletions),
+    FeatureGroup (materialization Jobs and their pods' results, the CronJob)."""
     # TrainingJob: Service + pods, registration in its Model, ttlSecondsAfterFinished deletes it
     assert create(
         kube,
@@ -354,17 +366,35 @@ def exercise_every_kind(kube: client.ApiClient, ns: str, store: Store) -> None:
     ):
         wait_for(lambda: get(kube, api_version, kind, ns, MODEL) is None, 30, message=f"{kind} deleted")  # noqa: B023
 
-    # FeatureGroup
+    # FeatureGroup: a materialization Job, deleted when new definitions make it stale; the next
+    # one's result read from its pod; the schedule's CronJob applied, then deleted with the schedule
     fg = yaml.safe_load((CHART.parents[1] / "examples" / "featuregroup.yaml").read_text())
     fg["metadata"]["namespace"] = ns
+    name = fg["metadata"]["name"]
     assert create(kube, fg)
-    wait_for(
-        lambda: (
-            (get(kube, API_VERSION, "FeatureGroup", ns, fg["metadata"]["name"]) or {}).get("status") or {}
-        ).get("schemaDigest"),
+
+    def materialization_jobs() -> list[dict[str, Any]]:
+        return list_objects(kube, "batch/v1", "Job", ns, f"kiln.dev/featuregroup={name}")
+
+    (stale,) = wait_for(materialization_jobs, 30, message="the backfill Job")
+    features = copy.deepcopy(fg["spec"]["features"])
+    features[0]["description"] = "Orders in the last 7 days, returns excluded."
+    patch(kube, API_VERSION, "FeatureGroup", ns, name, {"spec": {"features": features}})
+    (job,) = wait_for(
+        lambda: [j for j in materialization_jobs() if j["metadata"]["uid"] != stale["metadata"]["uid"]],
         30,
-        message="FeatureGroup status",
+        message="the stale Job replaced",
     )
+    wait_for(
+        lambda: get(kube, "batch/v1", "Job", ns, stale["metadata"]["name"]) is None,
+        30,
+        message="stale Job deleted",
+    )
+    succeed_featuregroup_run(kube, ns, job)
+    wait_for(lambda: get(kube, "batch/v1", "CronJob", ns, name), 30, message="the schedule's CronJob")
+    assert (get(kube, API_VERSION, "FeatureGroup", ns, name) or {})["status"]["lastMaterializationTime"]
+    patch(kube, API_VERSION, "FeatureGroup", ns, name, {"spec": {"schedule": None}})
+    wait_for(lambda: get(kube, "batch/v1", "CronJob", ns, name) is None, 30, message="the CronJob deleted")
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,15 @@ tests/integration/test_chart.py runs every kind with exactly these.
 - apiGroups: [gateway.networking.k8s.io]
   resources: [httproutes]
   verbs: [list, create, patch, delete]
+# FeatureGroup materialization: one Job per run (created, watched for results, deleted when it
+# writes superseded definitions) and the schedule's CronJob (server-side apply, deleted when the
+# schedule goes). Pods' termination messages are read through the pods rule above.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [list, watch, create, delete]
+- apiGroups: [batch]
+  resources: [cronjobs]
+  verbs: [list, create, patch, delete]
 # Transitions are reported as core/v1 Events (Kiln's and kopf's).
 - apiGroups: [""]
   resources: [events]
@@ -102,4 +111,15 @@ KILN_STORAGE_SECRET_NAME, AWS_ENDPOINT_URL, AWS_REGION. Each only when its value
 - name: AWS_REGION
   value: {{ . | quote }}
 {{- end }}
+{{- end -}}
+
+{{- /*
+The image of FeatureGroup materialization Jobs whose spec.materialization.image is unset.
+*/}}
+{{- define "kiln.featuresImage" -}}
+{{- with .Values.features.image -}}
+{{- if .repository -}}
+{{ .repository }}:{{ .tag | default $.Chart.AppVersion }}
+{{- end -}}
+{{- end -}}
 {{- end -}}

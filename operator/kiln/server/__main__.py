@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         log.error("refusing to serve: %s", e)
         print(f"kiln-serve: refusing to serve artifact {settings.artifact}: {e}", file=sys.stderr)
         return 1
-    return asyncio.run(serve(model, settings))
+    return asyncio.run(serve(model, settings, profile_dir=local))
 
 
 if __name__ == "__main__":

@@ -35,11 +35,13 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from kiln import __version__
+from kiln.monitoring.monitor import DriftMonitor, DriftSettings
 from kiln.server.core import (
     EXTENSIONS,
     SERVER_NAME,
@@ -90,12 +92,26 @@ class InferenceServer:
     """
 
     def __init__(
-        self, model: Predictor, settings: ServerSettings, *, metrics: ServerMetrics | None = None
+        self,
+        model: Predictor,
+        settings: ServerSettings,
+        *,
+        metrics: ServerMetrics | None = None,
+        profile_dir: str | Path | None = None,
     ) -> None:
         self.model = model
         self.settings = settings
         self.core = InferenceCore(model, settings, metrics)
         self.metrics = self.core.metrics
+        if profile_dir is not None:
+            # Drift against the artifact's reference profile (none: "no reference", a gauge).
+            self.core.drift = DriftMonitor.from_artifact(
+                profile_dir,
+                model=model.name,
+                version=model.version,
+                settings=DriftSettings.from_env(),
+                registry=self.metrics.registry,
+            )
         self._stopped = False
         self.app = self._build_app()
         self.metrics_app = self._build_metrics_app()
@@ -222,7 +238,13 @@ class InferenceServer:
         async def metrics(_: web.Request) -> web.Response:
             return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
+        async def drift(_: web.Request) -> web.Response:
+            if self.core.drift is None:
+                return _error(404, "drift monitoring is off: no artifact directory was given")
+            return _json(self.core.drift.snapshot())
+
         app.router.add_get("/metrics", metrics)
+        app.router.add_get("/debug/drift", drift)
         return app
 
     @web.middleware
@@ -323,15 +345,16 @@ class InferenceServer:
         )
 
 
-async def serve(model: Predictor, settings: ServerSettings) -> int:
-    """Run the server until SIGTERM or SIGINT, then drain and stop.
+async def serve(model: Predictor, settings: ServerSettings, profile_dir: str | Path | None = None) -> int:
+    """Run the server until SIGTERM or SIGINT, then drain and stop. ``profile_dir``: the
+    artifact directory, whose ``profile.json`` is the drift reference.
 
     Returns:
         The exit status: 0 after a shutdown, 1 when a port cannot be bound or the FeatureGroups
         do not fit the model (:class:`kiln.server.features.FeatureConfigError`).
     """
     try:
-        server = InferenceServer(model, settings)
+        server = InferenceServer(model, settings, profile_dir=profile_dir)
     except FeatureConfigError as e:
         log.error("refusing to serve: %s", e)
         print(f"kiln-serve: refusing to serve with KILN_FEATURE_GROUPS: {e}", file=sys.stderr)

@@ -28,6 +28,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from kiln.monitoring.monitor import DriftMonitor
 from kiln.server.batcher import BatcherClosedError, DynamicBatcher, Tensors
 from kiln.server.cache import OutputCache
 from kiln.server.features import FeatureLookup, parse_feature_groups
@@ -100,9 +101,16 @@ class InferenceCore:
     """
 
     def __init__(
-        self, model: Predictor, settings: ServerSettings, metrics: ServerMetrics | None = None
+        self,
+        model: Predictor,
+        settings: ServerSettings,
+        metrics: ServerMetrics | None = None,
+        drift: DriftMonitor | None = None,
     ) -> None:
         self.model = model
+        #: Sees every answered batch's inputs and outputs (cache hits included: drift is about the
+        #: traffic, not the forward passes); computes in its own thread, never on this path.
+        self.drift = drift
         self.settings = settings
         self.inputs = tuple(model.inputs)
         self.outputs = tuple(model.outputs)
@@ -149,8 +157,10 @@ class InferenceCore:
         return self._draining
 
     def start(self) -> None:
-        """Start the batcher (on the running loop) and turn ready."""
+        """Start the batcher (on the running loop) and the drift monitor, and turn ready."""
         self.batcher.start()
+        if self.drift is not None:
+            self.drift.start()
         self._ready = True
 
     def begin_shutdown(self) -> None:
@@ -175,11 +185,13 @@ class InferenceCore:
         return True
 
     async def stop(self) -> None:
-        """Finish the batch queue, stop the batcher and its executor thread."""
+        """Finish the batch queue, stop the batcher, its executor thread and the drift monitor."""
         await self.batcher.stop()
         self._executor.shutdown(wait=True)
         if self.features is not None:
             self.features.close()
+        if self.drift is not None:
+            self.drift.stop()
 
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
@@ -290,6 +302,8 @@ class InferenceCore:
             result = got
             if self.cache.enabled:
                 self.cache.put(key, result)
+        if self.drift is not None:
+            self.drift.observe(request.inputs, result)
         datatypes = self._output_datatypes
         return [OutputTensor(r, datatypes[r.name], result[r.name]) for r in request.outputs]
 

@@ -136,7 +136,7 @@ def free_port() -> int:
 class ThreadedServer:
     """An ``InferenceServer`` running on its own event loop in a background thread."""
 
-    def __init__(self, model: Any, **overrides: Any) -> None:
+    def __init__(self, model: Any, profile_dir: Any = None, **overrides: Any) -> None:
         from kiln.server.app import InferenceServer
         from kiln.server.settings import ServerSettings
 
@@ -156,7 +156,7 @@ class ThreadedServer:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="kiln-test-server", daemon=True)
         self._thread.start()
-        self.server = InferenceServer(model, self.settings)
+        self.server = InferenceServer(model, self.settings, profile_dir=profile_dir)
         self.run(self.server.start())
         self.url = f"http://127.0.0.1:{self.server.port}"
         self.metrics_url = f"http://127.0.0.1:{self.server.metrics_port}/metrics"
