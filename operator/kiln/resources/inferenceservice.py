@@ -79,6 +79,8 @@ ENV_SHUTDOWN_DELAY = "KILN_SHUTDOWN_DELAY_SECONDS"
 ENV_DRAIN_TIMEOUT = "KILN_DRAIN_TIMEOUT_SECONDS"
 ENV_MODEL_DIR = "KILN_MODEL_DIR"
 ENV_FEATURE_GROUPS = "KILN_FEATURE_GROUPS"
+#: Key of an online store's password in its ``online.store.secretRef`` Secret (the FeatureGroup's).
+REDIS_PASSWORD_KEY = "KILN_REDIS_PASSWORD"
 #: The init container fetching s3:// artifacts (KServe's name for the same job).
 STORAGE_INITIALIZER = "storage-initializer"
 #: emptyDir an s3:// artifact is downloaded into, and where.
@@ -124,15 +126,37 @@ def feature_groups_env(groups: Sequence[FeatureView]) -> str:
 
     Each spec keeps only what the server reads (entities, features, source without its storage,
     online), so the variable stays small and does not change with materialization settings;
-    ``schemaDigest`` is the digest of the full spec's features (the server checks it).
+    ``schemaDigest`` is the digest of the full spec's features (the server checks it). A
+    FeatureGroup whose store has a ``secretRef`` gets ``passwordEnv``: the variable
+    :func:`feature_group_secret_env` fills from that Secret.
     """
     out = []
-    for g in groups:
+    for i, g in enumerate(groups):
         full = g.spec.to_api()
         spec: dict[str, Any] = {k: full[k] for k in ("entities", "features", "online") if k in full}
         spec["source"] = {k: v for k, v in full["source"].items() if k in ("uri", "format", "timestampField")}
-        out.append({"name": g.name, "namespace": g.namespace, "spec": spec, "schemaDigest": g.digest})
+        entry = {"name": g.name, "namespace": g.namespace, "spec": spec, "schemaDigest": g.digest}
+        store = g.spec.online.store
+        if store is not None and store.secret_ref is not None:
+            entry["passwordEnv"] = f"{REDIS_PASSWORD_KEY}_{i}"
+        out.append(entry)
     return json.dumps(out, separators=(",", ":"), sort_keys=True)
+
+
+def feature_group_secret_env(feature_groups: str | None) -> list[dict[str, Any]]:
+    """The server's password variables for ``KILN_FEATURE_GROUPS`` (:func:`feature_groups_env`):
+    each ``passwordEnv`` from key ``KILN_REDIS_PASSWORD`` of its store's ``secretRef`` Secret.
+
+    Derived from the variable's value, so a track that keeps the definitions it was deployed
+    with keeps their Secrets too. Only the server container gets them (not the storage-initializer).
+    """
+    out = []
+    for g in json.loads(feature_groups or "[]"):
+        secret = ((g.get("spec", {}).get("online") or {}).get("store") or {}).get("secretRef")
+        if g.get("passwordEnv") and secret:
+            ref = {"name": secret["name"], "key": REDIS_PASSWORD_KEY}
+            out.append({"name": g["passwordEnv"], "valueFrom": {"secretKeyRef": ref}})
+    return out
 
 
 def server_env(
@@ -307,6 +331,8 @@ def deployment(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
+    # after the storage-initializer took its copy of the environment: no store password there
+    container["env"] = env + feature_group_secret_env(feature_groups)
     pod_spec.update(
         pod_placement(
             node_selector=spec.node_selector,

@@ -32,7 +32,9 @@ and in the metrics (:class:`kiln.server.metrics.ServerMetrics`): ``kiln_feature_
 ``kiln_feature_lookup_errors_total{feature_group}``. An online store that fails or does not
 answer within :data:`SOCKET_TIMEOUT_SECONDS` fails the request with 503 (gRPC UNAVAILABLE)
 naming the FeatureGroup and the cause; requests that carry the model's own input never touch
-the store.
+the store. A FeatureGroup's store password comes from the environment variable its entry names
+(``passwordEnv``: the operator fills it from ``online.store.secretRef``), else from
+``KILN_REDIS_PASSWORD`` (:func:`kiln.features.online.connect`).
 
 At start-up (:class:`FeatureLookup`, else kiln-serve exits 1) the model must have ONE input of
 shape ``[-1, d]`` (or ``[-1, -1]``) and a numeric datatype, ``d`` the number of features; no
@@ -46,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -85,9 +88,20 @@ class FeatureConfigError(ValueError):
     """``KILN_FEATURE_GROUPS`` is malformed, or does not fit the served model."""
 
 
-def parse_feature_groups(text: str) -> list[FeatureView]:
+@dataclass(frozen=True)
+class ServedGroup:
+    """One FeatureGroup of ``KILN_FEATURE_GROUPS``: its view and the environment variable holding
+    its store's password (``passwordEnv``: the operator maps ``online.store.secretRef`` there;
+    None: ``KILN_REDIS_PASSWORD``, if any)."""
+
+    view: FeatureView
+    password_env: str | None = None
+
+
+def parse_feature_groups(text: str) -> list[ServedGroup]:
     """The FeatureGroups of ``KILN_FEATURE_GROUPS``: a JSON list of ``{name, namespace, spec,
-    schemaDigest}`` (``schemaDigest`` optional; when given, the spec's digest must equal it).
+    schemaDigest, passwordEnv}`` (``schemaDigest`` optional: when given, the spec's digest must
+    equal it; ``passwordEnv`` optional).
 
     Raises:
         FeatureConfigError: not that shape, a spec that is invalid or has no online store, a
@@ -101,7 +115,7 @@ def parse_feature_groups(text: str) -> list[FeatureView]:
         raise FeatureConfigError(f"KILN_FEATURE_GROUPS is not JSON: {e}") from None
     if not isinstance(doc, list) or not doc or not all(isinstance(g, dict) for g in doc):
         raise FeatureConfigError("KILN_FEATURE_GROUPS must be a non-empty JSON list of objects")
-    views: list[FeatureView] = []
+    out: list[ServedGroup] = []
     for i, g in enumerate(doc):
         name, namespace = g.get("name"), g.get("namespace") or "default"
         if not isinstance(name, str) or not name or not isinstance(namespace, str):
@@ -120,10 +134,13 @@ def parse_feature_groups(text: str) -> list[FeatureView]:
             raise FeatureConfigError(
                 f"FeatureGroup {name} has no online store (online.enabled, online.store)"
             )
-        if any(v.name == name for v in views):
+        if any(s.view.name == name for s in out):
             raise FeatureConfigError(f"FeatureGroup {name} is given twice")
-        views.append(view)
-    return views
+        password_env = g.get("passwordEnv")
+        if password_env is not None and (not isinstance(password_env, str) or not password_env):
+            raise FeatureConfigError(f"FeatureGroup {name}: passwordEnv must be a variable name")
+        out.append(ServedGroup(view, password_env))
+    return out
 
 
 def entity_inputs(views: Sequence[FeatureView]) -> tuple[TensorMetadata, ...]:
@@ -217,24 +234,25 @@ class FeatureLookup:
     """The online-store side of entity-key requests for one server (see the module docstring).
 
     Args:
-        views: the FeatureGroups, in ``spec.featureGroups`` order.
+        groups: the FeatureGroups, in ``spec.featureGroups`` order.
         model: the served predictor (its ``inputs``, and its artifact's ``config`` and
             ``metadata`` for the fill values and the schema check).
         metrics: a :class:`kiln.server.metrics.ServerMetrics` (None: nothing recorded).
-        connect: ``address -> redis client`` (default :func:`kiln.features.online.connect`).
+        connect: ``(address, password or None) -> redis client`` (default
+            :func:`kiln.features.online.connect`).
     Raises:
         FeatureConfigError: the model does not fit (:func:`check_model`).
     """
 
     def __init__(
         self,
-        views: Sequence[FeatureView],
+        groups: Sequence[ServedGroup],
         model: Any,
         *,
         metrics: Any = None,
-        connect: Callable[[str], Any] | None = None,
+        connect: Callable[[str, str | None], Any] | None = None,
     ) -> None:
-        self.views = list(views)
+        self.views = [g.view for g in groups]
         width = check_model(self.views, tuple(model.inputs), trained_schema_digest(model))
         self.model_input: TensorMetadata = model.inputs[0]
         self.entity_inputs = entity_inputs(self.views)
@@ -243,21 +261,22 @@ class FeatureLookup:
         if connect is None:
             from kiln.features.online import connect as redis_connect
 
-            def connect(address: str) -> Any:
-                return redis_connect(address, socket_timeout=SOCKET_TIMEOUT_SECONDS)
+            def connect(address: str, password: str | None) -> Any:
+                return redis_connect(address, socket_timeout=SOCKET_TIMEOUT_SECONDS, password=password)
 
-        # a client per address: redis-py clients are thread-safe (a connection pool each)
-        clients: dict[str, Any] = {}
+        # a client per store and password: redis-py clients are thread-safe (a connection pool each)
+        clients: dict[tuple[str, str | None], Any] = {}
         self._clients: list[Any] = []
         self._offsets: list[int] = []
         offset = 0
-        for v in self.views:
-            store = v.spec.online.store
+        for g in groups:
+            v, store = g.view, g.view.spec.online.store
             if store is None:
                 raise FeatureConfigError(f"FeatureGroup {v.name} has no online store (online.store)")
-            if store.address not in clients:
-                clients[store.address] = connect(store.address)
-            self._clients.append(clients[store.address])
+            where = (store.address, g.password_env)
+            if where not in clients:
+                clients[where] = connect(store.address, os.environ.get(g.password_env or "") or None)
+            self._clients.append(clients[where])
             self._offsets.append(offset)
             offset += len(v.spec.features)
         self._executor = ThreadPoolExecutor(max_workers=LOOKUP_THREADS, thread_name_prefix="kiln-features")

@@ -146,7 +146,8 @@ def test_feature_groups_env_keeps_what_the_server_reads():
     }
     server = pytest.importorskip("kiln.server.features")  # the server parses it back, digest checked
     parsed = server.parse_feature_groups(build.feature_groups_env(views(PROFILE, ACTIVITY)))
-    assert [v.digest for v in parsed] == [v.digest for v in views(PROFILE, ACTIVITY)]
+    assert [g.view.digest for g in parsed] == [v.digest for v in views(PROFILE, ACTIVITY)]
+    assert [g.password_env for g in parsed] == [None, None]
 
 
 def test_features_env_per_track():
@@ -204,3 +205,28 @@ def test_feature_group_index():
 def test_duplicate_feature_groups_are_refused():
     with pytest.raises(ValueError, match="featureGroups must name each FeatureGroup once"):
         isvc_spec("activity", "activity")
+
+
+def test_store_secret_becomes_the_server_password_only():
+    """``online.store.secretRef``: the server container gets the Secret's KILN_REDIS_PASSWORD as
+    the variable its FeatureGroup entry names; the storage-initializer does not."""
+    secured = fg("profile", "age")
+    secured["spec"]["online"]["store"]["secretRef"] = {"name": "redis-auth"}
+    value = build.feature_groups_env(views(ACTIVITY, secured))
+    entries = json.loads(value)
+    assert "passwordEnv" not in entries[0] and entries[1]["passwordEnv"] == "KILN_REDIS_PASSWORD_1"
+    assert build.feature_group_secret_env(value) == [
+        {
+            "name": "KILN_REDIS_PASSWORD_1",
+            "valueFrom": {"secretKeyRef": {"name": "redis-auth", "key": "KILN_REDIS_PASSWORD"}},
+        }
+    ]
+    assert build.feature_group_secret_env(None) == []
+    dep = build.deployment(ISVC, isvc_spec("activity", "profile"), "stable", 1, "s3://models/churn/1", DIGEST, 1,
+                           feature_groups=value)  # fmt: skip
+    pod = dep["spec"]["template"]["spec"]
+    server_env = pod["containers"][0]["env"]
+    assert server_env[-1]["name"] == "KILN_REDIS_PASSWORD_1"
+    assert all("KILN_REDIS_PASSWORD" not in e["name"] for e in pod["initContainers"][0]["env"])
+    server = pytest.importorskip("kiln.server.features")
+    assert [g.password_env for g in server.parse_feature_groups(value)] == [None, "KILN_REDIS_PASSWORD_1"]

@@ -394,12 +394,12 @@ def test_check_model_refuses(model: _Model, mutate: Callable[[Any], None] | None
     if mutate:
         mutate(g)
     with pytest.raises(FeatureConfigError) as e:
-        FeatureLookup(parse_feature_groups(json.dumps(g)), model, connect=lambda a: None)
+        FeatureLookup(parse_feature_groups(json.dumps(g)), model, connect=lambda a, p: None)
     assert message in str(e.value)
 
 
 def test_check_model_accepts_the_digest_it_was_trained_on() -> None:
-    views = parse_feature_groups(json.dumps(groups("127.0.0.1:1")))
+    views = [g.view for g in parse_feature_groups(json.dumps(groups("127.0.0.1:1")))]
     assert check_model(views, (WIDE,), views[1].digest) == 64
     assert check_model(views, (TensorMetadata("x", "FP64", [-1, -1]),), None) == 64
 
@@ -410,4 +410,28 @@ def test_parse_refuses_a_digest_that_is_not_the_specs() -> None:
     with pytest.raises(FeatureConfigError, match=r"schemaDigest sha256:1111.* is not the digest of its spec"):
         parse_feature_groups(json.dumps(g))
     g[0]["schemaDigest"] = FeatureView.from_object({"metadata": g[0], "spec": g[0]["spec"]}).digest
-    assert parse_feature_groups(json.dumps(g))[0].digest == g[0]["schemaDigest"]
+    assert parse_feature_groups(json.dumps(g))[0].view.digest == g[0]["schemaDigest"]
+
+
+def test_a_password_protected_store_with_the_password_of_its_secret(
+    make_server: Callable[..., ThreadedServer],
+    redis_server: RedisServer,  # noqa: F811
+    digits_artifact: DigitsArtifact,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``passwordEnv`` (the operator fills it from ``online.store.secretRef``) names the variable
+    holding each store's password; without it the store refuses, and the request gets 503."""
+    write_digits(redis_server, digits_artifact.x_test)
+    redis_server.client().config_set("requirepass", "s3cret")
+    g = groups(redis_server.address)
+    for entry in g:
+        entry["passwordEnv"] = "KILN_REDIS_PASSWORD_0"
+    monkeypatch.setenv("KILN_REDIS_PASSWORD_0", "s3cret")
+    server = make_server(feature_groups=json.dumps(g))
+    r = requests.post(infer_url(server), json=keyed_body([0, 1]), timeout=10)
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["parameters"][STATUSES_PARAMETER])[HEAD] == ["PRESENT", "PRESENT"]
+    monkeypatch.delenv("KILN_REDIS_PASSWORD_0")
+    unauthenticated = make_server(feature_groups=json.dumps(groups(redis_server.address)))
+    r = requests.post(infer_url(unauthenticated), json=keyed_body([0]), timeout=10)
+    assert r.status_code == 503 and "is unavailable" in r.json()["error"], r.text
