@@ -345,22 +345,26 @@ class FeatureLookup:
                 f"online store of FeatureGroup {view.name} is unavailable: {e}", 503
             ) from None
         features = view.feature_names
-        fill = self.fill[offset : offset + len(features)]
-        values = np.tile(fill, (n, 1))
+        fill = self.fill[offset : offset + len(features)].tolist()
+        rows_out: list[list[Any]] = []
         statuses: list[str] = []
         nulls: dict[int, list[str]] = {}
         for i, row in enumerate(found):
-            bad = [f for f in features if row.statuses[f] != PRESENT]
-            for j, f in enumerate(features):
-                if row.statuses[f] == PRESENT:
-                    values[i, j] = float(row.values[f])
+            got, status = row.values, row.statuses
+            bad = [f for f in features if status[f] != PRESENT]
             if not bad:
+                rows_out.append([got[f] for f in features])
                 statuses.append(PRESENT)
-            elif row.statuses[bad[0]] == NULL_VALUE:
+                continue
+            rows_out.append(
+                [got[f] if status[f] == PRESENT else d for f, d in zip(features, fill, strict=True)]
+            )
+            if status[bad[0]] == NULL_VALUE:
                 statuses.append(NULL_VALUE)
                 nulls[i] = bad
             else:
-                statuses.append(row.statuses[bad[0]])  # NOT_FOUND / OUTSIDE_MAX_AGE: the whole row
+                statuses.append(status[bad[0]])  # NOT_FOUND / OUTSIDE_MAX_AGE: the whole row
+        values = np.asarray(rows_out, dtype=np.float64).reshape(n, len(features))  # bools: 0.0/1.0
         if self.metrics is not None:
             self.metrics.feature_lookup_done(view.name, time.perf_counter() - started, statuses)
         return GroupResult(values, statuses, nulls)
