@@ -16,6 +16,7 @@ from kiln.api.common import (
     Conditions,
     EnvVar,
     KilnModel,
+    LocalObjectReference,
     ObjectStorage,
     PrometheusProvider,
     ResourceRequirements,
@@ -32,6 +33,8 @@ GRPC_PORT = 8081
 METRICS_PORT = 9090
 #: Default artifact root, the TrainingJob's default output (``file:///var/lib/kiln/artifacts``).
 ARTIFACT_ROOT = "/var/lib/kiln/artifacts"
+#: Most FeatureGroups one InferenceService may read features from.
+MAX_FEATURE_GROUPS = 8
 
 
 class ModelSelector(KilnModel):
@@ -395,6 +398,22 @@ class InferenceServiceSpec(KilnModel):
     monitoring: Monitoring = Field(
         default_factory=Monitoring, description="How the server metrics are scraped."
     )
+    feature_groups: list[LocalObjectReference] | None = Field(
+        default=None,
+        max_length=MAX_FEATURE_GROUPS,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="FeatureGroups (same namespace, online store enabled) a request may name entity keys of "
+        "instead of sending the model's input: the server reads their features from the online store, "
+        "concatenated in this order, as the model's one input. The served version, when trained on a "
+        "FeatureGroup, must name one of these with the same schema digest.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_feature_groups(self) -> InferenceServiceSpec:
+        names = [r.name for r in self.feature_groups or []]
+        if len(names) != len(set(names)):
+            raise ValueError("featureGroups must name each FeatureGroup once")
+        return self
 
 
 class RolloutPhase(StrEnum):

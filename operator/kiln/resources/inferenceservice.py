@@ -27,6 +27,8 @@ drains in-flight requests for up to ``KILN_DRAIN_TIMEOUT_SECONDS``;
 from __future__ import annotations
 
 import copy
+import json
+from collections.abc import Sequence
 from typing import Any
 
 from kiln.api.inferenceservice import (
@@ -36,6 +38,7 @@ from kiln.api.inferenceservice import (
     InferenceServiceSpec,
     TrafficRouting,
 )
+from kiln.features.schema import FeatureView
 from kiln.resources.alerts import rule_groups
 from kiln.resources.common import child_name, owner_reference, pod_placement, standard_labels
 from kiln.resources.storage import StorageDefaults, is_s3, storage_env
@@ -79,6 +82,9 @@ ENV_CACHE_SIZE = "KILN_CACHE_SIZE"
 ENV_SHUTDOWN_DELAY = "KILN_SHUTDOWN_DELAY_SECONDS"
 ENV_DRAIN_TIMEOUT = "KILN_DRAIN_TIMEOUT_SECONDS"
 ENV_MODEL_DIR = "KILN_MODEL_DIR"
+ENV_FEATURE_GROUPS = "KILN_FEATURE_GROUPS"
+#: Key of an online store's password in its ``online.store.secretRef`` Secret (the FeatureGroup's).
+REDIS_PASSWORD_KEY = "KILN_REDIS_PASSWORD"
 #: The init container fetching s3:// artifacts (KServe's name for the same job).
 STORAGE_INITIALIZER = "storage-initializer"
 #: emptyDir an s3:// artifact is downloaded into, and where.
@@ -118,10 +124,56 @@ def _meta(
     }
 
 
+def feature_groups_env(groups: Sequence[FeatureView]) -> str:
+    """``KILN_FEATURE_GROUPS``: the JSON list ``[{name, namespace, spec, schemaDigest}]`` kiln-serve
+    reads entity-key requests with (:mod:`kiln.server.features`), in ``spec.featureGroups`` order.
+
+    Each spec keeps only what the server reads (entities, features, source without its storage,
+    online), so the variable stays small and does not change with materialization settings;
+    ``schemaDigest`` is the digest of the full spec's features (the server checks it). A
+    FeatureGroup whose store has a ``secretRef`` gets ``passwordEnv``: the variable
+    :func:`feature_group_secret_env` fills from that Secret.
+    """
+    out = []
+    for i, g in enumerate(groups):
+        full = g.spec.to_api()
+        spec: dict[str, Any] = {k: full[k] for k in ("entities", "features", "online") if k in full}
+        spec["source"] = {k: v for k, v in full["source"].items() if k in ("uri", "format", "timestampField")}
+        entry = {"name": g.name, "namespace": g.namespace, "spec": spec, "schemaDigest": g.digest}
+        store = g.spec.online.store
+        if store is not None and store.secret_ref is not None:
+            entry["passwordEnv"] = f"{REDIS_PASSWORD_KEY}_{i}"
+        out.append(entry)
+    return json.dumps(out, separators=(",", ":"), sort_keys=True)
+
+
+def feature_group_secret_env(feature_groups: str | None) -> list[dict[str, Any]]:
+    """The server's password variables for ``KILN_FEATURE_GROUPS`` (:func:`feature_groups_env`):
+    each ``passwordEnv`` from key ``KILN_REDIS_PASSWORD`` of its store's ``secretRef`` Secret.
+
+    Derived from the variable's value, so a track that keeps the definitions it was deployed
+    with keeps their Secrets too. Only the server container gets them (not the storage-initializer).
+    """
+    out = []
+    for g in json.loads(feature_groups or "[]"):
+        secret = ((g.get("spec", {}).get("online") or {}).get("store") or {}).get("secretRef")
+        if g.get("passwordEnv") and secret:
+            ref = {"name": secret["name"], "key": REDIS_PASSWORD_KEY}
+            out.append({"name": g["passwordEnv"], "valueFrom": {"secretKeyRef": ref}})
+    return out
+
+
 def server_env(
-    spec: InferenceServiceSpec, version: int, artifact_uri: str, digest: str
+    spec: InferenceServiceSpec,
+    version: int,
+    artifact_uri: str,
+    digest: str,
+    feature_groups: str | None = None,
 ) -> list[dict[str, str]]:
-    """The kiln-serve environment; ``runtime.env`` entries override Kiln's by name."""
+    """The kiln-serve environment; ``runtime.env`` entries override Kiln's by name.
+
+    ``feature_groups`` is the track's ``KILN_FEATURE_GROUPS`` (:func:`feature_groups_env`), or None.
+    """
     rt = spec.runtime
     env = {
         ENV_ARTIFACT_URI: artifact_uri,
@@ -137,6 +189,8 @@ def server_env(
         ENV_SHUTDOWN_DELAY: str(SHUTDOWN_DELAY_SECONDS),
         ENV_DRAIN_TIMEOUT: str(DRAIN_TIMEOUT_SECONDS),
     }
+    if feature_groups:
+        env[ENV_FEATURE_GROUPS] = feature_groups
     for e in rt.env or []:
         env[e.name] = e.value
     return [{"name": k, "value": v} for k, v in env.items()]
@@ -189,11 +243,13 @@ def deployment(
     digest: str,
     replicas: int | None,
     defaults: StorageDefaults | None = None,
+    feature_groups: str | None = None,
 ) -> dict[str, Any]:
     """A Deployment of kiln-serve for ``track`` serving ``version`` from ``artifact_uri``.
 
     Args:
         replicas: pod count; None leaves it to an HPA (the field is then not applied).
+        feature_groups: the server's ``KILN_FEATURE_GROUPS`` (:func:`feature_groups_env`), or None.
         defaults: the operator's storage configuration, for an ``s3://`` artifact: then the pod
             gets a :func:`storage_initializer` and a ``model`` emptyDir the server reads (and
             re-verifies) the artifact from; ``runtime.artifactVolume`` is for ``file://`` ones.
@@ -213,7 +269,7 @@ def deployment(
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
     remote = is_s3(artifact_uri)
-    env = server_env(spec, version, artifact_uri, digest)
+    env = server_env(spec, version, artifact_uri, digest, feature_groups)
     if remote:
         env.append({"name": ENV_MODEL_DIR, "value": MODEL_DIR})
         volumes.append({"name": MODEL_VOLUME, "emptyDir": {}})
@@ -279,6 +335,8 @@ def deployment(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
+    # after the storage-initializer took its copy of the environment: no store password there
+    container["env"] = env + feature_group_secret_env(feature_groups)
     pod_spec.update(
         pod_placement(
             node_selector=spec.node_selector,
@@ -467,6 +525,8 @@ def children(
     canary_replicas: int = 0,
     canary_weight: int = 0,
     defaults: StorageDefaults | None = None,
+    stable_features: str | None = None,
+    canary_features: str | None = None,
 ) -> list[dict[str, Any]]:
     """Every child the InferenceService wants now.
 
@@ -478,13 +538,15 @@ def children(
         canary_replicas: canary pods.
         canary_weight: HTTPRoute weight of the canary (GatewayAPI only).
         defaults: the operator's storage configuration (see :func:`deployment`).
+        stable_features, canary_features: each track's ``KILN_FEATURE_GROUPS``, or None (a
+            track serving a version trained on other FeatureGroup definitions keeps its own).
     """
     out: list[dict[str, Any]] = []
     gateway = spec.rollout.traffic_routing == TrafficRouting.GATEWAY_API
     if stable is not None:
-        out.append(deployment(isvc, spec, STABLE, *stable, stable_replicas, defaults))
+        out.append(deployment(isvc, spec, STABLE, *stable, stable_replicas, defaults, stable_features))
     if canary is not None:
-        out.append(deployment(isvc, spec, CANARY, *canary, canary_replicas, defaults))
+        out.append(deployment(isvc, spec, CANARY, *canary, canary_replicas, defaults, canary_features))
     out.append(service(isvc, spec))
     if gateway:
         out.append(track_service(isvc, STABLE))

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from kiln.server.core import (
     Predictor,
     request_id,
 )
+from kiln.server.features import FeatureConfigError
 from kiln.server.grpc_service import GrpcServer
 from kiln.server.metrics import CONTENT_TYPE, ServerMetrics
 from kiln.server.protocol import (
@@ -325,6 +327,7 @@ class InferenceServer:
             header_length=request.headers.get(HEADER_LENGTH),
             inputs=core.inputs,
             output_names=core.output_names,
+            entity_inputs=core.entity_inputs,
         )
 
     def _encode(self, parsed: InferRequest, outputs: list[OutputTensor]) -> web.Response:
@@ -333,6 +336,7 @@ class InferenceServer:
             model_version=self.model.version,
             request_id=request_id(parsed),
             outputs=[(o.requested, o.datatype, o.array) for o in outputs],
+            parameters=parsed.parameters,
         )
         if json_length is None:
             return web.Response(body=body_out, content_type="application/json")
@@ -346,9 +350,15 @@ async def serve(model: Predictor, settings: ServerSettings, profile_dir: str | P
     artifact directory, whose ``profile.json`` is the drift reference.
 
     Returns:
-        The exit status: 0 after a shutdown, 1 when a port cannot be bound.
+        The exit status: 0 after a shutdown, 1 when a port cannot be bound or the FeatureGroups
+        do not fit the model (:class:`kiln.server.features.FeatureConfigError`).
     """
-    server = InferenceServer(model, settings, profile_dir=profile_dir)
+    try:
+        server = InferenceServer(model, settings, profile_dir=profile_dir)
+    except FeatureConfigError as e:
+        log.error("refusing to serve: %s", e)
+        print(f"kiln-serve: refusing to serve with KILN_FEATURE_GROUPS: {e}", file=sys.stderr)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 

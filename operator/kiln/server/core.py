@@ -31,6 +31,7 @@ import numpy as np
 from kiln.monitoring.monitor import DriftMonitor
 from kiln.server.batcher import BatcherClosedError, DynamicBatcher, Tensors
 from kiln.server.cache import OutputCache
+from kiln.server.features import FeatureLookup, parse_feature_groups
 from kiln.server.metrics import ServerMetrics
 from kiln.server.protocol import InferRequest, ProtocolError, RequestedOutput, TensorMetadata
 from kiln.server.settings import ServerSettings
@@ -90,6 +91,13 @@ class InferenceCore:
     """Model, batcher, cache, metrics, fault injection and lifecycle state of one server.
 
     Call :meth:`start` on the event loop before the first request and :meth:`stop` after the last.
+
+    With ``settings.feature_groups``, requests may carry entity keys (``entity_inputs``) instead
+    of the model's inputs; their features are read from the online store before the cache and
+    the batcher (:mod:`kiln.server.features`), so both see the model's input.
+
+    Raises:
+        kiln.server.features.FeatureConfigError: the FeatureGroups do not fit the model.
     """
 
     def __init__(
@@ -123,6 +131,13 @@ class InferenceCore:
             executor=self._executor,
             on_batch=self.metrics.batch_size.observe,
         )
+        self.features = (
+            FeatureLookup(parse_feature_groups(settings.feature_groups), model, metrics=self.metrics)
+            if settings.feature_groups
+            else None
+        )
+        #: The entity-key inputs a request may send instead of ``inputs`` (none without FeatureGroups).
+        self.entity_inputs: tuple[TensorMetadata, ...] = self.features.entity_inputs if self.features else ()
         self._random = random.Random()
         self._ready = False
         self._draining = False
@@ -173,6 +188,8 @@ class InferenceCore:
         """Finish the batch queue, stop the batcher, its executor thread and the drift monitor."""
         await self.batcher.stop()
         self._executor.shutdown(wait=True)
+        if self.features is not None:
+            self.features.close()
         if self.drift is not None:
             self.drift.stop()
 
@@ -268,6 +285,11 @@ class InferenceCore:
             source = self.fail_rate_source()
             log.info("injected failure (fault injection, %s)", source)
             raise ProtocolError(f"injected failure: fault injection is on ({source})", 500)
+        if request.entities is not None:
+            assert self.features is not None  # entity keys are only accepted with FeatureGroups
+            x, params = await self.features.lookup(request.entities)
+            request.inputs = {self.features.model_input.name: x}
+            request.parameters.update(params)
         result: Mapping[str, np.ndarray] | None = None
         key = ""
         if self.cache.enabled:

@@ -19,7 +19,7 @@ for an injected or internal failure, UNAVAILABLE while shutting down.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -36,7 +36,9 @@ from kiln.server.protocol import (
     check_batch,
     check_output_name,
     check_shape,
+    choose_signature,
     convert_input,
+    deserialize_bytes,
     input_dtype,
     match_inputs,
 )
@@ -69,7 +71,11 @@ CONTENTS_FIELDS: dict[str, str] = {
 
 
 def decode_infer_request(
-    msg: pb.ModelInferRequest, *, inputs: Sequence[TensorMetadata], output_names: tuple[str, ...]
+    msg: pb.ModelInferRequest,
+    *,
+    inputs: Sequence[TensorMetadata],
+    output_names: tuple[str, ...],
+    entity_inputs: Sequence[TensorMetadata] = (),
 ) -> InferRequest:
     """Validate a ``ModelInferRequest`` against the model's input signature.
 
@@ -81,13 +87,19 @@ def decode_infer_request(
         msg: the request (its model name and version are checked by the caller).
         inputs: the model's inputs (name, datatype, shape with -1 for free dimensions).
         output_names: outputs the client may request (all of them by default).
+        entity_inputs: the entity keys a request may send instead of ``inputs``
+            (:func:`kiln.server.protocol.choose_signature`; BYTES keys raw in Triton's
+            serialization or as ``bytes_contents``).
     Returns:
-        The request with one array per model input; its outputs are ``binary`` (answered in
-        ``raw_output_contents``) when the inputs came as ``raw_input_contents``.
+        The request with one array per model input (or ``entities`` for entity keys); its
+        outputs are ``binary`` (answered in ``raw_output_contents``) when the inputs came as
+        ``raw_input_contents``.
     Raises:
         ProtocolError: 400 with a message naming the input or output at fault.
     """
-    specs = match_inputs([t.name for t in msg.inputs], inputs)
+    names = [t.name for t in msg.inputs]
+    signature, keyed = choose_signature(names, inputs, entity_inputs)
+    specs = match_inputs(names, signature)
     raw = len(msg.raw_input_contents) > 0
     if raw and len(msg.raw_input_contents) != len(msg.inputs):
         raise ProtocolError(
@@ -104,7 +116,10 @@ def decode_infer_request(
         for out in msg.outputs:
             check_output_name(out.name, output_names)
             outputs.append(RequestedOutput(out.name, raw))
-    return InferRequest(id=msg.id or None, inputs={t.name: arrays[t.name] for t in inputs}, outputs=outputs)
+    ordered = {t.name: arrays[t.name] for t in signature}
+    if keyed:
+        return InferRequest(id=msg.id or None, inputs={}, outputs=outputs, entities=ordered)
+    return InferRequest(id=msg.id or None, inputs=ordered, outputs=outputs)
 
 
 def _decode_input(
@@ -118,12 +133,15 @@ def _decode_input(
     if data is not None:
         if tensor.HasField("contents"):
             raise ProtocolError(f"input {name!r} has contents while the request uses raw_input_contents")
-        if len(data) != count * dtype.itemsize:
+        if dtype.kind == "O":  # BYTES: Triton's length-prefixed serialization
+            arr = deserialize_bytes(name, data, count)
+        elif len(data) != count * dtype.itemsize:
             raise ProtocolError(
                 f"input {name!r}: raw_input_contents[{index}] has {len(data)} bytes but shape {shape} "
                 f"of {datatype} needs {count * dtype.itemsize}"
             )
-        arr = np.frombuffer(data, dtype=dtype)
+        else:
+            arr = np.frombuffer(data, dtype=dtype)
     else:
         field = CONTENTS_FIELDS.get(datatype)
         if field is None:
@@ -134,18 +152,32 @@ def _decode_input(
                 f"input {name!r} has {len(values)} values in contents.{field} but shape {shape} needs {count}"
             )
         # the typed field is wider than the datatype (int_contents for INT8): check its range
-        arr = convert_input(name, np.asarray(values), datatype)
+        arr = convert_input(name, np.asarray(values, dtype=object if dtype.kind == "O" else None), datatype)
     return convert_input(name, arr.reshape(shape), spec.datatype)
 
 
 def encode_infer_response(
-    *, model_name: str, model_version: str, request_id: str, outputs: list[OutputTensor]
+    *,
+    model_name: str,
+    model_version: str,
+    request_id: str,
+    outputs: list[OutputTensor],
+    parameters: Mapping[str, str | int | bool] | None = None,
 ) -> pb.ModelInferResponse:
     """A ``ModelInferResponse``: binary outputs in ``raw_output_contents`` (little-endian), others typed.
 
     All outputs are raw when one is binary or has a datatype without a typed field (FP16).
+    ``parameters`` become the response's ``InferParameter`` map (``string_param``,
+    ``int64_param`` or ``bool_param`` by type).
     """
     response = pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=request_id)
+    for key, value in (parameters or {}).items():
+        if isinstance(value, bool):
+            response.parameters[key].bool_param = value
+        elif isinstance(value, int):
+            response.parameters[key].int64_param = value
+        else:
+            response.parameters[key].string_param = value
     # raw for every output or for none (the proto's rule); FP16 has no typed field: raw then
     raw = any(o.requested.binary or o.datatype not in CONTENTS_FIELDS for o in outputs)
     for out in outputs:
@@ -227,7 +259,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def decode() -> InferRequest:
             core.check_model(request.model_name, request.model_version or None)
-            return decode_infer_request(request, inputs=core.inputs, output_names=core.output_names)
+            return decode_infer_request(
+                request, inputs=core.inputs, output_names=core.output_names, entity_inputs=core.entity_inputs
+            )
 
         def encode(parsed: InferRequest, outputs: list[OutputTensor]) -> pb.ModelInferResponse:
             return encode_infer_response(
@@ -235,6 +269,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 model_version=core.model.version,
                 request_id=request_id(parsed),
                 outputs=outputs,
+                parameters=parsed.parameters,
             )
 
         with core.track():

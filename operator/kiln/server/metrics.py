@@ -15,7 +15,14 @@ too, so the ``/metrics`` page looks like the default one plus the ``kiln_`` seri
   ``kiln_inference_fault_injection_rate{model,version}``: fault injection (the larger of
   ``--fail-rate`` and the artifact's ``servingFaultInjectionFailRate``), so that injected errors
   are never mistaken for real ones;
-- ``kiln_model_info{model,version,digest}``: always 1, the artifact being served.
+- ``kiln_model_info{model,version,digest}``: always 1, the artifact being served;
+- entity-key requests (:mod:`kiln.server.features`): ``kiln_feature_lookups_total{model,version,
+  feature_group,status}``, one per entity row and FeatureGroup, ``status`` PRESENT, NOT_FOUND,
+  OUTSIDE_MAX_AGE (older than ``maxAgeSeconds``) or NULL_VALUE (some feature null); every
+  status but PRESENT was served with a default value. ``kiln_feature_lookup_duration_seconds
+  {model,version,feature_group}``: one online-store call (one round trip for the request's
+  rows). ``kiln_feature_lookup_errors_total{model,version,feature_group}``: calls that failed
+  (the request got 503).
 """
 
 from __future__ import annotations
@@ -104,6 +111,27 @@ class ServerMetrics:
         ).labels(model, version, digest).set(1)
         self._by_code: dict[tuple[str, int], Counter] = {}
         self._by_protocol: dict[str, Histogram] = {}
+        fg = [*mv, "feature_group"]
+        self._feature_lookups = Counter(
+            "kiln_feature_lookups_total",
+            "Entity rows looked up in the online store, by FeatureGroup and row status (PRESENT, "
+            "NOT_FOUND, OUTSIDE_MAX_AGE, NULL_VALUE); all but PRESENT were served with defaults.",
+            [*fg, "status"],
+            registry=r,
+        )
+        self._feature_duration = Histogram(
+            "kiln_feature_lookup_duration_seconds",
+            "Latency of one online-store call (all the rows of a request, one round trip).",
+            fg,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._feature_errors = Counter(
+            "kiln_feature_lookup_errors_total",
+            "Online-store calls that failed (the request was answered 503).",
+            fg,
+            registry=r,
+        )
 
     def request_done(self, code: int, seconds: float, protocol: str = "rest") -> None:
         """Record one finished inference request.
@@ -121,6 +149,16 @@ class ServerMetrics:
         if duration is None:
             duration = self._by_protocol[protocol] = self._duration.labels(*self._labels, protocol)
         duration.observe(seconds)
+
+    def feature_lookup_done(self, feature_group: str, seconds: float, statuses: list[str]) -> None:
+        """Record one online-store call: its latency and the status of each of its rows."""
+        self._feature_duration.labels(*self._labels, feature_group).observe(seconds)
+        for status in set(statuses):
+            self._feature_lookups.labels(*self._labels, feature_group, status).inc(statuses.count(status))
+
+    def feature_lookup_failed(self, feature_group: str) -> None:
+        """Record one online-store call that failed."""
+        self._feature_errors.labels(*self._labels, feature_group).inc()
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""

@@ -41,6 +41,7 @@ class ServerSettings:
     log_level: str = "INFO"
     model_dir: str = "/tmp/kiln-model"
     model_hook: str = ""
+    feature_groups: str = ""
     fetch_only: bool = False
 
     def __post_init__(self) -> None:
@@ -86,6 +87,13 @@ def validate(s: ServerSettings) -> list[str]:
         problems.append("drain timeout and shutdown delay must be >= 0 seconds")
     if s.torch_threads < 1:
         problems.append(f"torch threads must be >= 1, got {s.torch_threads}")
+    if s.feature_groups:
+        from kiln.server.features import FeatureConfigError, parse_feature_groups
+
+        try:
+            parse_feature_groups(s.feature_groups)
+        except FeatureConfigError as e:
+            problems.append(str(e))
     return problems
 
 
@@ -172,6 +180,15 @@ OPTIONS: tuple[_Option, ...] = (
         str,
         "pre/post-processing hook: module:attr, or an entry point of group kiln.model_hooks "
         "(runs in the server process: no isolation)",
+    ),
+    _Option(
+        "feature_groups",
+        "--feature-groups",
+        "KILN_FEATURE_GROUPS",
+        str,
+        "JSON list of FeatureGroups [{name, namespace, spec, schemaDigest}] whose entity keys a request "
+        "may send instead of the model's input (features read from their online store; written by "
+        "the operator from spec.featureGroups)",
     ),
 )
 

@@ -38,6 +38,22 @@ def test_defaults() -> None:
     assert s.max_request_bytes == 8 * 1024 * 1024
 
 
+FEATURE_GROUPS = json.dumps(
+    [
+        {
+            "name": "pixels",
+            "namespace": "ns",
+            "spec": {
+                "entities": [{"name": "image_id"}],
+                "features": [{"name": "p0", "dtype": "float32"}],
+                "source": {"uri": "/data/pixels.parquet"},
+                "online": {"enabled": True, "store": {"address": "redis:6379"}},
+            },
+        }
+    ]
+)
+
+
 def test_everything_comes_from_the_environment_and_flags_win() -> None:
     env = {
         "KILN_ARTIFACT_URI": "file:///models/digits/3",
@@ -59,6 +75,7 @@ def test_everything_comes_from_the_environment_and_flags_win() -> None:
         "KILN_HOST": "127.0.0.1",
         "KILN_MODEL_DIR": "/var/lib/kiln/model",
         "KILN_MODEL_HOOK": "digits_hooks:Scale",
+        "KILN_FEATURE_GROUPS": FEATURE_GROUPS,
     }
     assert set(env) == set(ENV_VARS.values())
     s = parse_settings([], env)
@@ -82,6 +99,7 @@ def test_everything_comes_from_the_environment_and_flags_win() -> None:
         shutdown_delay_seconds=3.0,
         torch_threads=2,
         log_level="DEBUG",
+        feature_groups=FEATURE_GROUPS,
     )
     assert parse_settings(["--port", "7000", "--fail-rate", "0"], env).port == 7000
     assert parse_settings(["--fail-rate", "0"], env).fail_rate == 0.0
@@ -99,6 +117,12 @@ def test_everything_comes_from_the_environment_and_flags_win() -> None:
         ([*REQUIRED, "--port", "9090"], {}, "port and metrics port must differ"),
         ([*REQUIRED, "--grpc-port", "8080"], {}, "port and grpc port must differ"),
         ([*REQUIRED, "--port", "70000"], {}, "port must be in 0..65535"),
+        (REQUIRED, {"KILN_FEATURE_GROUPS": "[{"}, "KILN_FEATURE_GROUPS is not JSON"),
+        (
+            REQUIRED,
+            {"KILN_FEATURE_GROUPS": FEATURE_GROUPS.replace('"enabled": true', '"enabled": false')},
+            "FeatureGroup pixels has no online store",
+        ),
     ],
 )
 def test_invalid_settings_exit_2_with_a_message(
