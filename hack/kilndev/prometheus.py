@@ -203,6 +203,20 @@ def scrape_configs(
     return jobs
 
 
+def rule_file(rule: dict[str, Any]) -> dict[str, Any]:
+    """The Prometheus rule file prometheus-operator writes for one PrometheusRule: its
+    ``spec.groups`` as they are (pkg/prometheus/operator's ``generateContent`` marshals the spec
+    unchanged; the CRD's group and rule fields are the rule file's own names: ``name``,
+    ``interval``, ``rules[].record|alert``, ``expr``, ``for``, ``labels``, ``annotations``)."""
+    return {"groups": list((rule.get("spec") or {}).get("groups") or [])}
+
+
+def rule_file_name(rule: dict[str, Any]) -> str:
+    """``<namespace>-<name>-<uid>.yaml``, the key prometheus-operator uses in its rules ConfigMap."""
+    meta = rule["metadata"]
+    return f"{meta['namespace']}-{meta['name']}-{meta.get('uid', '')}.yaml"
+
+
 def selects(selector: dict[str, str], labels: dict[str, str] | None) -> bool:
     """Whether ``labels`` carry every ``key=value`` of a matchLabels ``selector``."""
     labels = labels or {}
@@ -247,8 +261,10 @@ class LocalPrometheus:
     they can route to, e.g. the local cluster's API server address). ``kubectl`` + ``kubeconfig``
     list the ServiceMonitors; ``sd_kubeconfig`` is what Prometheus' discovery authenticates
     with (ideally a ServiceAccount allowed only to list/watch services, endpoints and pods).
-    ``selector`` is the serviceMonitorSelector (matchLabels). ``start()`` runs it and a thread
-    that re-syncs the configuration every ``sync_period`` seconds; ``stop()`` ends both.
+    ``selector`` is the serviceMonitorSelector (matchLabels); ``rule_selector`` the ruleSelector
+    (matchLabels; None: no PrometheusRules are loaded), whose PrometheusRules become rule files
+    under ``<workdir>/rules`` (:func:`rule_file`). ``start()`` runs it and a thread that re-syncs
+    the configuration every ``sync_period`` seconds; ``stop()`` ends both.
     """
 
     def __init__(
@@ -263,6 +279,7 @@ class LocalPrometheus:
         selector: dict[str, str],
         scrape_interval: str = "5s",
         sync_period: float = 1.0,
+        rule_selector: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.binary = binary
@@ -274,6 +291,8 @@ class LocalPrometheus:
         self.selector = selector
         self.scrape_interval = scrape_interval
         self.sync_period = sync_period
+        self.rule_selector = rule_selector
+        self.rules_dir = workdir / "rules"
         self.config_file = workdir / "prometheus.yml"
         self.log_file = workdir / "prometheus.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -283,30 +302,58 @@ class LocalPrometheus:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def monitors(self) -> list[dict[str, Any]]:
-        """The ServiceMonitors in all namespaces that the selector matches."""
+    def _list(self, resource: str, selector: dict[str, str]) -> list[dict[str, Any]]:
         out = subprocess.run(
-            [self.kubectl, f"--kubeconfig={self.kubeconfig}", "get", "servicemonitors", "-A", "-o", "json"],
+            [self.kubectl, f"--kubeconfig={self.kubeconfig}", "get", resource, "-A", "-o", "json"],
             check=True,
             capture_output=True,
             text=True,
         )
         items = json.loads(out.stdout)["items"]
-        return [m for m in items if selects(self.selector, m["metadata"].get("labels"))]
+        return [m for m in items if selects(selector, m["metadata"].get("labels"))]
+
+    def monitors(self) -> list[dict[str, Any]]:
+        """The ServiceMonitors in all namespaces that the selector matches."""
+        return self._list("servicemonitors", self.selector)
+
+    def rules(self) -> list[dict[str, Any]]:
+        """The PrometheusRules in all namespaces that the rule selector matches (none without one)."""
+        return [] if self.rule_selector is None else self._list("prometheusrules", self.rule_selector)
 
     def render(self) -> dict[str, Any]:
         """The configuration for the ServiceMonitors selected now."""
-        return config(
+        cfg = config(
             self.monitors(),
             kubeconfig=self.sd_kubeconfig,
             scrape_interval=self.scrape_interval,
             evaluation_interval=self.scrape_interval,
         )
+        if self.rule_selector is not None:
+            cfg["rule_files"] = [str(self.rules_dir / "*.yaml")]
+        return cfg
+
+    def _sync_rules(self) -> bool:
+        """Write one rule file per selected PrometheusRule, remove the others; True if any changed."""
+        self.rules_dir.mkdir(parents=True, exist_ok=True)
+        wanted = {rule_file_name(r): json.dumps(rule_file(r), indent=1, sort_keys=True) for r in self.rules()}
+        changed = False
+        for f in self.rules_dir.glob("*.yaml"):
+            if f.name not in wanted:
+                f.unlink()
+                changed = True
+        for name, text in wanted.items():
+            f = self.rules_dir / name
+            if not f.exists() or f.read_text() != text:
+                f.write_text(text)
+                changed = True
+        return changed
 
     def sync(self) -> bool:
-        """Rewrite the configuration if it changed and have Prometheus reload it; True if it did."""
+        """Rewrite the configuration and rule files if they changed and have Prometheus reload
+        them; True if it did."""
         text = json.dumps(self.render(), indent=1, sort_keys=True)  # JSON is YAML
-        if self.config_file.exists() and self.config_file.read_text() == text:
+        rules_changed = self._sync_rules()
+        if self.config_file.exists() and self.config_file.read_text() == text and not rules_changed:
             return False
         self.config_file.write_text(text)
         if self.proc is not None:

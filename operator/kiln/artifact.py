@@ -196,6 +196,12 @@ class DatasetInfo(_Camel):
     name: str = Field(description="Built-in dataset name or the URI it was read from.")
     digest: str = Field(description="sha256 over the dataset's canonical bytes, 'sha256:<hex>'.")
     numSamples: int = Field(ge=0, description="Number of rows/samples.")
+    featureGroup: str | None = Field(
+        default=None, description="The FeatureGroup the features came from, '<namespace>/<name>'."
+    )
+    schemaDigest: str | None = Field(
+        default=None, description="That FeatureGroup's schema digest (its features' definitions)."
+    )
 
 
 class TensorSpec(_Camel):

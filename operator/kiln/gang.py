@@ -25,6 +25,10 @@ Semantics (what Kubeflow Trainer users ask for, and Kubernetes Job's names where
 - A terminal job (Succeeded or Failed) deletes its pods that still run, so GPUs are freed, and
   never creates pods again; finished pods are kept (their logs explain the outcome) until
   ``ttlSecondsAfterFinished`` deletes the job and, through ownerReferences, them.
+- A job queued in Kueue (``queue``: a :class:`kiln.queueing.QueueView`) has no pods until its
+  Workload is admitted (phase ``Queued``); an eviction deletes the whole gang, counted as a
+  disruption, and gives the quota back once no pod of it runs; the end of the job marks the
+  Workload Finished. See :func:`_queued` and :mod:`kiln.queueing`.
 """
 
 from __future__ import annotations
@@ -36,13 +40,25 @@ from typing import Any
 
 from kiln.api.trainingjob import PodFailurePolicyAction, TrainingJobSpec
 from kiln.artifact import TerminationMessageError, TrainingResult, parse_termination_message
-from kiln.conditions import FALSE, TRUE, is_true, parse_time, rfc3339, set_condition, set_stalled
+from kiln.conditions import (
+    FALSE,
+    TRUE,
+    get_condition,
+    is_true,
+    parse_time,
+    rfc3339,
+    set_condition,
+    set_stalled,
+)
+from kiln.queueing import QueueView
 from kiln.resources.trainingjob import CONTAINER, LABEL_GANG, LABEL_RANK
 
 NORMAL, WARNING = "Normal", "Warning"
 DISRUPTION_REASONS = {"Evicted", "Preempting", "NodeLost", "Shutdown", "NodeShutdown", "Terminated"}
 #: How often to look again while waiting for the previous gang's pods to go away.
 TERMINATING_POLL_SECONDS = 1.0
+#: How often to look again while a gang is blocked (e.g. its FeatureGroup does not exist yet).
+BLOCKED_RETRY_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,14 @@ class Plan:
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     register: TrainingResult | None = None
     requeue_after: float | None = None
+    #: (reason, message) when a gang was due but could not be created (see :func:`plan`).
+    blocked: tuple[str, str] | None = None
+    # Kueue (a queued job): create its Workload; delete one (name, uid); give an evicted one's
+    # quota back (kiln.queueing.unreserve); mark it Finished (succeeded?, message).
+    create_workload: bool = False
+    delete_workload: tuple[str, str] | None = None
+    release_workload: bool = False
+    finish_workload: tuple[bool, str] | None = None
 
     def requeue(self, seconds: float) -> None:
         """Ask for another reconcile in ``seconds`` (the earliest request wins)."""
@@ -137,21 +161,48 @@ def backoff_seconds(spec: TrainingJobSpec, restart: int) -> float:
     return float(min(cap, initial * 2 ** max(0, restart - 1)))
 
 
-def plan(job: dict[str, Any], spec: TrainingJobSpec, pods: list[dict[str, Any]], now: datetime) -> Plan:
+def plan(
+    job: dict[str, Any],
+    spec: TrainingJobSpec,
+    pods: list[dict[str, Any]],
+    now: datetime,
+    queue: QueueView | None = None,
+    *,
+    blocked: tuple[str, str] | None = None,
+) -> Plan:
     """Decide the next step of a TrainingJob from its current state (see the module docstring).
 
-    One function per phase, in priority order: :func:`_terminal`, :func:`_suspended` (and
-    :func:`_resumed`), then the first of :func:`_deadline`, :func:`_rank0_succeeded`,
-    :func:`_disrupted`, :func:`_pod_failed`, :func:`_gang_missing` that applies, else
-    :func:`_steady`. Each returns the finished :class:`Plan`, or None when it does not apply.
+    ``queue`` is the job's Kueue Workload as observed (None: the job names no LocalQueue).
+    ``blocked`` is (reason, message) when a gang could not be built now (its FeatureGroup is
+    missing or invalid): a gang that is due is then not created; the job stays Pending with
+    ``Ready=False`` and that reason, and is looked at again in :data:`BLOCKED_RETRY_SECONDS`.
+    One function per phase, in priority order: :func:`_terminal`, :func:`_suspended`,
+    :func:`_queued` (and :func:`_resumed`), then the first of :func:`_deadline`,
+    :func:`_rank0_succeeded`, :func:`_disrupted`, :func:`_pod_failed`, :func:`_gang_missing` that
+    applies, else :func:`_steady`. Each returns the finished :class:`Plan`, or None when it does
+    not apply. A job that ends marks its Workload Finished (:func:`_finish_workload`).
     """
     r = _observe(job, spec, pods, now)
+    r.blocked = blocked
+    p = _decide(r, queue)
+    _finish_workload(r, queue)
+    return p
+
+
+def _decide(r: _Reconcile, queue: QueueView | None) -> Plan:
     conditions = r.status.get("conditions")
     if is_true(conditions, "Succeeded") or is_true(conditions, "Failed"):
         return _terminal(r)
-    if spec.suspend:
+    _unqueued(r, queue)
+    if r.spec.suspend:
+        if queue is not None:
+            _drop_workload(r, queue)
         return _suspended(r)
-    if is_true(conditions, "Suspended"):
+    if queue is not None:
+        held = _queued(r, queue)
+        if held is not None:
+            return held
+    if is_true(r.status.get("conditions"), "Suspended"):
         _resumed(r)
     _unrecorded_gang(r)
     for phase in (_deadline, _rank0_succeeded, _disrupted, _pod_failed, _gang_missing):
@@ -178,6 +229,7 @@ class _Reconcile:
     gang: int
     current: list[PodView]
     stale: list[PodView]
+    blocked: tuple[str, str] | None = None
 
     @property
     def status(self) -> dict[str, Any]:
@@ -271,6 +323,111 @@ def _suspended(r: _Reconcile) -> Plan:
     r.status["phase"] = "Suspended"
     r.status.pop("startTime", None)
     return r.settle()
+
+
+def _queued(r: _Reconcile, q: QueueView) -> Plan | None:
+    """Kueue decides when the gang runs: None once the Workload is admitted (the phases below
+    then run the gang), else the plan that keeps the job ``Queued`` with no pods.
+
+    - no Workload yet, or a stale one (the job's pod set or LocalQueue changed, or it is
+      Finished under a live job): create one, after deleting the stale one;
+    - evicted while holding quota: delete the whole gang (:func:`_stop_gang`), then, once none
+      of its pods runs, give the quota back (``release_workload``);
+    - not admitted (waiting for quota, or requeued after an eviction): stop any gang that runs.
+    """
+    r.status["workload"] = q.workload
+    if not q.exists or not q.matches or q.finished:
+        if q.exists:
+            r.p.delete_workload = (q.workload, q.uid)
+        else:
+            r.p.create_workload = True
+        _stop_gang(r, "WorkloadChanged" if q.exists else "Queued", f"Workload {q.workload} (re)created")
+        return _hold(r, q, "Pending", f"Workload {q.workload} submitted to LocalQueue {q.queue}")
+    if q.must_release:
+        _stop_gang(r, q.reason, f"evicted by Kueue ({q.reason}): {q.message}")
+        if any(not v.finished for v in r.views):
+            r.p.requeue(TERMINATING_POLL_SECONDS)  # the quota goes back once no pod runs
+        else:
+            r.p.release_workload = True
+        return _hold(r, q, q.reason, q.message)
+    if not q.admitted:
+        _stop_gang(r, "NotAdmitted", f"Workload {q.workload} is not admitted")
+        return _hold(r, q, q.reason, q.message)
+    if not is_true(r.status.get("conditions"), "Admitted"):
+        msg = f"admitted by ClusterQueue {q.cluster_queue}"
+        r.cond("Admitted", TRUE, "Admitted", msg)
+        r.event(NORMAL, "Admitted", f"Kueue admitted the gang of {r.spec.num_nodes} pod(s): {msg}")
+    if is_true(r.status.get("conditions"), "Suspended"):
+        r.cond("Suspended", FALSE, "Admitted", "Kueue admitted the gang")
+    return None
+
+
+def _stop_gang(r: _Reconcile, reason: str, message: str) -> None:
+    """Delete every pod of the job (a gang runs whole or not at all). A current gang that had
+    pods is over: the gang number moves on, counted in ``disruptionCount`` (not a failure)."""
+    r.delete(r.views)
+    if not r.current:
+        return
+    r.status["gang"] = r.gang + 1
+    r.status["disruptionCount"] = int(r.status["disruptionCount"]) + 1
+    r.status.pop("nextRestartTime", None)
+    r.event(WARNING, "GangStopped", f"gang {r.gang} stopped ({reason}): {message}; not counted")
+
+
+def _hold(r: _Reconcile, q: QueueView, reason: str, message: str) -> Plan:
+    """The job waits for Kueue: ``Queued``, ``Admitted=False`` with Kueue's reason and message,
+    ``Suspended=True`` (reason Queued: no pods, job kept) and no ``startTime`` (the
+    ``activeDeadlineSeconds`` clock starts at admission)."""
+    r.cond("Admitted", FALSE, reason, message)
+    suspended = get_condition(r.status.get("conditions"), "Suspended") or {}
+    if suspended.get("status") != TRUE or suspended.get("reason") != "Queued":
+        r.cond(
+            "Suspended", TRUE, "Queued", f"waiting for Kueue to admit the whole gang (LocalQueue {q.queue})"
+        )
+        r.event(
+            NORMAL,
+            "Queued",
+            f"no pods until Kueue admits the whole gang: Workload {q.workload}, LocalQueue {q.queue}",
+        )
+    if get_condition(r.status.get("conditions"), "Running") is not None:
+        r.cond("Running", FALSE, "Queued", "")
+    r.status["phase"] = "Queued"
+    r.status.pop("startTime", None)
+    return r.settle()
+
+
+def _drop_workload(r: _Reconcile, q: QueueView) -> None:
+    """``spec.suspend`` of a queued job: its Workload is deleted once no pod of it runs (the
+    quota is free at once); resuming creates a new one, which queues again."""
+    if q.exists and not any(not v.finished for v in r.views):
+        r.p.delete_workload = (q.workload, q.uid)
+        r.status.pop("workload", None)
+    elif q.exists:
+        r.p.requeue(TERMINATING_POLL_SECONDS)
+    else:
+        r.status.pop("workload", None)
+
+
+def _unqueued(r: _Reconcile, q: QueueView | None) -> None:
+    """The queue-name label was removed: the job no longer waits for Kueue, and the Workload
+    it had (``status.workload``) is deleted so it holds no quota."""
+    name = r.status.get("workload")
+    if q is None and name:
+        r.p.delete_workload = (str(name), "")
+        r.status.pop("workload", None)
+        r.cond(
+            "Admitted", FALSE, "Unqueued", f"the job names no LocalQueue any more; Workload {name} deleted"
+        )
+
+
+def _finish_workload(r: _Reconcile, q: QueueView | None) -> None:
+    """A job that Succeeded or Failed gives its quota back: its Workload becomes Finished."""
+    c = r.status.get("conditions")
+    done = is_true(c, "Succeeded") or is_true(c, "Failed")
+    if q is None or not done or not q.exists or q.finished:
+        return
+    cond = get_condition(c, "Succeeded" if is_true(c, "Succeeded") else "Failed") or {}
+    r.p.finish_workload = (is_true(c, "Succeeded"), cond.get("message") or cond.get("reason") or "")
 
 
 def _resumed(r: _Reconcile) -> None:
@@ -412,6 +569,11 @@ def _gang_missing(r: _Reconcile) -> Plan | None:
         r.p.requeue((next_restart - r.now).total_seconds())
         r.status["phase"] = "Restarting"
         return r.settle()
+    if r.blocked is not None:
+        r.p.blocked = r.blocked
+        r.p.requeue(BLOCKED_RETRY_SECONDS)
+        r.status["phase"] = "Pending"
+        return r.settle()
     return _create_gang(r)
 
 
@@ -507,6 +669,8 @@ def _ready(p: Plan, now: datetime, gen: int | None) -> None:
     elif is_true(c, "Failed"):
         failed = next(x for x in c or [] if x["type"] == "Failed")
         value, reason, msg = FALSE, failed["reason"], failed["message"]
+    elif p.blocked is not None:
+        value, (reason, msg) = FALSE, p.blocked
     else:
         value, reason, msg = FALSE, st.get("phase") or "Pending", "training in progress"
     st["conditions"] = set_condition(c, "Ready", value, reason, msg, generation=gen, now=now)

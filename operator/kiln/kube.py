@@ -33,7 +33,13 @@ PLURALS: dict[tuple[str, str], str] = {
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitors",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrules",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
+    ("scheduling.k8s.io/v1", "PriorityClass"): "priorityclasses",
+    # Kueue (TrainingJobs queued with kueue.x-k8s.io/queue-name, see kiln.queueing)
+    ("kueue.x-k8s.io/v1beta2", "Workload"): "workloads",
+    ("kueue.x-k8s.io/v1beta2", "ResourceFlavor"): "resourceflavors",
+    ("kueue.x-k8s.io/v1beta2", "WorkloadPriorityClass"): "workloadpriorityclasses",
     (API_VERSION, "Model"): "models",
     (API_VERSION, "TrainingJob"): "trainingjobs",
     (API_VERSION, "InferenceService"): "inferenceservices",
@@ -114,8 +120,13 @@ def request(
     body: Any = None,
     query: list[tuple[str, Any]] | None = None,
     content_type: str | None = None,
+    verb: str | None = None,
 ) -> Any:
     """One REST call; returns the decoded JSON body (None when empty).
+
+    ``verb`` is the ``kiln_api_requests_total`` label when it is not the HTTP method: the API
+    server's own verbs (``LIST`` for a collection GET, ``APPLY`` for a server-side apply PATCH),
+    as ``apiserver_request_total`` counts them.
 
     Uses the generated client's own request pipeline (``param_serialize`` -> ``call_api``), so
     authentication, TLS and retries are the client's.
@@ -131,7 +142,7 @@ def request(
     )
     resp = api.call_api(method, full_url, header_params=headers, body=body, post_params=post)
     data = resp.read()
-    API_REQUESTS.labels(method, str(resp.status)).inc()
+    API_REQUESTS.labels(verb or method, str(resp.status)).inc()
     if not 200 <= resp.status < 300:
         raise ApiException(http_resp=resp)
     return json.loads(data) if data else None
@@ -158,7 +169,7 @@ def list_objects(
 ) -> list[dict[str, Any]]:
     """Every object of a kind in ``namespace`` (all namespaces when None) matching the selector."""
     query = [("labelSelector", label_selector)] if label_selector else []
-    out = request(api, "GET", path(api_version, kind, namespace), query=query)
+    out = request(api, "GET", path(api_version, kind, namespace), query=query, verb="LIST")
     items: list[dict[str, Any]] = out.get("items", [])
     for it in items:  # list items carry no apiVersion/kind
         it.setdefault("apiVersion", api_version)
@@ -177,12 +188,43 @@ def apply(api: k8s.ApiClient, manifest: dict[str, Any], *, force: bool = True) -
     query = [("fieldManager", FIELD_MANAGER)] + ([("force", "true")] if force else [])
     try:
         return request(
-            api, "PATCH", url, body=manifest, query=query, content_type="application/apply-patch+yaml"
+            api,
+            "PATCH",
+            url,
+            body=manifest,
+            query=query,
+            content_type="application/apply-patch+yaml",
+            verb="APPLY",
         )
     except ApiException as e:
         if _status(e) in REJECTED_STATUSES:
             raise Rejected(manifest, e) from e
         raise
+
+
+def covers(live: Any, desired: Any) -> bool:
+    """Whether ``live`` already has every field ``desired`` sets, with the same value.
+
+    The test behind "apply only what changed": a server-side apply of ``desired`` over such a
+    ``live`` object would change nothing we own, so the request can be skipped. It is
+    apimachinery's ``equality.Semantic.DeepDerivative`` on JSON: maps compare the keys
+    ``desired`` has (extra keys in ``live``, such as defaults and other managers' fields, are
+    ignored); lists must have the same length and cover element by element; a ``None`` in
+    ``desired`` needs the key absent or null; other values compare with ``==``. A value the
+    server normalizes (``cpu: 1000m`` stored as ``"1"``) reads as a difference, which only costs
+    the apply that would have been sent anyway; a field someone else changed is a difference too,
+    so drift is still corrected.
+    """
+    if isinstance(desired, dict):
+        if not isinstance(live, dict):
+            return False
+        return all(
+            live.get(k) is None if v is None else (k in live and covers(live[k], v))
+            for k, v in desired.items()
+        )
+    if isinstance(desired, list):
+        return isinstance(live, list) and len(live) == len(desired) and all(map(covers, live, desired))
+    return bool(live == desired) and type(live) is type(desired)
 
 
 def create(api: k8s.ApiClient, manifest: dict[str, Any]) -> dict[str, Any] | None:

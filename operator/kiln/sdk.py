@@ -66,6 +66,7 @@ from kiln.artifact import (
     utc_now_rfc3339,
     verify_artifact,
 )
+from kiln.monitoring.profile import PROFILE_FILE, Profile, build_profile
 from kiln.trainer.config import (
     DEFAULT_MODEL_NAME,
     ENV_IMAGE,
@@ -231,6 +232,40 @@ def _export(
     )
 
 
+def _reference_profile(
+    model: Any, reference: Any, in_specs: list[TensorSpec], out_specs: list[TensorSpec]
+) -> Profile:
+    """The profile ``save_model`` stores: ``reference`` itself when it is a Profile (checked
+    against the signature), else built from those inputs and the model's outputs on them."""
+    if not isinstance(reference, Profile):
+        inputs = _as_tuple(reference)
+        chunks = [
+            _outputs_of(model, tuple(t[i : i + 4096] for t in inputs))
+            for i in range(0, inputs[0].shape[0], 4096)
+        ]
+        outputs = [torch.cat([c[k] for c in chunks]) for k in range(len(out_specs))]
+        return build_profile(
+            {s.name: t for s, t in zip(in_specs, inputs, strict=True)},
+            {s.name: t for s, t in zip(out_specs, outputs, strict=True)},
+            prediction_output=out_specs[0].name,
+        )
+    shapes = {s.name: s.shape[1:] for s in in_specs}
+    for i in reference.inputs:
+        sig = shapes.get(i.name)
+        if (
+            sig is None
+            or len(sig) != len(i.shape)
+            or any(d not in (-1, r) for d, r in zip(sig, i.shape, strict=True))
+        ):
+            raise ValueError(
+                f"reference profile input {i.name!r} {i.shape} does not fit the signature {shapes}"
+            )
+    p = reference.prediction
+    if p is not None and p.output not in {s.name for s in out_specs}:
+        raise ValueError(f"reference profile prediction output {p.output!r} is not a model output")
+    return reference
+
+
 def save_model(
     model: torch.nn.Module | torch.export.ExportedProgram,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -243,6 +278,7 @@ def save_model(
     hyperparameters: Mapping[str, Any] | None = None,
     dataset: DatasetInfo | None = None,
     model_name: str | None = None,
+    reference: Profile | torch.Tensor | Sequence[torch.Tensor] | None = None,
 ) -> Path:
     """Export ``model`` as a Kiln artifact directory at ``path`` (which must not exist).
 
@@ -257,10 +293,17 @@ def save_model(
         metrics: merged over :func:`report_metrics` into ``metadata.json``.
         hyperparameters, dataset: lineage recorded in ``metadata.json``.
         model_name: default ``KILN_MODEL_NAME``.
+        reference: what drift is measured against in kiln-serve, stored as ``profile.json``:
+            the training inputs (like ``example_inputs``: a tensor or one per input; the model
+            is run on them for the reference predictions, every flattened column is a
+            numerical feature named ``<input>[<column>]``), or a
+            :class:`~kiln.monitoring.profile.Profile` from :func:`build_profile` (feature
+            names, categorical features, a chosen prediction output). None: no reference.
     Returns:
         ``path`` (absolute).
     Raises:
-        ValueError: unknown format, bad names or example inputs, an unsupported dtype.
+        ValueError: unknown format, bad names or example inputs, an unsupported dtype, a
+            reference that does not fit the signature.
         FileExistsError: ``path`` exists (artifacts are immutable).
         Exception: whatever torch.export / torch.onnx.export raise for an unexportable model.
     """
@@ -280,6 +323,9 @@ def save_model(
     try:
         names = ([t.name for t in in_specs], [t.name for t in out_specs])
         _export(model, inputs, format, tmp / MODEL_FILES[format], names)
+        if reference is not None:
+            profile = _reference_profile(model, reference, in_specs, out_specs)
+            (tmp / PROFILE_FILE).write_bytes(profile.to_json())
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         meta = ArtifactMetadata(
             schemaVersion=METADATA_SCHEMA_VERSION_V2,

@@ -9,6 +9,7 @@
   unless the test says `@pytest.mark.pod_security("baseline")` (or "privileged").
 - `kiln_crds` (session): applies every YAML in crds/ and waits until the CRDs are Established.
 - `operator`: the Kiln operator running in-process (kopf.testing.KopfRunner) against the cluster.
+- `redis_server` (tests/redis.py): a private redis-server for the test.
 - `s3`, `private_s3` (tests/s3.py): a fresh bucket on the cluster's versitygw; a versitygw of the
   test's own that it can stop and start (fault tests).
 """
@@ -30,6 +31,7 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
+from tests.redis import redis_server  # noqa: F401  (fixture, by name)
 from tests.s3 import private_s3, s3  # noqa: F401  (fixtures, by name)
 
 from .helpers import run_operator, wait_for

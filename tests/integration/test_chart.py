@@ -24,6 +24,7 @@ from kiln.conditions import get_condition
 from kiln.kube import create, get, list_objects, patch
 
 from .helpers import finish_pod, operator_processes, serviceaccount_kubeconfig, wait_for
+from .test_featuregroup import succeed as succeed_featuregroup_run
 from .test_inferenceservice import MODEL, Store, create_model, isvc_body, set_production, wait_status
 from .test_trainingjob import JOB, result_message
 
@@ -156,6 +157,16 @@ def test_high_availability_defaults(cluster):
     assert "--log-format=text" in container(custom)["args"]
 
 
+def test_features_image_default(cluster):
+    """Materialization Jobs without spec.materialization.image run the chart's features image."""
+    assert env(render(cluster))["KILN_FEATURES_IMAGE"] == "ghcr.io/kiln-dev/kiln-trainer:0.1.0"
+    custom = render(
+        cluster, "--set", "features.image.repository=reg/trainer", "--set", "features.image.tag=v2"
+    )
+    assert env(custom)["KILN_FEATURES_IMAGE"] == "reg/trainer:v2"
+    assert "KILN_FEATURES_IMAGE" not in env(render(cluster, "--set", "features.image.repository="))
+
+
 def rbac_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for d in docs if d["kind"] in ("Role", "ClusterRole") for r in d["rules"]]
 
@@ -185,14 +196,30 @@ def test_rbac_is_namespaced_with_watch_namespaces_and_never_reads_secrets(cluste
         if d["kind"] == "RoleBinding":
             assert d["subjects"] == [{"kind": "ServiceAccount", "name": "kiln", "namespace": "kiln-system"}]
     assert {"--namespace=team-a", "--namespace=team-b"} <= set(container(namespaced)["args"])
-    # the cluster-wide role only adds read access to CRDs (kopf's resource scanning)
+    # the cluster-wide role only adds read access to CRDs (kopf's resource scanning) and to
+    # Kueue's cluster-scoped objects (priority classes, ResourceFlavors: docs/kueue.md)
     extra = [r for r in rbac_rules(clusterwide) if r not in rbac_rules(namespaced)]
+    kueue_reads = [
+        {
+            "apiGroups": ["kueue.x-k8s.io"],
+            "resources": ["resourceflavors", "workloadpriorityclasses"],
+            "verbs": ["get"],
+        },
+        {"apiGroups": ["scheduling.k8s.io"], "resources": ["priorityclasses"], "verbs": ["get"]},
+    ]
     assert extra == [
         {
             "apiGroups": ["apiextensions.k8s.io"],
             "resources": ["customresourcedefinitions"],
             "verbs": ["get", "list", "watch"],
-        }
+        },
+        *kueue_reads,
+    ]
+    # with watchNamespaces, those reads only when asked for, as their own read-only ClusterRole
+    opted = render(cluster, "--set-json", 'watchNamespaces=["team-a"]', "--set", "kueue.clusterReads=true")
+    cluster_roles = [d for d in opted if d["kind"] == "ClusterRole"]
+    assert [(d["metadata"]["name"], d["rules"]) for d in cluster_roles] == [
+        ("kiln-kueue-reader", kueue_reads)
     ]
 
 
@@ -254,7 +281,9 @@ def can(
 
 
 def exercise_every_kind(kube: client.ApiClient, ns: str, store: Store) -> None:
-    """TrainingJob (gang, registration, TTL), InferenceService (every child, a canary, deletions), FeatureGroup."""
+    """TrainingJob (gang, registration, TTL), Model retraining (creates a TrainingJob),
+    InferenceService (every child, a canary, deletions), FeatureGroup (materialization Jobs and
+    their pods' results, the CronJob)."""
     # TrainingJob: Service + pods, registration in its Model, ttlSecondsAfterFinished deletes it
     assert create(
         kube,
@@ -293,6 +322,31 @@ def exercise_every_kind(kube: client.ApiClient, ns: str, store: Store) -> None:
         60,
         message="the TTL to delete the job",
     )
+    # Model spec.retraining: a request makes the operator create a TrainingJob
+    template = {k: v for k, v in job["spec"].items() if k not in ("modelRef", "ttlSecondsAfterFinished")}
+    patch(
+        kube, API_VERSION, "Model", ns, "trained", {"spec": {"retraining": {"template": {"spec": template}}}}
+    )
+    wait_for(
+        lambda: ((get(kube, API_VERSION, "Model", ns, "trained") or {}).get("status") or {}).get(
+            "retraining"
+        ),
+        30,
+        message="retraining enabled",
+    )
+    patch(
+        kube,
+        API_VERSION,
+        "Model",
+        ns,
+        "trained",
+        {"metadata": {"annotations": {"kiln.dev/retrain-requested-at": "now"}}},
+    )
+    wait_for(
+        lambda: get(kube, API_VERSION, "TrainingJob", ns, "trained-retrain-1") is not None,
+        30,
+        message="the retraining TrainingJob",
+    )
 
     # InferenceService: Deployments, Services, ServiceMonitor, HPA, HTTPRoute; a canary promoted
     create_model(kube, ns, [store.version(1)], production=1)
@@ -304,6 +358,10 @@ def exercise_every_kind(kube: client.ApiClient, ns: str, store: Store) -> None:
             "steps": [{"weight": 50, "pauseSeconds": 0}],
         },
         autoscaling={"minReplicas": 1, "maxReplicas": 2},
+        monitoring={
+            "serviceMonitor": {"labels": {"release": "prometheus"}},
+            "alerts": {"errorRatio": {"threshold": 0.1}},
+        },
     )
     assert create(kube, body)
 
@@ -315,6 +373,7 @@ def exercise_every_kind(kube: client.ApiClient, ns: str, store: Store) -> None:
         ("apps/v1", "Deployment", f"{MODEL}-stable"),
         ("v1", "Service", MODEL),
         ("monitoring.coreos.com/v1", "ServiceMonitor", MODEL),
+        ("monitoring.coreos.com/v1", "PrometheusRule", MODEL),
         ("autoscaling/v2", "HorizontalPodAutoscaler", MODEL),
         ("gateway.networking.k8s.io/v1", "HTTPRoute", MODEL),
     ):
@@ -343,28 +402,47 @@ def exercise_every_kind(kube: client.ApiClient, ns: str, store: Store) -> None:
             "spec": {
                 "autoscaling": None,
                 "rollout": {"trafficRouting": "ReplicaRatio", "gatewayAPI": None},
-                "monitoring": {"serviceMonitor": {"enabled": False}},
+                "monitoring": {"serviceMonitor": {"enabled": False}, "alerts": None},
             }
         },
     )
     for api_version, kind in (
         ("monitoring.coreos.com/v1", "ServiceMonitor"),
+        ("monitoring.coreos.com/v1", "PrometheusRule"),
         ("autoscaling/v2", "HorizontalPodAutoscaler"),
         ("gateway.networking.k8s.io/v1", "HTTPRoute"),
     ):
         wait_for(lambda: get(kube, api_version, kind, ns, MODEL) is None, 30, message=f"{kind} deleted")  # noqa: B023
 
-    # FeatureGroup
+    # FeatureGroup: a materialization Job, deleted when new definitions make it stale; the next
+    # one's result read from its pod; the schedule's CronJob applied, then deleted with the schedule
     fg = yaml.safe_load((CHART.parents[1] / "examples" / "featuregroup.yaml").read_text())
     fg["metadata"]["namespace"] = ns
+    name = fg["metadata"]["name"]
     assert create(kube, fg)
-    wait_for(
-        lambda: (
-            (get(kube, API_VERSION, "FeatureGroup", ns, fg["metadata"]["name"]) or {}).get("status") or {}
-        ).get("schemaDigest"),
+
+    def materialization_jobs() -> list[dict[str, Any]]:
+        return list_objects(kube, "batch/v1", "Job", ns, f"kiln.dev/featuregroup={name}")
+
+    (stale,) = wait_for(materialization_jobs, 30, message="the backfill Job")
+    features = copy.deepcopy(fg["spec"]["features"])
+    features[0]["description"] = "Orders in the last 7 days, returns excluded."
+    patch(kube, API_VERSION, "FeatureGroup", ns, name, {"spec": {"features": features}})
+    (job,) = wait_for(
+        lambda: [j for j in materialization_jobs() if j["metadata"]["uid"] != stale["metadata"]["uid"]],
         30,
-        message="FeatureGroup status",
+        message="the stale Job replaced",
     )
+    wait_for(
+        lambda: get(kube, "batch/v1", "Job", ns, stale["metadata"]["name"]) is None,
+        30,
+        message="stale Job deleted",
+    )
+    succeed_featuregroup_run(kube, ns, job)
+    wait_for(lambda: get(kube, "batch/v1", "CronJob", ns, name), 30, message="the schedule's CronJob")
+    assert (get(kube, API_VERSION, "FeatureGroup", ns, name) or {})["status"]["lastMaterializationTime"]
+    patch(kube, API_VERSION, "FeatureGroup", ns, name, {"spec": {"schedule": None}})
+    wait_for(lambda: get(kube, "batch/v1", "CronJob", ns, name) is None, 30, message="the CronJob deleted")
 
 
 @pytest.fixture(scope="module")

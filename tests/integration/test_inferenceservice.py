@@ -117,7 +117,9 @@ class ModelServer:
         return f"http://127.0.0.1:{self.port}/v2/models/{MODEL}/infer"
 
 
-def start_server(tmp: Path, art: Artifact, version: int, *extra: str) -> ModelServer:
+def start_server(
+    tmp: Path, art: Artifact, version: int, *extra: str, env: dict[str, str] | None = None
+) -> ModelServer:
     port, metrics_port = free_port(), free_port()
     exe = Path(sys.executable).with_name("kiln-serve")
     log = open(tmp / f"kiln-serve-v{version}.log", "wb")  # noqa: SIM115 - closed with the process
@@ -138,12 +140,15 @@ def start_server(tmp: Path, art: Artifact, version: int, *extra: str) -> ModelSe
             str(port),
             "--metrics-port",
             str(metrics_port),
+            "--grpc-port",  # not the default 8081: several servers (and test sessions) share loopback
+            str(free_port()),
             "--max-batch-delay-ms",
             "0",
             *extra,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env=env,
     )
     server = ModelServer(version, art, proc, port, metrics_port)
     wait_for(
@@ -186,13 +191,15 @@ class Prometheus:
             return list(json.loads(r.read())["data"]["result"])
 
 
-def start_prometheus(tmp: Path, targets: list[str]) -> Prometheus:
+def start_prometheus(tmp: Path, targets: list[str], config: dict[str, Any] | None = None) -> Prometheus:
+    """A real Prometheus scraping ``targets`` every second, or running ``config`` when given."""
     binary = ensure_prometheus()
     port = free_port()
     cfg = tmp / "prometheus.yml"
     cfg.write_text(
-        json.dumps(
-            {  # JSON is YAML
+        json.dumps(  # JSON is YAML
+            config
+            or {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                 "scrape_configs": [{"job_name": "kiln-serve", "static_configs": [{"targets": targets}]}],
             }

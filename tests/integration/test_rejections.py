@@ -216,3 +216,55 @@ def test_inferenceservice_children_share_the_path(api, cluster, namespace, kiln_
         events = wait_for(isvc_events, 10, message="ChildRejected event")
         assert len(events) == 1 and events[0].type == "Warning"
     assert "Traceback" not in runner.output, runner.output[-4000:]
+
+
+def test_inferenceservice_pods_refused_after_the_deployment_was_accepted(
+    api, cluster, namespace, kiln_crds, tmp_path
+):
+    """The API server accepts the Deployment, then refuses its ReplicaSet's pods (a pod quota;
+    PodSecurity admission is the same path): the Deployment's ReplicaFailure condition is the
+    only place that says so, and the InferenceService's Ready must carry it."""
+    from .test_inferenceservice import MODEL, Store, create_model, isvc_body
+
+    core = client.CoreV1Api(api)
+    quota = client.V1ResourceQuota(
+        metadata=client.V1ObjectMeta(name="no-pods"), spec=client.V1ResourceQuotaSpec(hard={"pods": "0"})
+    )
+    core.create_namespaced_resource_quota(namespace, quota)
+    wait_for(
+        lambda: (core.read_namespaced_resource_quota("no-pods", namespace).status.hard or {}).get("pods"),
+        30,
+        message="quota status computed",
+    )
+    store = Store(tmp_path)
+    with run_operator(cluster.kubeconfig, namespace=namespace):
+        create_model(api, namespace, [store.version(1)], production=1)
+        assert kube.create(api, isvc_body(namespace)) is not None
+
+        def refused() -> dict[str, Any] | None:
+            obj = kube.get(api, API_VERSION, "InferenceService", namespace, MODEL) or {}
+            c = get_condition((obj.get("status") or {}).get("conditions"), "Ready") or {}
+            return c if c.get("reason") == "ReplicaFailure" else None
+
+        cond = wait_for(refused, 60, message="InferenceService Ready=False ReplicaFailure")
+        assert cond["status"] == "False"
+        assert "stable Deployment cannot create pods" in cond["message"], cond
+        assert "exceeded quota: no-pods" in cond["message"], cond
+
+        core.delete_namespaced_resource_quota("no-pods", namespace)
+        wait_for(
+            lambda: (
+                (
+                    get_condition(
+                        (kube.get(api, API_VERSION, "InferenceService", namespace, MODEL) or {})
+                        .get("status", {})
+                        .get("conditions"),
+                        "Ready",
+                    )
+                    or {}
+                ).get("reason")
+                != "ReplicaFailure"
+            ),
+            120,
+            message="ReplicaFailure cleared once pods can be created",
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
@@ -317,3 +318,43 @@ def test_operator_restart_mid_job_keeps_pods_and_status(cluster, kube_api, names
     # the first operator's pods were reused (no duplicates), and exactly one gang exists now
     assert len(uids) == 2
     assert len([p for p in pods(kube_api, namespace) if not p["metadata"].get("deletionTimestamp")]) == 2
+
+
+def test_feature_group_ref_waits_for_the_feature_group(kube_api, namespace, operator):
+    """A job naming a FeatureGroup that does not exist creates nothing and says so; once the
+    FeatureGroup exists the gang is created with it resolved into the trainer's KILN_DATASET."""
+    make_job(
+        kube_api,
+        namespace,
+        dataset={
+            "featureGroupRef": {"name": "activity"},
+            "entityUri": "s3://datasets/churn-labels.parquet",
+            "labelColumn": "churned",
+        },
+    )
+    st = wait_status(
+        kube_api,
+        namespace,
+        lambda s: (get_condition(s.get("conditions"), "Ready") or {}).get("reason") == "FeatureGroupNotFound",
+        what="Ready=False FeatureGroupNotFound",
+    )
+    assert st["status"]["phase"] == "Pending" and not pods(kube_api, namespace)
+    fg = {
+        "apiVersion": API_VERSION,
+        "kind": "FeatureGroup",
+        "metadata": {"name": "activity", "namespace": namespace},
+        "spec": {
+            "entities": [{"name": "customer_id"}],
+            "features": [{"name": "orders", "dtype": "int64"}],
+            "source": {"uri": "s3://datasets/activity.parquet"},
+        },
+    }
+    assert kube.create(kube_api, fg) is not None
+    gang = running_gang(kube_api, namespace, 0)  # within the 15 s blocked-retry interval
+    env = {e["name"]: e.get("value") for e in gang[0]["spec"]["containers"][0]["env"]}
+    ds = json.loads(env["KILN_DATASET"])
+    assert ds["featureGroup"]["name"] == "activity" and ds["featureGroup"]["schemaDigest"].startswith(
+        "sha256:"
+    )
+    assert ds["entityUri"] == "s3://datasets/churn-labels.parquet" and ds["labelColumn"] == "churned"
+    assert env["KILN_STAGING_DIR"]  # s3:// entity table and source: the pod stages downloads

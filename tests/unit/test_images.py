@@ -128,9 +128,10 @@ def test_entrypoints_and_ports():
     assert final("trainer", "WORKDIR") == ["/tmp"]
     assert final("server", "ENTRYPOINT") == ['["kiln-serve"]']
     assert final("server", "STOPSIGNAL") == ["SIGTERM"]
-    assert final_env("server")["KILN_PORT"] == "8080" and final_env("server")["KILN_METRICS_PORT"] == "9090"
-    for name in ("operator", "server"):
-        assert final(name, "EXPOSE") == ["8080 9090"]
+    env = final_env("server")
+    assert (env["KILN_PORT"], env["KILN_GRPC_PORT"], env["KILN_METRICS_PORT"]) == ("8080", "8081", "9090")
+    assert final("server", "EXPOSE") == ["8080 8081 9090"]
+    assert final("operator", "EXPOSE") == ["8080 9090"]
     assert final("trainer", "EXPOSE") == [] and final("trainer", "CMD") == []
 
 

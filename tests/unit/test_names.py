@@ -52,5 +52,8 @@ def test_name_rules_sit_at_the_root_and_apply_on_create_only(kind, fragments):
         assert rule["message"].startswith(f"{kind} name must") or "too long" in rule["message"]
 
 
-def test_model_has_no_name_rule():
-    assert "x-kubernetes-validations" not in _root("Model")
+def test_model_name_is_limited_only_with_retraining():
+    # A Model names no child, except the kiln.dev/model label of its retraining TrainingJobs.
+    (rule,) = _root("Model")["x-kubernetes-validations"]
+    assert rule["rule"] == f"!has(self.spec.retraining) || self.metadata.name.size() <= {DNS_LABEL_MAX}"
+    assert rule["fieldPath"] == ".metadata.name"

@@ -10,10 +10,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "hack"))
 
 from kiln.api.inferenceservice import InferenceServiceSpec
-from kiln.resources.inferenceservice import service_monitor
+from kiln.resources.inferenceservice import prometheus_rule, service_monitor
 from kilndev.prometheus import (
     UnsupportedServiceMonitor,
     config,
+    rule_file,
+    rule_file_name,
     sanitize_label_name,
     scrape_configs,
     selects,
@@ -163,3 +165,25 @@ def test_config_orders_jobs_and_selects_by_labels() -> None:
     assert not selects({"release": "prometheus"}, {"x": "y"})
     assert not selects({"release": "prometheus"}, None)
     assert sanitize_label_name("kiln.dev/model-version") == "kiln_dev_model_version"
+
+
+def test_a_prometheusrule_becomes_a_rule_file_as_prometheus_operator_writes_it():
+    isvc = {
+        "apiVersion": "kiln.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "digits", "namespace": "ml", "uid": "u-1"},
+    }
+    spec = InferenceServiceSpec.model_validate(
+        {
+            "modelRef": {"name": "digits", "stage": "Production"},
+            "runtime": {"image": "kiln/server:dev"},
+            "monitoring": {"alerts": {"errorRatio": {"threshold": 0.1}}},
+        }
+    )
+    rule = prometheus_rule(isvc, spec) | {"metadata": {"name": "digits", "namespace": "ml", "uid": "r-1"}}
+    out = rule_file(rule)
+    assert out == {"groups": rule["spec"]["groups"]}
+    assert [r.get("record") or r.get("alert") for r in out["groups"][0]["rules"]][
+        -1
+    ] == "KilnInferenceErrorRatioHigh"
+    assert rule_file_name(rule) == "ml-digits-r-1.yaml"

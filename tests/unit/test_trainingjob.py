@@ -515,3 +515,18 @@ def test_user_env_comes_after_and_overrides_the_distributed_env():
     s = spec(env=[{"name": "MASTER_PORT", "value": "23456"}])
     names = [e["name"] for e in build.pod(job(), s, rank=0, gang=0)["spec"]["containers"][0]["env"]]
     assert names.index("MASTER_PORT") < len(names) - 1 and names[-1] == "MASTER_PORT"
+
+
+def test_blocked_gang_is_not_created_and_says_why():
+    """A gang that is due but cannot be built (its FeatureGroup is missing) stays uncreated:
+    Pending, Ready=False with the blocker's reason, looked at again later; no deadline clock."""
+    why = ("FeatureGroupNotFound", "FeatureGroup activity (dataset.featureGroupRef) does not exist")
+    p = plan(job(), spec(), [], T0, blocked=why)
+    assert not p.create_gang and p.status["phase"] == "Pending" and "startTime" not in p.status
+    ready = get_condition(p.status["conditions"], "Ready")
+    assert (ready["status"], ready["reason"], ready["message"]) == ("False", *why)
+    assert p.requeue_after == 15.0
+    # a running gang is not disturbed by a blocker (it only stops creations)
+    st = {"gang": 0, "startTime": rfc3339(T0), "createdGang": 0}
+    p = plan(job(status=st), spec(), [pod(0), pod(1)], T0, blocked=why)
+    assert not p.delete_pods and p.status["phase"] == "Running"

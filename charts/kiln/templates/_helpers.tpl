@@ -45,10 +45,10 @@ tests/integration/test_chart.py runs every kind with exactly these.
 - apiGroups: [kiln.dev]
   resources: [models/status, trainingjobs/status, inferenceservices/status, featuregroups/status]
   verbs: [patch]
-# ttlSecondsAfterFinished deletes finished TrainingJobs.
+# ttlSecondsAfterFinished deletes finished TrainingJobs; a Model's spec.retraining creates them.
 - apiGroups: [kiln.dev]
   resources: [trainingjobs]
-  verbs: [delete]
+  verbs: [create, delete]
 # TrainingJob gangs: pods are created and deleted whole; the headless Service is applied.
 - apiGroups: [""]
   resources: [pods]
@@ -65,15 +65,45 @@ tests/integration/test_chart.py runs every kind with exactly these.
   resources: [horizontalpodautoscalers]
   verbs: [list, create, patch, delete]
 - apiGroups: [monitoring.coreos.com]
-  resources: [servicemonitors]
+  resources: [servicemonitors, prometheusrules]
   verbs: [list, create, patch, delete]
 - apiGroups: [gateway.networking.k8s.io]
   resources: [httproutes]
+  verbs: [list, create, patch, delete]
+# FeatureGroup materialization: one Job per run (created, watched for results, deleted when it
+# writes superseded definitions) and the schedule's CronJob (server-side apply, deleted when the
+# schedule goes). Pods' termination messages are read through the pods rule above.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [list, watch, create, delete]
+- apiGroups: [batch]
+  resources: [cronjobs]
   verbs: [list, create, patch, delete]
 # Transitions are reported as core/v1 Events (Kiln's and kopf's).
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# Kueue: a TrainingJob labelled kueue.x-k8s.io/queue-name gets a Workload Kiln creates, watches
+# and deletes; Kiln writes its status to give quota back after an eviction and to finish it.
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [get, list, watch, create, delete]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads/status]
+  verbs: [patch]
+{{- end -}}
+
+{{- /*
+Cluster-scoped reads for Kueue: the priority classes whose value goes into a Workload, and the
+ResourceFlavors whose node labels and tolerations place an admitted gang's pods.
+*/}}
+{{- define "kiln.kueueClusterRules" -}}
+- apiGroups: [kueue.x-k8s.io]
+  resources: [resourceflavors, workloadpriorityclasses]
+  verbs: [get]
+- apiGroups: [scheduling.k8s.io]
+  resources: [priorityclasses]
+  verbs: [get]
 {{- end -}}
 
 {{- /*
@@ -102,4 +132,15 @@ KILN_STORAGE_SECRET_NAME, AWS_ENDPOINT_URL, AWS_REGION. Each only when its value
 - name: AWS_REGION
   value: {{ . | quote }}
 {{- end }}
+{{- end -}}
+
+{{- /*
+The image of FeatureGroup materialization Jobs whose spec.materialization.image is unset.
+*/}}
+{{- define "kiln.featuresImage" -}}
+{{- with .Values.features.image -}}
+{{- if .repository -}}
+{{ .repository }}:{{ .tag | default $.Chart.AppVersion }}
+{{- end -}}
+{{- end -}}
 {{- end -}}

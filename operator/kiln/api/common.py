@@ -169,6 +169,17 @@ class ObjectStorage(KilnModel):
     )
 
 
+class PrometheusProvider(KilnModel):
+    """A Prometheus server the operator queries (HTTP API, instant queries)."""
+
+    address: str = Field(
+        min_length=1,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="e.g. http://prometheus.monitoring:9090",
+    )
+
+
 class ResourceRequirements(KilnModel):
     """Compute resources, as core/v1 ResourceRequirements (e.g. ``nvidia.com/gpu: 8``)."""
 

@@ -11,7 +11,10 @@ while pydantic emits JSON Schema 2020-12. :func:`to_structural` bridges the two:
 - numeric ``exclusiveMinimum``/``exclusiveMaximum`` become OpenAPI 3.0's boolean form;
 - ``title``, ``examples`` and ``default: null`` are dropped; ``additionalProperties: false``
   (pydantic's ``extra="forbid"``) is dropped because the API server prunes unknown fields;
-- ``const`` becomes a one-element ``enum``.
+- ``const`` becomes a one-element ``enum``;
+- below a node marked ``x-kiln-template`` (another kind's spec embedded as a template, e.g. a
+  Model's retraining TrainingJob template) the transition rules (those using ``oldSelf``, such as
+  "image is immutable") are dropped: they guard the other kind's objects, not the template.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import yaml
 
 from kiln import GROUP, VERSION
 from kiln.api import KINDS, Kind
+from kiln.api.model import TEMPLATE_MARK
 
 _DROP = {"title", "examples", "discriminator", "$schema", "propertyNames"}
 
@@ -55,12 +59,31 @@ def _is_null(s: Any) -> bool:
     return isinstance(s, dict) and s.get("type") == "null"
 
 
+def _without_transition_rules(node: Any) -> Any:
+    """``node`` with every CEL rule that uses ``oldSelf`` removed, at any depth."""
+    if isinstance(node, list):
+        return [_without_transition_rules(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for k, v in node.items():
+        if k == "x-kubernetes-validations":
+            kept = [r for r in v if "oldSelf" not in r.get("rule", "")]
+            if kept:
+                out[k] = kept
+        else:
+            out[k] = _without_transition_rules(v)
+    return out
+
+
 def _clean(node: Any) -> Any:
     if isinstance(node, list):
         return [_clean(x) for x in node]
     if not isinstance(node, dict):
         return node
     node = dict(node)
+    if node.pop(TEMPLATE_MARK, False):
+        return _without_transition_rules(_clean(node))
     # Optional[X] -> X
     for key in ("anyOf", "oneOf"):
         if key in node and any(_is_null(s) for s in node[key]):

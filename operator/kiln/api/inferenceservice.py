@@ -16,7 +16,9 @@ from kiln.api.common import (
     Conditions,
     EnvVar,
     KilnModel,
+    LocalObjectReference,
     ObjectStorage,
+    PrometheusProvider,
     ResourceRequirements,
     Toleration,
     cel,
@@ -26,9 +28,13 @@ from kiln.api.model import ALIAS_PATTERN, VersionNumber
 from kiln.api.names import dns1035_label
 
 SERVER_PORT = 8080
+#: kiln-serve's gRPC port (the Open Inference Protocol's inference.GRPCInferenceService).
+GRPC_PORT = 8081
 METRICS_PORT = 9090
 #: Default artifact root, the TrainingJob's default output (``file:///var/lib/kiln/artifacts``).
 ARTIFACT_ROOT = "/var/lib/kiln/artifacts"
+#: Most FeatureGroups one InferenceService may read features from.
+MAX_FEATURE_GROUPS = 8
 
 
 class ModelSelector(KilnModel):
@@ -141,15 +147,6 @@ class AnalysisMetric(KilnModel):
     min: float | None = Field(default=None, description="Fails when the value is below.")
 
 
-class PrometheusProvider(KilnModel):
-    address: str = Field(
-        min_length=1,
-        max_length=2048,
-        pattern=r"^https?://",
-        description="e.g. http://prometheus.monitoring:9090",
-    )
-
-
 class Analysis(KilnModel):
     """Metric analysis run during the canary."""
 
@@ -247,10 +244,125 @@ class ServiceMonitorSpec(KilnModel):
     interval_seconds: int = Field(default=15, ge=1, le=3600, description="Scrape interval.")
 
 
+#: A Prometheus label value we accept for ``severity`` (Alertmanager routes on it).
+SEVERITY_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+#: Drift methods whose score rises with drift (distances), the ones a "score above a threshold"
+#: alert makes sense for; ks, chisquare and z export p-values, which fall (docs/monitoring.md).
+DRIFT_DISTANCE_METHODS = ("psi", "wasserstein", "jensenshannon")
+
+_FOR = Field(
+    default=300,
+    ge=0,
+    le=86400,
+    description="How long the condition must hold before the alert fires (the rule's `for`).",
+)
+_SEVERITY = Field(
+    default="warning",
+    pattern=SEVERITY_PATTERN,
+    description="The alert's severity label (e.g. critical, warning, info), for Alertmanager routing.",
+)
+
+
+class LatencyAlert(KilnModel):
+    """Fires when a latency percentile of a served version stays over ``thresholdSeconds``."""
+
+    percentile: Literal[95, 99] = Field(description="95 or 99: the p95 or p99 recording rule.")
+    threshold_seconds: float = Field(gt=0, le=3600, description="Fires while the percentile is above.")
+    for_seconds: int = _FOR
+    severity: str = _SEVERITY
+
+
+class ErrorRatioAlert(KilnModel):
+    """Fires when the share of 5xx answers of a served version stays over ``threshold``."""
+
+    threshold: float = Field(gt=0, lt=1, description="Error ratio (0..1) above which it fires, e.g. 0.05.")
+    for_seconds: int = _FOR
+    severity: str = _SEVERITY
+
+
+class DriftAlert(KilnModel):
+    """Fires when a drift score of this method (feature or prediction drift) stays over threshold.
+
+    Methods have different scales, so each method gets its own threshold. Only distances
+    (psi, wasserstein, jensenshannon) rise with drift; for the p-value methods alert on the
+    share of drifted features (driftShare), which uses each method's own decision.
+    """
+
+    method: Literal["psi", "wasserstein", "jensenshannon"] = Field(
+        description="The gauges' method label: psi, wasserstein or jensenshannon (distances: they rise with drift)."
+    )
+    threshold: float = Field(
+        ge=0, description="Fires while the score is above, e.g. 0.2 for PSI, 0.1 for the others."
+    )
+    for_seconds: int = _FOR
+    severity: str = _SEVERITY
+
+
+class DriftShareAlert(KilnModel):
+    """Fires when the share of drifted features (kiln_drift_share: each feature judged by its
+    default method, Evidently's dataset drift) stays at or above ``threshold``."""
+
+    threshold: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Share of drifted features (0..1]; Evidently's dataset drift is 0.5.",
+    )
+    for_seconds: int = _FOR
+    severity: str = _SEVERITY
+
+
+def _unique(items: list[Any] | None, key: str, what: str) -> None:
+    keys = [getattr(i, key) for i in items or []]
+    if len(keys) != len(set(keys)):
+        raise ValueError(f"{what} must be unique")
+
+
+class Alerts(KilnModel):
+    """A PrometheusRule (monitoring.coreos.com/v1) with recording rules and alerts for this service.
+
+    Recording rules (always): p95 and p99 latency and the 5xx error ratio per model version, over
+    ``windowSeconds``; alerts: the ones configured here.
+    """
+
+    labels: dict[str, str] | None = Field(
+        default=None, description="Labels of the PrometheusRule, for a Prometheus's ruleSelector."
+    )
+    window_seconds: int = Field(
+        default=300, ge=10, le=86400, description="Rate window of the recording rules, e.g. 300 (5m)."
+    )
+    latency: list[LatencyAlert] | None = Field(
+        default=None,
+        max_length=2,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["percentile"]},
+        description="Latency alerts, at most one per percentile.",
+    )
+    error_ratio: ErrorRatioAlert | None = Field(default=None, description="Error ratio alert.")
+    drift: list[DriftAlert] | None = Field(
+        default=None,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["method"]},
+        description="Feature and prediction drift alerts, at most one per method.",
+    )
+    drift_share: DriftShareAlert | None = Field(
+        default=None, description="Dataset drift alert: the share of drifted features."
+    )
+
+    @model_validator(mode="after")
+    def _keys(self) -> Alerts:
+        _unique(self.latency, "percentile", "latency percentiles")
+        _unique(self.drift, "method", "drift methods")
+        return self
+
+
 class Monitoring(KilnModel):
     service_monitor: ServiceMonitorSpec = Field(
         default_factory=ServiceMonitorSpec,
         description="Prometheus Operator ServiceMonitor for the server metrics.",
+    )
+    alerts: Alerts | None = Field(
+        default=None,
+        description="Prometheus Operator PrometheusRule: latency, error ratio and drift alerts (none when unset).",
     )
 
 
@@ -286,6 +398,22 @@ class InferenceServiceSpec(KilnModel):
     monitoring: Monitoring = Field(
         default_factory=Monitoring, description="How the server metrics are scraped."
     )
+    feature_groups: list[LocalObjectReference] | None = Field(
+        default=None,
+        max_length=MAX_FEATURE_GROUPS,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="FeatureGroups (same namespace, online store enabled) a request may name entity keys of "
+        "instead of sending the model's input: the server reads their features from the online store, "
+        "concatenated in this order, as the model's one input. The served version, when trained on a "
+        "FeatureGroup, must name one of these with the same schema digest.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_feature_groups(self) -> InferenceServiceSpec:
+        names = [r.name for r in self.feature_groups or []]
+        if len(names) != len(set(names)):
+            raise ValueError("featureGroups must name each FeatureGroup once")
+        return self
 
 
 class RolloutPhase(StrEnum):

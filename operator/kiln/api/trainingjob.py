@@ -90,6 +90,11 @@ class Dataset(KilnModel):
             "dataset.uri needs labelColumn",
             field_path=".labelColumn",
         ),
+        cel(
+            "!has(self.featureGroupRef) || (has(self.entityUri) && has(self.labelColumn))",
+            "dataset.featureGroupRef needs entityUri and labelColumn",
+            field_path=".entityUri",
+        ),
     )
 
     builtin: Literal["sklearn-digits"] | None = Field(
@@ -106,10 +111,31 @@ class Dataset(KilnModel):
         default=None, description="csv or parquet; guessed from the uri suffix when empty."
     )
     label_column: str | None = Field(
-        default=None, max_length=256, description="Column holding the class label (uri only)."
+        default=None,
+        max_length=256,
+        description="Column holding the class label (of the uri's table, or of entityUri's).",
     )
     feature_group_ref: LocalObjectReference | None = Field(
-        default=None, description="A FeatureGroup whose point-in-time training data feeds the job."
+        default=None,
+        description=(
+            "A FeatureGroup (same namespace) whose point-in-time training data feeds the job: each "
+            "row of entityUri gets the feature values as of its timestamp (never later, at most "
+            "offline.lookbackSeconds older), inside the trainer pods."
+        ),
+    )
+    entity_uri: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=STORAGE_URI_PATTERN,
+        description=(
+            "With featureGroupRef: the entity table (Feast's entity dataframe), CSV or Parquet: the "
+            "FeatureGroup's entity columns, timestampColumn and labelColumn. s3:// or a path in the pod."
+        ),
+    )
+    timestamp_column: str = Field(
+        default="event_timestamp",
+        max_length=128,
+        description="With featureGroupRef: entityUri's event time column (the 'as of' time of each row).",
     )
     volume: FreeFormObject | None = Field(
         default=None, description="core/v1 VolumeSource holding the uri, mounted read-only at its directory."
@@ -117,6 +143,8 @@ class Dataset(KilnModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> Dataset:
+        if self.feature_group_ref is not None and not (self.entity_uri and self.label_column):
+            raise ValueError("dataset.featureGroupRef needs entityUri and labelColumn")
         n = sum(x is not None for x in (self.builtin, self.uri, self.feature_group_ref))
         if n != 1:
             raise ValueError("dataset needs exactly one of builtin, uri, featureGroupRef")
@@ -285,7 +313,8 @@ class TrainingJobSpec(KilnModel):
     )
     suspend: bool = Field(
         default=False,
-        description="Delete the pods but keep the job; setting it back to false recreates them.",
+        description="Delete the pods but keep the job; setting it back to false recreates them. "
+        "A job queued in Kueue also gives its quota back (its Workload is deleted) and queues again on resume.",
     )
     output: Output | None = Field(default=None, description="Where the artifact goes.")
     storage: ObjectStorage | None = Field(
@@ -299,6 +328,8 @@ class TrainingJobPhase(StrEnum):
     RUNNING = "Running"
     RESTARTING = "Restarting"
     SUSPENDED = "Suspended"
+    #: Waiting for Kueue to admit the gang (the job names a LocalQueue); no pods.
+    QUEUED = "Queued"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
@@ -339,7 +370,9 @@ class TrainingJobStatus(KilnModel):
 
     observed_generation: int | None = Field(default=None, description="metadata.generation last reconciled.")
     conditions: Conditions | None = Field(
-        default=None, description="Created, Running, Restarting, Succeeded, Failed, Suspended, Ready."
+        default=None,
+        description="Created, Running, Restarting, Succeeded, Failed, Suspended, Ready; Admitted for a job "
+        "queued in Kueue (False while it waits, with Kueue's reason and message).",
     )
     phase: TrainingJobPhase | None = Field(default=None, description="Summary of the conditions, for people.")
     restart_count: int = Field(default=0, description="Gang restarts counted against maxRestarts.")
@@ -366,6 +399,11 @@ class TrainingJobStatus(KilnModel):
     nodes: NodeCounts | None = Field(default=None, description="Pods per phase.")
     result: TrainingResultStatus | None = None
     registered_version: int | None = Field(default=None, description="Version registered in the Model.")
+    workload: str | None = Field(
+        default=None,
+        description="The Kueue Workload (kueue.x-k8s.io/v1beta2, same namespace) that queues this job, "
+        "when it names a LocalQueue with the kueue.x-k8s.io/queue-name label.",
+    )
 
 
 class TrainingJob(KilnModel):

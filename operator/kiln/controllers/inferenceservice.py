@@ -5,6 +5,9 @@ One level-based reconcile per InferenceService (see :mod:`kiln.controllers.runti
 1. read the InferenceService and its Model; resolve ``spec.modelRef`` (stage, version or alias)
    to a version with an artifact URI and digest. A missing Model or version is
    ``Ready=False`` (``ModelNotFound`` / ``VersionNotResolved``) and leaves running children alone;
+   so are the FeatureGroups of ``spec.featureGroups`` (``FeatureGroupNotFound``,
+   ``FeatureGroupInvalid``, ``FeatureGroupNotOnline``) and a version trained on another schema of
+   one of them (``FeatureSchemaMismatch``: :func:`check_feature_schema`): the stable keeps serving;
 2. observe the stable and canary Deployments (readiness, rolled-out version, progress deadline);
 3. when :func:`kiln.rollout.machine.analysis_due`, run the analysis queries against Prometheus;
 4. call the pure state machine :func:`kiln.rollout.machine.decide`;
@@ -13,8 +16,9 @@ One level-based reconcile per InferenceService (see :mod:`kiln.controllers.runti
    re-runs the reconcile), then post Events.
 
 Watches: InferenceServices, their Deployments and Services (label
-``kiln.dev/inferenceservice``), and Models: a Model event enqueues every InferenceService of
-that namespace that references it (an in-memory index fed by InferenceService events).
+``kiln.dev/inferenceservice``), Models and FeatureGroups: a Model or FeatureGroup event enqueues
+every InferenceService of that namespace that references it (in-memory indexes fed by
+InferenceService events).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +37,7 @@ from pydantic import ValidationError
 
 from kiln import API_VERSION, GROUP, VERSION, events, failpoints, kube
 from kiln.api.common import spec_error
+from kiln.api.featuregroup import FeatureGroupSpec
 from kiln.api.inferenceservice import (
     InferenceServiceSpec,
     InferenceServiceStatus,
@@ -41,6 +46,7 @@ from kiln.api.inferenceservice import (
 )
 from kiln.conditions import FALSE, TRUE, get_condition, set_condition, set_stalled
 from kiln.controllers.runtime import ReconcileFn, Result, enqueue, watch, watch_children
+from kiln.features.schema import FeatureView
 from kiln.resources import inferenceservice as res
 from kiln.resources.storage import StorageDefaults
 from kiln.rollout.analysis import ERROR, evaluate_metric, render_query
@@ -60,8 +66,9 @@ watch_children(KIND, "v1", "services", res.LABEL_ISVC)
 QUERY_TIMEOUT_SECONDS = 10.0
 
 
-class ModelIndex:
-    """Which InferenceServices reference which Model: ``(namespace, model) -> {isvc names}``.
+class ReferenceIndex:
+    """Which InferenceServices reference which objects of one kind (their Model, or their
+    FeatureGroups): ``(namespace, name) -> {isvc names}``.
 
     Fed by InferenceService watch events (kopf lists every object at start-up, so the index is
     complete once the operator has synced) and by each reconcile; thread-safe.
@@ -69,22 +76,26 @@ class ModelIndex:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._model_of: dict[tuple[str, str], str] = {}
+        self._refs: dict[tuple[str, str], frozenset[str]] = {}
 
-    def set(self, namespace: str, isvc: str, model: str | None) -> None:
+    def set(self, namespace: str, isvc: str, names: str | Iterable[str] | None) -> None:
+        """Record what ``isvc`` references now (a name, names, or None/empty: nothing)."""
+        refs = frozenset([names] if isinstance(names, str) else names or ())
         with self._lock:
-            if model:
-                self._model_of[(namespace, isvc)] = model
+            if refs:
+                self._refs[(namespace, isvc)] = refs
             else:
-                self._model_of.pop((namespace, isvc), None)
+                self._refs.pop((namespace, isvc), None)
 
-    def users(self, namespace: str, model: str) -> list[str]:
-        """Names of the InferenceServices in ``namespace`` that reference Model ``model``."""
+    def users(self, namespace: str, name: str) -> list[str]:
+        """Names of the InferenceServices in ``namespace`` that reference ``name``."""
         with self._lock:
-            return sorted(n for (ns, n), m in self._model_of.items() if ns == namespace and m == model)
+            return sorted(n for (ns, n), refs in self._refs.items() if ns == namespace and name in refs)
 
 
-INDEX = ModelIndex()
+#: InferenceServices by Model, and by FeatureGroup.
+INDEX = ReferenceIndex()
+FEATURE_GROUP_INDEX = ReferenceIndex()
 
 
 def _model_name(spec: Mapping[str, Any] | None) -> str | None:
@@ -93,16 +104,36 @@ def _model_name(spec: Mapping[str, Any] | None) -> str | None:
     return str(name) if name else None
 
 
+def _feature_group_names(spec: Mapping[str, Any] | None) -> list[str]:
+    refs = (spec or {}).get("featureGroups") or []
+    return [str(r["name"]) for r in refs if isinstance(r, Mapping) and r.get("name")]
+
+
+def _index(namespace: str, name: str, spec: Mapping[str, Any] | None) -> None:
+    INDEX.set(namespace, name, _model_name(spec))
+    FEATURE_GROUP_INDEX.set(namespace, name, _feature_group_names(spec))
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL, id="index-inferenceservices-by-model")
 async def _index_isvc(body: kopf.Body, type: str | None, **_: Any) -> None:
-    ns, name = body.metadata.namespace or "", body.metadata.name or ""
-    INDEX.set(ns, name, None if type == "DELETED" else _model_name(body.get("spec")))
+    _index(
+        body.metadata.namespace or "",
+        body.metadata.name or "",
+        None if type == "DELETED" else body.get("spec"),
+    )
 
 
 @kopf.on.event(GROUP, VERSION, "models", id="watch-models-for-inferenceservices")
 async def _on_model_event(body: kopf.Body, **_: Any) -> None:
     ns = body.metadata.namespace or ""
     for isvc in INDEX.users(ns, body.metadata.name or ""):
+        enqueue(KIND, ns, isvc)
+
+
+@kopf.on.event(GROUP, VERSION, "featuregroups", id="watch-featuregroups-for-inferenceservices")
+async def _on_feature_group_event(body: kopf.Body, **_: Any) -> None:
+    ns = body.metadata.namespace or ""
+    for isvc in FEATURE_GROUP_INDEX.users(ns, body.metadata.name or ""):
         enqueue(KIND, ns, isvc)
 
 
@@ -152,6 +183,107 @@ def resolve_version(model: Mapping[str, Any] | None, ref: ModelSelector) -> dict
     raise Unresolved(
         "VersionNotResolved", f"{what} of Model {ref.name!r} names version {number}, which is not registered"
     )
+
+
+def resolve_feature_groups(
+    spec: InferenceServiceSpec, namespace: str, found: Mapping[str, Mapping[str, Any] | None]
+) -> list[FeatureView]:
+    """The FeatureGroups of ``spec.featureGroups`` as read (``found``: name -> object or None), in order.
+
+    Raises:
+        Unresolved: ``FeatureGroupNotFound`` (absent), ``FeatureGroupInvalid`` (its spec does not
+            validate), ``FeatureGroupNotOnline`` (no ``online.enabled`` and ``online.store``:
+            nothing to read features from), naming the FeatureGroup.
+    """
+    out = []
+    for ref in spec.feature_groups or []:
+        obj = found.get(ref.name)
+        if obj is None:
+            raise Unresolved(
+                "FeatureGroupNotFound",
+                f"FeatureGroup {ref.name} (spec.featureGroups) not found in this namespace",
+            )
+        try:
+            fg_spec = FeatureGroupSpec.model_validate(obj.get("spec") or {})
+        except ValidationError as e:
+            raise Unresolved(
+                "FeatureGroupInvalid", f"FeatureGroup {ref.name} is invalid: {spec_error(e)}"
+            ) from None
+        if not fg_spec.online.enabled or fg_spec.online.store is None:
+            raise Unresolved(
+                "FeatureGroupNotOnline",
+                f"FeatureGroup {ref.name} has no online store (online.enabled and online.store): "
+                "entity-key requests cannot read its features",
+            )
+        out.append(FeatureView(namespace, ref.name, fg_spec))
+    return out
+
+
+def check_feature_schema(version: Mapping[str, Any], groups: Sequence[FeatureView], model: str) -> None:
+    """Refuse a version trained on FeatureGroup definitions other than those served.
+
+    A version whose ``lineage.featureGroupSchemaDigest`` is set, served with ``groups`` (not
+    empty), must have been trained on one of them (``lineage.featureGroup``, or any of them when
+    the lineage names none) with that schema digest: the server would otherwise feed it features
+    computed under other definitions. A version without that lineage, or an InferenceService
+    without FeatureGroups, passes.
+
+    Raises:
+        Unresolved: ``FeatureSchemaMismatch`` naming the FeatureGroup and both digests.
+    """
+    lineage = version.get("lineage") or {}
+    trained = lineage.get("featureGroupSchemaDigest")
+    if not trained or not groups:
+        return
+    number, name = version.get("version"), lineage.get("featureGroup")
+    served = {g.name: g.digest for g in groups}
+    what = f"version {number} of Model {model!r} was trained on FeatureGroup {name or '(unnamed)'} with schema digest {trained}"
+    if name is None:
+        if trained not in served.values():
+            raise Unresolved(
+                "FeatureSchemaMismatch",
+                f"{what}; the FeatureGroups served have {', '.join(f'{n}: {d}' for n, d in served.items())}",
+            )
+    elif name not in served:
+        raise Unresolved(
+            "FeatureSchemaMismatch", f"{what}, which spec.featureGroups does not name ({', '.join(served)})"
+        )
+    elif served[name] != trained:
+        raise Unresolved(
+            "FeatureSchemaMismatch",
+            f"{what}; FeatureGroup {name} now has schema digest {served[name]}: retrain on it, or "
+            "restore its features; the version served so far keeps serving",
+        )
+
+
+def _version_entry(model: Mapping[str, Any] | None, number: int) -> Mapping[str, Any] | None:
+    for v in ((model or {}).get("status") or {}).get("versions") or []:
+        if v.get("version") == number:
+            return dict(v)
+    return None
+
+
+def _features_env(
+    model: Mapping[str, Any] | None,
+    number: int | None,
+    dep: Mapping[str, Any] | None,
+    groups: Sequence[FeatureView],
+    name: str,
+) -> str | None:
+    """``KILN_FEATURE_GROUPS`` of the Deployment serving ``number``: the current FeatureGroups,
+    unless that version was trained on other definitions of them (a stable version while a
+    version trained on the new ones is the canary), which keeps what its live Deployment has."""
+    if not groups or number is None:
+        return None
+    entry = _version_entry(model, number)
+    try:
+        if entry is not None:
+            check_feature_schema(entry, groups, name)
+        return res.feature_groups_env(groups)
+    except Unresolved:
+        env = {e.get("name"): e.get("value") for e in _container(dep or {}).get("env") or []}
+        live = env.get(res.ENV_FEATURE_GROUPS)
+        return str(live) if live else None
 
 
 def _artifact_of(
@@ -233,6 +365,16 @@ def progress_failure(dep: Mapping[str, Any] | None, version: int | None) -> str 
     return None
 
 
+def replica_failure(dep: Mapping[str, Any] | None) -> str | None:
+    """The Deployment's ``ReplicaFailure=True`` message, else None: its ReplicaSet cannot create
+    pods (PodSecurity admission, a ResourceQuota, a webhook), so no pod of it will ever start
+    until that changes. The API server accepted the Deployment; only this condition says so."""
+    for c in ((dep or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == "ReplicaFailure" and c.get("status") == "True":
+            return str(c.get("message") or c.get("reason") or "ReplicaFailure")
+    return None
+
+
 def measure(
     spec: InferenceServiceSpec, status: InferenceServiceStatus, namespace: str, name: str
 ) -> Measurement:
@@ -265,25 +407,13 @@ def measure(
     return Measurement(version=status.canary_version, results=tuple(results))
 
 
-def _apply_children(
-    api: k8s.ApiClient, obj: dict[str, Any], manifests: list[dict[str, Any]], keep: set[tuple[str, str]]
-) -> list[str]:
-    """Apply ``manifests``; delete owned children not among them nor in ``keep``.
+def _children(api: k8s.ApiClient, obj: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """This InferenceService's children by (kind, name): one LIST per child kind, owned ones only.
 
-    Returns problems for the Ready condition (a kind whose CRD is not installed: 404).
+    A kind whose CRD is not installed (404) has none.
     """
-    problems: list[str] = []
-    wanted = {(m["kind"], m["metadata"]["name"]) for m in manifests} | keep
-    for m in manifests:
-        try:
-            kube.apply(api, m)
-        except ApiException as e:
-            if e.status == 404:
-                group = m["apiVersion"].split("/")[0]
-                problems.append(f"{m['kind']} not created: the {group} CRDs are not installed")
-                continue
-            raise
     ns, name, uid = obj["metadata"]["namespace"], obj["metadata"]["name"], obj["metadata"]["uid"]
+    out: dict[tuple[str, str], dict[str, Any]] = {}
     for api_version, kind in res.CHILD_KINDS:
         try:
             items = kube.list_objects(api, api_version, kind, ns, f"{res.LABEL_ISVC}={name}")
@@ -292,11 +422,44 @@ def _apply_children(
                 continue
             raise
         for it in items:
-            meta = it["metadata"]
-            owned = any(r.get("uid") == uid for r in meta.get("ownerReferences") or [])
-            if owned and (kind, meta["name"]) not in wanted:
-                log.info("deleting %s %s/%s (no longer wanted)", kind, ns, meta["name"])
-                kube.delete(api, api_version, kind, ns, meta["name"], uid=meta.get("uid"))
+            if any(r.get("uid") == uid for r in it["metadata"].get("ownerReferences") or []):
+                it.setdefault("apiVersion", api_version)
+                out[(kind, it["metadata"]["name"])] = it
+    return out
+
+
+def _apply_children(
+    api: k8s.ApiClient,
+    obj: dict[str, Any],
+    manifests: list[dict[str, Any]],
+    keep: set[tuple[str, str]],
+    children: dict[tuple[str, str], dict[str, Any]],
+) -> list[str]:
+    """Apply the ``manifests`` that ``children`` (as listed) do not already match; delete
+    children neither among them nor in ``keep``. Nothing is written for a child at rest
+    (:func:`kiln.kube.covers`).
+
+    Returns problems for the Ready condition (a kind whose CRD is not installed: 404).
+    """
+    problems: list[str] = []
+    wanted = {(m["kind"], m["metadata"]["name"]) for m in manifests} | keep
+    for m in manifests:
+        live = children.get((m["kind"], m["metadata"]["name"]))
+        if live is not None and kube.covers(live, m):
+            continue
+        try:
+            kube.apply(api, m)
+        except ApiException as e:
+            if e.status == 404:
+                group = m["apiVersion"].split("/")[0]
+                problems.append(f"{m['kind']} not created: the {group} CRDs are not installed")
+                continue
+            raise
+    ns = obj["metadata"]["namespace"]
+    for (kind, child), it in children.items():
+        if (kind, child) not in wanted:
+            log.info("deleting %s %s/%s (no longer wanted)", kind, ns, child)
+            kube.delete(api, it["apiVersion"], kind, ns, child, uid=it["metadata"].get("uid"))
     return problems
 
 
@@ -347,13 +510,13 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
     """Reconcile one InferenceService (see the module docstring for the steps)."""
     obj = kube.get(api, API_VERSION, KIND, namespace, name)
     if obj is None:
-        INDEX.set(namespace, name, None)
+        _index(namespace, name, None)
         return None
     meta = obj["metadata"]
     gen = meta.get("generation")
     old_status: dict[str, Any] = dict(obj.get("status") or {})
     now = datetime.now(UTC)
-    INDEX.set(namespace, name, _model_name(obj.get("spec")))
+    _index(namespace, name, obj.get("spec"))
     try:
         spec = InferenceServiceSpec.model_validate(obj.get("spec") or {})
     except ValidationError as e:
@@ -368,11 +531,18 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
         resolved = resolve_version(model, spec.model_ref)
     except Unresolved as u:
         return _not_ready(api, obj, old_status, u.reason, u.message, now, model_loaded=False)
-
-    deps = {
-        t: kube.get(api, "apps/v1", "Deployment", namespace, res.deployment_name(name, t))
-        for t in (res.STABLE, res.CANARY)
+    found = {
+        r.name: kube.get(api, API_VERSION, "FeatureGroup", namespace, r.name)
+        for r in spec.feature_groups or []
     }
+    try:
+        groups = resolve_feature_groups(spec, namespace, found)
+        check_feature_schema(resolved, groups, spec.model_ref.name)
+    except Unresolved as u:
+        return _not_ready(api, obj, old_status, u.reason, u.message, now)
+
+    children = _children(api, obj)
+    deps = {t: children.get(("Deployment", res.deployment_name(name, t))) for t in (res.STABLE, res.CANARY)}
     total = spec.replicas
     if spec.autoscaling is not None:
         current = int(((deps[res.STABLE] or {}).get("spec") or {}).get("replicas") or 0)
@@ -403,9 +573,15 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
         canary_replicas=plan.canary_replicas,
         canary_weight=plan.canary_weight,
         defaults=StorageDefaults.from_environ(os.environ),
+        stable_features=_features_env(
+            model, plan.stable_version, deps[res.STABLE], groups, spec.model_ref.name
+        ),
+        canary_features=_features_env(
+            model, plan.canary_version, deps[res.CANARY], groups, spec.model_ref.name
+        ),
     )
     keep = set() if stable is not None else {("Deployment", res.deployment_name(name, res.STABLE))}
-    problems = _apply_children(api, obj, manifests, keep)
+    problems = _apply_children(api, obj, manifests, keep, children)
     if status.canary_version is not None and plan.canary_weight != status.canary_weight:
         failpoints.hit("inferenceservice-step-applied")
     if stable is None:
@@ -469,8 +645,15 @@ def _status(
     gateway_missing = spec.rollout.traffic_routing == TrafficRouting.GATEWAY_API and any(
         "HTTPRoute" in p for p in problems
     )
+    failures = [
+        f"{track} Deployment cannot create pods: {m}"
+        for track in (res.STABLE, res.CANARY)
+        if (m := replica_failure(deps[track]))
+    ]
     if gateway_missing:
         verdict = (FALSE, "GatewayAPINotInstalled", "; ".join(problems))
+    elif failures:
+        verdict = (FALSE, "ReplicaFailure", "; ".join(failures))
     elif not stable_ok:
         verdict = (
             FALSE,

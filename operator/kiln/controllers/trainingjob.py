@@ -1,11 +1,15 @@
 """TrainingJob controller: read -> :func:`kiln.gang.plan` -> apply -> status.
 
-Watches TrainingJobs and their pods (labelled ``kiln.dev/trainingjob``); every event enqueues
-one level-based reconcile of the job (see :mod:`kiln.controllers.runtime`).
+Watches TrainingJobs, their pods and their Kueue Workloads (both labelled
+``kiln.dev/trainingjob``); every event enqueues one level-based reconcile of the job (see
+:mod:`kiln.controllers.runtime`). A job labelled ``kueue.x-k8s.io/queue-name`` is queued in
+Kueue through a Workload Kiln creates (see :mod:`kiln.queueing`). Without Kueue's CRDs the
+Workload watch is simply not served (kopf notices the CRD when it is installed later).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -17,14 +21,17 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from kiln import API_VERSION, events, failpoints, kube, storage
+from kiln import API_VERSION, events, failpoints, kube, queueing, storage
 from kiln.api.common import spec_error
 from kiln.api.trainingjob import TrainingJobSpec, TrainingJobStatus
 from kiln.artifact import ArtifactError
 from kiln.conditions import FALSE, TRUE, get_condition, set_condition, set_stalled
 from kiln.controllers.runtime import ReconcileFn, Result, watch, watch_children
-from kiln.gang import plan
+from kiln.gang import Plan, plan
+from kiln.queueing import QueueView
 from kiln.resources import trainingjob as build
+from kiln.resources import workload as wl
+from kiln.resources.retraining import ANNOTATION_TRIGGER as ANNOTATION_RETRAINING_TRIGGER
 from kiln.resources.storage import StorageDefaults
 from kiln.status import write_status
 
@@ -32,12 +39,16 @@ log = logging.getLogger("kiln.trainingjob")
 KIND = "TrainingJob"
 watch(KIND, API_VERSION, "trainingjobs")
 watch_children(KIND, "v1", "pods", build.LABEL_JOB)
+watch_children(KIND, wl.KUEUE_API_VERSION, "workloads", build.LABEL_JOB)
 
 #: First retry interval when the Model to register in is missing or the registration failed; it
 #: doubles (the time since Ready went False) up to :data:`REGISTRATION_RETRY_MAX_SECONDS`.
 REGISTRATION_RETRY_SECONDS = 15.0
 REGISTRATION_RETRY_MAX_SECONDS = 300.0
 _creators = ThreadPoolExecutor(max_workers=32, thread_name_prefix="kiln-gang-create")
+#: Retry interval while a queued job's Workload cannot be created (Kueue's API not served, its
+#: priority class missing): nothing Kiln watches says when that changes.
+WORKLOAD_RETRY_SECONDS = 30.0
 
 
 def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | None = None) -> Result | None:
@@ -68,26 +79,16 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
         return None
 
     pods = kube.list_objects(api, "v1", "Pod", namespace, f"{build.LABEL_JOB}={name}")
-    p = plan(job, spec, pods, now)
+    queue, workload = _read_queue(api, job, spec)
+    fg_ref = spec.dataset.feature_group_ref
+    feature_group = kube.get(api, API_VERSION, "FeatureGroup", namespace, fg_ref.name) if fg_ref else None
+    p = plan(job, spec, pods, now, queue, blocked=build.feature_group_blocker(spec, feature_group))
 
     for pod_name, uid in p.delete_pods:
         kube.delete(api, "v1", "Pod", namespace, pod_name, uid=uid)
+    _sync_workload(api, job, spec, p, workload, now)
     if p.create_gang:
-        # The gang's pods and its headless Service are created concurrently: the gang is only as
-        # fast as its slowest pod, and torchrun's rendezvous retries until node 0's name resolves.
-        writes: list[tuple[Callable[..., Any], dict[str, Any]]] = [(kube.apply, build.service(job))]
-        defaults = StorageDefaults.from_environ(os.environ)
-        # Only the missing pods: creating one that exists is not always a harmless 409 (under a
-        # full ResourceQuota the API server answers 403 before it looks for the name).
-        existing = {x["metadata"]["name"] for x in pods}
-        writes += [
-            (_create_pod, m)
-            for m in build.pods(job, spec, int(p.status["gang"]), defaults)
-            if m["metadata"]["name"] not in existing
-        ]
-        futures = [_creators.submit(write, api, manifest) for write, manifest in writes]
-        for f in futures:
-            f.result()
+        _create_gang(api, job, spec, p, pods, _admitted_placement(api, queue), feature_group)
     if p.register is not None:
         _register(api, job, spec, p.status, now)
         if p.status.get("registeredVersion") is None:
@@ -102,6 +103,149 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
         kube.delete(api, API_VERSION, KIND, namespace, name, uid=job["metadata"]["uid"])
         return None
     return Result(requeue_after=p.requeue_after) if p.requeue_after is not None else None
+
+
+def _create_gang(
+    api: k8s.ApiClient,
+    job: dict[str, Any],
+    spec: TrainingJobSpec,
+    p: Plan,
+    pods: list[dict[str, Any]],
+    admitted: dict[str, Any] | None,
+    feature_group: dict[str, Any] | None,
+) -> None:
+    """Create the gang's missing pods (with Kueue's ``admitted`` placement and the resolved
+    ``feature_group`` of ``dataset.featureGroupRef``) and its Service.
+
+    The pods and the headless Service are created concurrently: the gang is only as fast as its
+    slowest pod, and torchrun's rendezvous retries until node 0's name resolves. Only the missing
+    pods: creating one that exists is not always a harmless 409 (under a full ResourceQuota the
+    API server answers 403 before it looks for the name).
+    """
+    writes: list[tuple[Callable[..., Any], dict[str, Any]]] = [(kube.apply, build.service(job))]
+    defaults = StorageDefaults.from_environ(os.environ)
+    existing = {x["metadata"]["name"] for x in pods}
+    writes += [
+        (_create_pod, m)
+        for m in build.pods(job, spec, int(p.status["gang"]), defaults, admitted, feature_group)
+        if m["metadata"]["name"] not in existing
+    ]
+    futures = [_creators.submit(write, api, manifest) for write, manifest in writes]
+    for f in futures:
+        f.result()
+
+
+def _read_queue(
+    api: k8s.ApiClient, job: dict[str, Any], spec: TrainingJobSpec
+) -> tuple[QueueView | None, dict[str, Any] | None]:
+    """The job's Kueue Workload, as read and as :class:`QueueView` (both None: not queued)."""
+    queue = wl.queue_name(job)
+    if queue is None:
+        return None, None
+    name = wl.workload_name(job)
+    live = kube.get(api, wl.KUEUE_API_VERSION, wl.WORKLOAD, job["metadata"]["namespace"], name)
+    return queueing.observe(queue, name, live, wl.workload(job, spec)), live
+
+
+def _sync_workload(
+    api: k8s.ApiClient,
+    job: dict[str, Any],
+    spec: TrainingJobSpec,
+    p: Plan,
+    live: dict[str, Any] | None,
+    now: datetime,
+) -> None:
+    """Carry out the plan's Workload steps: delete, create, give the quota back, finish.
+
+    The status writes go through :func:`kiln.status.write_status`, guarded by the Workload's
+    resourceVersion (Kueue writes the same conditions): a 409 re-runs the reconcile from a fresh
+    read; a Workload deleted meanwhile is left to the next reconcile (its DELETED event).
+    """
+    ns = job["metadata"]["namespace"]
+    if p.delete_workload:
+        name, uid = p.delete_workload
+        kube.delete(api, wl.KUEUE_API_VERSION, wl.WORKLOAD, ns, name, uid=uid or None)
+    if p.create_workload:
+        _create_workload(api, job, spec, p, now)
+    status: dict[str, Any] | None = None
+    if live is not None and p.release_workload:
+        status = queueing.unreserve(live, now)
+    elif live is not None and p.finish_workload:
+        status = queueing.finish(live, *p.finish_workload, now)
+    if live is not None and status is not None:
+        with contextlib.suppress(kube.Gone):
+            write_status(api, live, status)
+
+
+def _create_workload(
+    api: k8s.ApiClient, job: dict[str, Any], spec: TrainingJobSpec, p: Plan, now: datetime
+) -> None:
+    """Create the job's Workload, its priority resolved from its class. When that cannot be done
+    yet (the class is missing, Kueue's API is not served) the job stays Queued with
+    ``Admitted=False`` saying why, and tries again in :data:`WORKLOAD_RETRY_SECONDS`."""
+    ref = wl.priority_class(job, spec)
+    try:
+        priority = _priority(api, *ref) if ref else None
+        kube.create(api, wl.workload(job, spec, priority))
+        return
+    except LookupError as e:
+        reason, msg = "PriorityClassNotFound", str(e)
+    except ApiException as e:
+        if e.status != 404:
+            raise
+        reason, msg = (
+            "WorkloadAPIMissing",
+            f"{wl.KUEUE_API_VERSION} Workloads are not served: is Kueue installed?",
+        )
+    gen = job["metadata"].get("generation")
+    if (get_condition(p.status.get("conditions"), "Admitted") or {}).get("reason") != reason:
+        p.events.append((events.WARNING, reason, msg))
+    p.status["conditions"] = set_condition(
+        p.status.get("conditions"), "Admitted", FALSE, reason, msg, generation=gen, now=now
+    )
+    p.requeue(WORKLOAD_RETRY_SECONDS)
+
+
+def _priority(api: k8s.ApiClient, kind: str, name: str) -> wl.Priority:
+    """The value of WorkloadPriorityClass / PriorityClass ``name``.
+
+    Raises:
+        LookupError: no such class, or Kiln may not read it (a namespaced install without the
+            chart's ``kueue.clusterReads``).
+    """
+    api_version = wl.KUEUE_API_VERSION if kind == wl.WORKLOAD_PRIORITY_CLASS else "scheduling.k8s.io/v1"
+    try:
+        obj = kube.get(api, api_version, kind, None, name)
+    except ApiException as e:
+        if e.status != 403:
+            raise
+        raise LookupError(f"{kind} {name} cannot be read: {kube.server_message(e)}") from e
+    if obj is None:
+        raise LookupError(f"{kind} {name} not found")
+    return wl.Priority(kind, name, int(obj.get("value", 0)))
+
+
+def _admitted_placement(api: k8s.ApiClient, queue: QueueView | None) -> dict[str, Any] | None:
+    """``nodeSelector``/``tolerations`` of the ResourceFlavors Kueue admitted the gang with.
+
+    Read only when the gang is created. A flavor Kiln may not read (a namespaced install without
+    the chart's cluster-wide Kueue reads) is skipped with a warning: its pods then rely on the
+    kube-scheduler alone to land where the quota was counted.
+    """
+    if queue is None or not queue.flavors:
+        return None
+    flavors = []
+    for name in sorted(set(queue.flavors.values())):
+        try:
+            flavor = kube.get(api, wl.KUEUE_API_VERSION, wl.RESOURCE_FLAVOR, None, name)
+        except ApiException as e:
+            if e.status != 403:
+                raise
+            log.warning("cannot read ResourceFlavor %s (%s): its node labels are not applied", name, e.reason)
+            continue
+        if flavor is not None:
+            flavors.append(flavor)
+    return queueing.flavor_placement(flavors)
 
 
 def _create_pod(api: k8s.ApiClient, manifest: dict[str, Any]) -> dict[str, Any] | None:
@@ -133,6 +277,9 @@ def _register(
         "trainingJob": job["metadata"]["name"],
         "image": spec.image,
     }
+    trigger = (job["metadata"].get("annotations") or {}).get(ANNOTATION_RETRAINING_TRIGGER)
+    if trigger:  # a run of the Model's spec.retraining (kiln.resources.retraining)
+        lineage["retrainingTrigger"] = trigger
     try:
         meta = storage.read_artifact_metadata(result["artifactUri"])
     except ArtifactError:
@@ -140,8 +287,12 @@ def _register(
     if meta and meta.dataset:
         lineage["dataset"] = meta.dataset.name
         lineage["datasetDigest"] = meta.dataset.digest
+        if meta.dataset.schemaDigest:
+            lineage["featureGroupSchemaDigest"] = meta.dataset.schemaDigest
     elif spec.dataset.builtin or spec.dataset.uri:
         lineage["dataset"] = spec.dataset.builtin or spec.dataset.uri
+    if spec.dataset.feature_group_ref:
+        lineage["featureGroup"] = spec.dataset.feature_group_ref.name
     gen = job["metadata"].get("generation")
     try:
         version = register_version(

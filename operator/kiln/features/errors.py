@@ -19,6 +19,12 @@ one is).
 
 from __future__ import annotations
 
+#: Exit codes of ``python -m kiln.features`` (the materialization Jobs' podFailurePolicy keys on
+#: them): a source/schema error or an invalid FeatureGroup, which no retry fixes; a transient
+#: failure (online or object store unavailable), which the Job's backoff retries.
+EXIT_PERMANENT = 1
+EXIT_TRANSIENT = 3
+
 SOURCE_NOT_FOUND = "SourceNotFound"
 SOURCE_UNREADABLE = "SourceUnreadable"
 COLUMN_MISSING = "ColumnMissing"

@@ -33,7 +33,16 @@ import redis
 from kiln.features import online
 from kiln.features.errors import SOURCE_UNREADABLE, SourceError
 from kiln.features.offline import DEFAULT_MEMORY_LIMIT, open_source
-from kiln.features.schema import TS, FeatureView, encode_value, feature_select, from_micros, quote, to_micros
+from kiln.features.schema import (
+    TS,
+    FeatureView,
+    encode_value,
+    feature_select,
+    from_micros,
+    quote,
+    range_start,
+    to_micros,
+)
 
 DEFAULT_CHUNK_SECONDS = 86400
 DEFAULT_BATCH_ROWS = 5000
@@ -101,11 +110,9 @@ def window_for_index(
 def incremental_range(
     view: FeatureView, watermark: dt.datetime | None, now: dt.datetime
 ) -> tuple[dt.datetime, dt.datetime]:
-    """The next run's ``[start, end)``: from the watermark, or (first run) from ``now`` minus
-    ``maxAgeSeconds`` (older values would never be served), to ``now``."""
-    if watermark is not None:
-        return watermark, now
-    return now - dt.timedelta(seconds=view.spec.online.max_age_seconds), now
+    """The next run's ``[start, end)``: ``(range_start(...), now)``, see
+    :func:`kiln.features.schema.range_start` (the rule the operator's runs follow too)."""
+    return range_start(view.spec, watermark, now), now
 
 
 def _windows(start_us: int, end_us: int, chunk_us: int) -> Iterator[tuple[int, int]]:

@@ -67,13 +67,13 @@ keys with redis-py + hiredis), and a consistent snapshot of the batch. (On a Red
 keys of one call would have to share a hash slot; Kiln's online store is one Redis today.)"""
 
 
-def connect(address: str, *, socket_timeout: float = 5.0) -> redis.Redis:
+def connect(address: str, *, socket_timeout: float = 5.0, password: str | None = None) -> redis.Redis:
     """A Redis client for ``host:port`` or a ``redis://`` / ``rediss://`` URL.
 
-    The password, when the URL has none, comes from ``KILN_REDIS_PASSWORD`` (e.g. from a Secret).
-    Nothing is sent until the first command.
+    The password, when the URL has none, is ``password``, else ``KILN_REDIS_PASSWORD`` (e.g. from
+    a Secret). Nothing is sent until the first command.
     """
-    password = os.environ.get(ENV_PASSWORD) or None
+    password = password or os.environ.get(ENV_PASSWORD) or None
     opts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
     if "://" in address:
         client = redis.Redis.from_url(address, **opts)

@@ -231,6 +231,19 @@ def feature_select(spec: FeatureGroupSpec, alias: str, *, valid: str | None = No
     return ", ".join(out)
 
 
+def range_start(spec: FeatureGroupSpec, watermark: dt.datetime | None, now: dt.datetime) -> dt.datetime:
+    """Start of the next materialization range ``[start, now)``: the watermark
+    (``status.lastMaterializationTime``); without one (the first run, or new definitions: a
+    backfill) ``spec.materialization.startTime``; without that ``now - online.maxAgeSeconds``
+    (older values would never be served)."""
+    if watermark is not None:
+        return watermark
+    if spec.materialization.start_time:
+        t = dt.datetime.fromisoformat(spec.materialization.start_time.replace("Z", "+00:00"))
+        return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+    return now - dt.timedelta(seconds=spec.online.max_age_seconds)
+
+
 def to_micros(t: dt.datetime) -> int:
     """Microseconds since the Unix epoch of ``t`` (a naive datetime is UTC)."""
     if t.tzinfo is None:

@@ -14,24 +14,28 @@ def entry(
     stage: str | None = None,
     alias: str | None = None,
     inference_service: str | None = None,
+    training_job: str | None = None,
     from_version: int | None = None,
     to_version: int | None = None,
     message: str | None = None,
 ) -> HistoryEntry:
-    """One audit entry: a ``stage`` or an ``alias`` changed from one version to another, or
-    ``inference_service`` rolled a canary of ``from_version`` back to ``to_version``.
+    """One audit entry: a ``stage`` or an ``alias`` changed from one version to another,
+    ``inference_service`` rolled a canary of ``from_version`` back to ``to_version``, or a
+    retraining run created ``training_job`` (``message``: its triggers).
 
     Raises:
-        ValueError: not exactly one of ``stage``, ``alias``, ``inference_service`` given.
+        ValueError: not exactly one of ``stage``, ``alias``, ``inference_service``,
+            ``training_job`` given.
     """
-    if sum(x is not None for x in (stage, alias, inference_service)) != 1:
-        raise ValueError("a history entry names exactly one stage, alias or InferenceService")
+    if sum(x is not None for x in (stage, alias, inference_service, training_job)) != 1:
+        raise ValueError("a history entry names exactly one stage, alias, InferenceService or TrainingJob")
     return HistoryEntry(
         time=time,
         cause=HistoryCause(cause),
         stage=stage,
         alias=alias,
         inference_service=inference_service,
+        training_job=training_job,
         from_version=from_version,
         to_version=to_version,
         message=message[:1024] if message else None,
@@ -48,6 +52,9 @@ def append(
 
 def describe(e: HistoryEntry) -> str:
     """One line for events and the CLI, e.g. ``Production: 2 -> 3 (SpecChange)``."""
+    if e.training_job is not None:
+        line = f"retraining TrainingJob {e.training_job} ({e.cause})"
+        return f"{line}: {e.message}" if e.message else line
     if e.inference_service is not None:
         what = f"InferenceService {e.inference_service} canary"
     else:

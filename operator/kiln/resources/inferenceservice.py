@@ -4,13 +4,15 @@ Children (all owned by the InferenceService, labelled ``kiln.dev/inferenceservic
 
 - ``<name>-stable`` and ``<name>-canary`` Deployments of the model server (kiln-serve), pods
   labelled ``kiln.dev/track: stable|canary`` and ``kiln.dev/model-version: <N>``;
-- Service ``<name>`` (port 80 -> ``http``, 9090 ``metrics``). With ``ReplicaRatio`` routing it
+- Service ``<name>`` (port 80 -> ``http``, 8081 ``grpc``, 9090 ``metrics``). With ``ReplicaRatio`` routing it
   selects the pods of both tracks, so traffic splits by Ready pod counts. With ``GatewayAPI`` it
   selects the stable track only (in-cluster callers bypass the gateway), and per-track Services
   ``<name>-stable`` / ``<name>-canary`` are the HTTPRoute's weighted backends;
 - ServiceMonitor ``<name>`` (monitoring.coreos.com/v1) scraping the named port ``metrics`` of
   every Service labelled ``kiln.dev/scrape: "true"`` (each pod exactly once: the shared Service
   under ReplicaRatio, the per-track Services under GatewayAPI);
+- PrometheusRule ``<name>`` (monitoring.coreos.com/v1) with ``monitoring.alerts``: recording
+  rules and alerts, see :mod:`kiln.resources.alerts`;
 - HorizontalPodAutoscaler ``<name>`` (autoscaling/v2) on the stable Deployment, with ``autoscaling``;
 - HTTPRoute ``<name>`` (gateway.networking.k8s.io/v1) with ``trafficRouting: GatewayAPI``.
 
@@ -25,9 +27,19 @@ drains in-flight requests for up to ``KILN_DRAIN_TIMEOUT_SECONDS``;
 from __future__ import annotations
 
 import copy
+import json
+from collections.abc import Sequence
 from typing import Any
 
-from kiln.api.inferenceservice import METRICS_PORT, SERVER_PORT, InferenceServiceSpec, TrafficRouting
+from kiln.api.inferenceservice import (
+    GRPC_PORT,
+    METRICS_PORT,
+    SERVER_PORT,
+    InferenceServiceSpec,
+    TrafficRouting,
+)
+from kiln.features.schema import FeatureView
+from kiln.resources.alerts import rule_groups
 from kiln.resources.common import child_name, owner_reference, pod_placement, standard_labels
 from kiln.resources.storage import StorageDefaults, is_s3, storage_env
 
@@ -38,6 +50,10 @@ LABEL_SCRAPE = "kiln.dev/scrape"
 STABLE, CANARY = "stable", "canary"
 CONTAINER = "server"
 SERVICE_PORT = 80
+#: appProtocol of the gRPC Service port: HTTP/2 with prior knowledge (cleartext), the value Gateway
+#: API implementations use to speak HTTP/2 to a backend (GEP-1911, conformance-tested); the port's
+#: name ``grpc`` is what name-based protocol detection (e.g. Istio's) reads.
+GRPC_APP_PROTOCOL = "kubernetes.io/h2c"
 SHUTDOWN_DELAY_SECONDS = 5
 DRAIN_TIMEOUT_SECONDS = 30
 TERMINATION_GRACE_SECONDS = SHUTDOWN_DELAY_SECONDS + DRAIN_TIMEOUT_SECONDS + 5
@@ -47,6 +63,7 @@ CHILD_KINDS: tuple[tuple[str, str], ...] = (
     ("apps/v1", "Deployment"),
     ("v1", "Service"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("gateway.networking.k8s.io/v1", "HTTPRoute"),
 )
@@ -57,6 +74,7 @@ ENV_ARTIFACT_DIGEST = "KILN_ARTIFACT_DIGEST"
 ENV_MODEL_NAME = "KILN_MODEL_NAME"
 ENV_MODEL_VERSION = "KILN_MODEL_VERSION"
 ENV_PORT = "KILN_PORT"
+ENV_GRPC_PORT = "KILN_GRPC_PORT"
 ENV_METRICS_PORT = "KILN_METRICS_PORT"
 ENV_MAX_BATCH_SIZE = "KILN_MAX_BATCH_SIZE"
 ENV_MAX_BATCH_DELAY_MS = "KILN_MAX_BATCH_DELAY_MS"
@@ -64,6 +82,9 @@ ENV_CACHE_SIZE = "KILN_CACHE_SIZE"
 ENV_SHUTDOWN_DELAY = "KILN_SHUTDOWN_DELAY_SECONDS"
 ENV_DRAIN_TIMEOUT = "KILN_DRAIN_TIMEOUT_SECONDS"
 ENV_MODEL_DIR = "KILN_MODEL_DIR"
+ENV_FEATURE_GROUPS = "KILN_FEATURE_GROUPS"
+#: Key of an online store's password in its ``online.store.secretRef`` Secret (the FeatureGroup's).
+REDIS_PASSWORD_KEY = "KILN_REDIS_PASSWORD"
 #: The init container fetching s3:// artifacts (KServe's name for the same job).
 STORAGE_INITIALIZER = "storage-initializer"
 #: emptyDir an s3:// artifact is downloaded into, and where.
@@ -103,10 +124,56 @@ def _meta(
     }
 
 
+def feature_groups_env(groups: Sequence[FeatureView]) -> str:
+    """``KILN_FEATURE_GROUPS``: the JSON list ``[{name, namespace, spec, schemaDigest}]`` kiln-serve
+    reads entity-key requests with (:mod:`kiln.server.features`), in ``spec.featureGroups`` order.
+
+    Each spec keeps only what the server reads (entities, features, source without its storage,
+    online), so the variable stays small and does not change with materialization settings;
+    ``schemaDigest`` is the digest of the full spec's features (the server checks it). A
+    FeatureGroup whose store has a ``secretRef`` gets ``passwordEnv``: the variable
+    :func:`feature_group_secret_env` fills from that Secret.
+    """
+    out = []
+    for i, g in enumerate(groups):
+        full = g.spec.to_api()
+        spec: dict[str, Any] = {k: full[k] for k in ("entities", "features", "online") if k in full}
+        spec["source"] = {k: v for k, v in full["source"].items() if k in ("uri", "format", "timestampField")}
+        entry = {"name": g.name, "namespace": g.namespace, "spec": spec, "schemaDigest": g.digest}
+        store = g.spec.online.store
+        if store is not None and store.secret_ref is not None:
+            entry["passwordEnv"] = f"{REDIS_PASSWORD_KEY}_{i}"
+        out.append(entry)
+    return json.dumps(out, separators=(",", ":"), sort_keys=True)
+
+
+def feature_group_secret_env(feature_groups: str | None) -> list[dict[str, Any]]:
+    """The server's password variables for ``KILN_FEATURE_GROUPS`` (:func:`feature_groups_env`):
+    each ``passwordEnv`` from key ``KILN_REDIS_PASSWORD`` of its store's ``secretRef`` Secret.
+
+    Derived from the variable's value, so a track that keeps the definitions it was deployed
+    with keeps their Secrets too. Only the server container gets them (not the storage-initializer).
+    """
+    out = []
+    for g in json.loads(feature_groups or "[]"):
+        secret = ((g.get("spec", {}).get("online") or {}).get("store") or {}).get("secretRef")
+        if g.get("passwordEnv") and secret:
+            ref = {"name": secret["name"], "key": REDIS_PASSWORD_KEY}
+            out.append({"name": g["passwordEnv"], "valueFrom": {"secretKeyRef": ref}})
+    return out
+
+
 def server_env(
-    spec: InferenceServiceSpec, version: int, artifact_uri: str, digest: str
+    spec: InferenceServiceSpec,
+    version: int,
+    artifact_uri: str,
+    digest: str,
+    feature_groups: str | None = None,
 ) -> list[dict[str, str]]:
-    """The kiln-serve environment; ``runtime.env`` entries override Kiln's by name."""
+    """The kiln-serve environment; ``runtime.env`` entries override Kiln's by name.
+
+    ``feature_groups`` is the track's ``KILN_FEATURE_GROUPS`` (:func:`feature_groups_env`), or None.
+    """
     rt = spec.runtime
     env = {
         ENV_ARTIFACT_URI: artifact_uri,
@@ -114,6 +181,7 @@ def server_env(
         ENV_MODEL_NAME: spec.model_ref.name,
         ENV_MODEL_VERSION: str(version),
         ENV_PORT: str(SERVER_PORT),
+        ENV_GRPC_PORT: str(GRPC_PORT),
         ENV_METRICS_PORT: str(METRICS_PORT),
         ENV_MAX_BATCH_SIZE: str(rt.max_batch_size),
         ENV_MAX_BATCH_DELAY_MS: str(rt.max_batch_delay_milliseconds),
@@ -121,6 +189,8 @@ def server_env(
         ENV_SHUTDOWN_DELAY: str(SHUTDOWN_DELAY_SECONDS),
         ENV_DRAIN_TIMEOUT: str(DRAIN_TIMEOUT_SECONDS),
     }
+    if feature_groups:
+        env[ENV_FEATURE_GROUPS] = feature_groups
     for e in rt.env or []:
         env[e.name] = e.value
     return [{"name": k, "value": v} for k, v in env.items()]
@@ -173,11 +243,13 @@ def deployment(
     digest: str,
     replicas: int | None,
     defaults: StorageDefaults | None = None,
+    feature_groups: str | None = None,
 ) -> dict[str, Any]:
     """A Deployment of kiln-serve for ``track`` serving ``version`` from ``artifact_uri``.
 
     Args:
         replicas: pod count; None leaves it to an HPA (the field is then not applied).
+        feature_groups: the server's ``KILN_FEATURE_GROUPS`` (:func:`feature_groups_env`), or None.
         defaults: the operator's storage configuration, for an ``s3://`` artifact: then the pod
             gets a :func:`storage_initializer` and a ``model`` emptyDir the server reads (and
             re-verifies) the artifact from; ``runtime.artifactVolume`` is for ``file://`` ones.
@@ -197,7 +269,7 @@ def deployment(
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
     remote = is_s3(artifact_uri)
-    env = server_env(spec, version, artifact_uri, digest)
+    env = server_env(spec, version, artifact_uri, digest, feature_groups)
     if remote:
         env.append({"name": ENV_MODEL_DIR, "value": MODEL_DIR})
         volumes.append({"name": MODEL_VOLUME, "emptyDir": {}})
@@ -211,6 +283,7 @@ def deployment(
         "env": env,
         "ports": [
             {"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
         "readinessProbe": {
@@ -262,6 +335,8 @@ def deployment(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
+    # after the storage-initializer took its copy of the environment: no store password there
+    container["env"] = env + feature_group_secret_env(feature_groups)
     pod_spec.update(
         pod_placement(
             node_selector=spec.node_selector,
@@ -293,6 +368,13 @@ def deployment(
 def _ports() -> list[dict[str, Any]]:
     return [
         {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"},
+        {
+            "name": "grpc",
+            "port": GRPC_PORT,
+            "targetPort": "grpc",
+            "protocol": "TCP",
+            "appProtocol": GRPC_APP_PROTOCOL,
+        },
         {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
     ]
 
@@ -344,6 +426,25 @@ def service_monitor(isvc: dict[str, Any], spec: InferenceServiceSpec) -> dict[st
             "namespaceSelector": {"matchNames": [isvc["metadata"]["namespace"]]},
             "endpoints": [{"port": "metrics", "path": "/metrics", "interval": f"{sm.interval_seconds}s"}],
         },
+    }
+
+
+def prometheus_rule(isvc: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any]:
+    """PrometheusRule ``<name>`` from ``monitoring.alerts`` (which must be set): recording rules
+    and alerts of :func:`kiln.resources.alerts.rule_groups`.
+
+    ``alerts.labels`` go on the object so a Prometheus's ``ruleSelector`` can pick it.
+    """
+    alerts = spec.monitoring.alerts
+    assert alerts is not None
+    m = isvc["metadata"]
+    meta = _meta(isvc, m["name"], "monitoring")
+    meta["labels"] = meta["labels"] | dict(alerts.labels or {})
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": meta,
+        "spec": {"groups": rule_groups(m["namespace"], m["name"], alerts)},
     }
 
 
@@ -424,6 +525,8 @@ def children(
     canary_replicas: int = 0,
     canary_weight: int = 0,
     defaults: StorageDefaults | None = None,
+    stable_features: str | None = None,
+    canary_features: str | None = None,
 ) -> list[dict[str, Any]]:
     """Every child the InferenceService wants now.
 
@@ -435,13 +538,15 @@ def children(
         canary_replicas: canary pods.
         canary_weight: HTTPRoute weight of the canary (GatewayAPI only).
         defaults: the operator's storage configuration (see :func:`deployment`).
+        stable_features, canary_features: each track's ``KILN_FEATURE_GROUPS``, or None (a
+            track serving a version trained on other FeatureGroup definitions keeps its own).
     """
     out: list[dict[str, Any]] = []
     gateway = spec.rollout.traffic_routing == TrafficRouting.GATEWAY_API
     if stable is not None:
-        out.append(deployment(isvc, spec, STABLE, *stable, stable_replicas, defaults))
+        out.append(deployment(isvc, spec, STABLE, *stable, stable_replicas, defaults, stable_features))
     if canary is not None:
-        out.append(deployment(isvc, spec, CANARY, *canary, canary_replicas, defaults))
+        out.append(deployment(isvc, spec, CANARY, *canary, canary_replicas, defaults, canary_features))
     out.append(service(isvc, spec))
     if gateway:
         out.append(track_service(isvc, STABLE))
@@ -450,6 +555,8 @@ def children(
         out.append(http_route(isvc, spec, canary_weight if canary is not None else None))
     if spec.monitoring.service_monitor.enabled:
         out.append(service_monitor(isvc, spec))
+    if spec.monitoring.alerts is not None:
+        out.append(prometheus_rule(isvc, spec))
     if spec.autoscaling is not None:
         out.append(hpa(isvc, spec))
     return out

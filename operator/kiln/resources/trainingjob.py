@@ -22,8 +22,13 @@ import json
 import posixpath
 from typing import Any
 
+from pydantic import ValidationError
+
+from kiln.api.common import spec_error
+from kiln.api.featuregroup import FeatureGroupSpec
 from kiln.api.trainingjob import MASTER_PORT, POD_INFIX, TrainingJobSpec
 from kiln.artifact import TERMINATION_LOG, uri_to_path
+from kiln.features.schema import schema_digest
 from kiln.resources.common import (
     gpu_count,
     owner_reference,
@@ -135,17 +140,60 @@ def output_uri(spec: TrainingJobSpec, defaults: StorageDefaults) -> str:
     return spec.output.uri if spec.output and spec.output.uri else defaults.artifact_root
 
 
+def feature_group_blocker(
+    spec: TrainingJobSpec, feature_group: dict[str, Any] | None
+) -> tuple[str, str] | None:
+    """Why the gang cannot be built for ``spec.dataset.featureGroupRef`` (as read; None when
+    absent): (reason, message), or None when it can (or the job names no FeatureGroup)."""
+    ref = spec.dataset.feature_group_ref
+    if ref is None:
+        return None
+    if feature_group is None:
+        return "FeatureGroupNotFound", f"FeatureGroup {ref.name} (dataset.featureGroupRef) does not exist"
+    try:
+        FeatureGroupSpec.model_validate(feature_group.get("spec") or {})
+    except ValidationError as e:
+        return "FeatureGroupInvalid", f"FeatureGroup {ref.name} is invalid: {spec_error(e)}"
+    return None
+
+
+def feature_group_dataset(spec: TrainingJobSpec, feature_group: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's ``KILN_DATASET`` for a featureGroupRef: the FeatureGroup itself (name,
+    namespace, spec, schema digest: the trainer runs the point-in-time join with it) and the
+    entity table's location and columns."""
+    fg_spec = FeatureGroupSpec.model_validate(feature_group.get("spec") or {})
+    meta = feature_group["metadata"]
+    return {
+        "featureGroup": {
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "spec": fg_spec.to_api(),
+            "schemaDigest": schema_digest(fg_spec),
+        },
+        "entityUri": spec.dataset.entity_uri,
+        "labelColumn": spec.dataset.label_column,
+        "timestampColumn": spec.dataset.timestamp_column,
+    }
+
+
 def pod(
     job: dict[str, Any],
     spec: TrainingJobSpec,
     rank: int,
     gang: int,
     defaults: StorageDefaults | None = None,
+    admitted: dict[str, Any] | None = None,
+    feature_group: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Pod of node ``rank`` (0-based) of gang ``gang`` (bumped at every whole-gang restart).
 
+    ``feature_group`` is the FeatureGroup ``spec.dataset.featureGroupRef`` names, as read
+    (required then; see :func:`feature_group_blocker`).
+
     ``defaults`` is the operator's storage configuration (artifact root, S3 endpoint and Secret)
-    for what ``spec.output`` / ``spec.storage`` leave unset. With an ``s3://`` output or dataset
+    for what ``spec.output`` / ``spec.storage`` leave unset. ``admitted`` is the placement Kueue's
+    admission adds (``nodeSelector`` and ``tolerations`` of the assigned ResourceFlavors, see
+    :func:`kiln.queueing.flavor_placement`), merged into the job's own. With an ``s3://`` output or dataset
     the pod gets the AWS SDK environment (:func:`kiln.resources.storage.storage_env`) and no
     output volume: the trainer stages files under ``/tmp`` and uploads them.
 
@@ -167,7 +215,11 @@ def pod(
         if dataset.format:
             dataset_env["format"] = dataset.format
     elif dataset.feature_group_ref:
-        dataset_env = {"featureGroup": dataset.feature_group_ref.name}
+        if feature_group is None:
+            raise ValueError(
+                f"dataset.featureGroupRef {dataset.feature_group_ref.name}: FeatureGroup not given"
+            )
+        dataset_env = feature_group_dataset(spec, feature_group)
 
     env: list[dict[str, Any]] = [
         *distributed_env(name, ns, spec, rank),
@@ -180,7 +232,8 @@ def pod(
         {"name": "KILN_TERMINATION_LOG", "value": TERMINATION_LOG},
     ]
     env_from: list[dict[str, Any]] = []
-    if is_s3(out_uri) or is_s3(dataset.uri):
+    fg_source = ((feature_group or {}).get("spec") or {}).get("source") or {}
+    if is_s3(out_uri) or is_s3(dataset.uri) or is_s3(dataset.entity_uri) or is_s3(fg_source.get("uri")):
         s3_env, env_from = storage_env(spec.storage, defaults)
         env += [*s3_env, {"name": "KILN_STAGING_DIR", "value": STAGING_DIR}]
     env += [e.to_api() for e in spec.env or []]
@@ -249,6 +302,7 @@ def pod(
             service_account_name=spec.service_account_name,
         )
     )
+    _merge_placement(pod_spec, admitted or {})
 
     labels = standard_labels(job, "trainer") | {
         LABEL_JOB: name,
@@ -268,8 +322,26 @@ def pod(
     }
 
 
+def _merge_placement(pod_spec: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Add ``extra``'s ``nodeSelector`` labels and ``tolerations`` to ``pod_spec`` (in place), as
+    Kueue's jobframework merges a ResourceFlavor into a pod set (podset.Merge). Kueue assigns
+    only flavors whose node labels the pod's own nodeSelector allows, so keys do not clash."""
+    if extra.get("nodeSelector"):
+        pod_spec["nodeSelector"] = {**pod_spec.get("nodeSelector", {}), **extra["nodeSelector"]}
+    tolerations = list(pod_spec.get("tolerations", []))
+    tolerations += [t for t in extra.get("tolerations", []) if t not in tolerations]
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+
+
 def pods(
-    job: dict[str, Any], spec: TrainingJobSpec, gang: int, defaults: StorageDefaults | None = None
+    job: dict[str, Any],
+    spec: TrainingJobSpec,
+    gang: int,
+    defaults: StorageDefaults | None = None,
+    admitted: dict[str, Any] | None = None,
+    feature_group: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """All ``numNodes`` pods of gang ``gang``, rank 0 first (``defaults`` as in :func:`pod`)."""
-    return [pod(job, spec, rank, gang, defaults) for rank in range(spec.num_nodes)]
+    """All ``numNodes`` pods of gang ``gang``, rank 0 first (``defaults``, ``admitted``,
+    ``feature_group`` as in :func:`pod`)."""
+    return [pod(job, spec, rank, gang, defaults, admitted, feature_group) for rank in range(spec.num_nodes)]

@@ -8,7 +8,8 @@ finds a verified copy and verifies it again before loading.
 Exit status: 0 after a graceful shutdown (SIGTERM/SIGINT) or a successful ``--fetch-only``, 1 when
 the artifact is refused (cannot be downloaded, unknown format, missing files, digest mismatch,
 weights that do not fit the config, a program that does not load, holds pickled payloads or does
-not fit its signature) or the model hook cannot be loaded, 2 for invalid settings.
+not fit its signature), the model hook cannot be loaded, or the FeatureGroups of
+``KILN_FEATURE_GROUPS`` do not fit the model (:mod:`kiln.server.features`), 2 for invalid settings.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         log.error("refusing to serve: %s", e)
         print(f"kiln-serve: refusing to serve artifact {settings.artifact}: {e}", file=sys.stderr)
         return 1
-    return asyncio.run(serve(model, settings))
+    return asyncio.run(serve(model, settings, profile_dir=local))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""The aiohttp application: Open Inference Protocol v2 REST endpoints, metrics, graceful shutdown.
+"""The server: Open Inference Protocol v2 over REST (aiohttp) and gRPC, metrics, graceful shutdown.
+
+The gRPC service (``inference.GRPCInferenceService`` on ``grpc_port``) lives in
+:mod:`kiln.server.grpc_service`; both transports call one :class:`kiln.server.core.InferenceCore`.
 
 Routes (inference port)::
 
@@ -20,7 +23,7 @@ every output (for the built-in MLP: the logits, FP32 ``[n, numClasses]``, and
 
 Shutdown (:meth:`InferenceServer.shutdown`, on SIGTERM): readiness turns false at once; the server
 keeps serving for ``shutdown_delay_seconds`` (time for endpoints to drop the pod), then stops
-accepting connections, lets in-flight requests and the batch queue finish (at most
+accepting connections (REST) and calls (gRPC: UNAVAILABLE), lets in-flight requests and the batch queue finish (at most
 ``drain_timeout_seconds``), and closes.
 """
 
@@ -29,27 +32,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import signal
-import time
-import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
-import numpy as np
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from kiln import __version__
-from kiln.server.batcher import BatcherClosedError, DynamicBatcher, Tensors
-from kiln.server.cache import OutputCache
+from kiln.monitoring.monitor import DriftMonitor, DriftSettings
+from kiln.server.core import (
+    EXTENSIONS,
+    SERVER_NAME,
+    InferenceCore,
+    OutputTensor,
+    Predictor,
+    request_id,
+)
+from kiln.server.features import FeatureConfigError
+from kiln.server.grpc_service import GrpcServer
 from kiln.server.metrics import CONTENT_TYPE, ServerMetrics
 from kiln.server.protocol import (
     HEADER_LENGTH,
+    InferRequest,
     ProtocolError,
-    RequestedOutput,
-    TensorMetadata,
     encode_infer_response,
     error_body,
     json_body,
@@ -57,34 +64,11 @@ from kiln.server.protocol import (
 )
 from kiln.server.settings import ServerSettings
 
+__all__ = ["EXTENSIONS", "SERVER_NAME", "InferenceServer", "Predictor", "serve"]
+
 log = logging.getLogger(__name__)
 
-SERVER_NAME = "kiln-serve"
-EXTENSIONS = ["binary_tensor_data"]
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class Predictor(Protocol):
-    """What the server needs of a model (``kiln.server.model.ServedModel`` is one)."""
-
-    name: str
-    version: str
-    digest: str
-    #: The model's inputs and outputs (OIP names, datatypes, shapes; -1 free, first the batch).
-    inputs: tuple[TensorMetadata, ...]
-    outputs: tuple[TensorMetadata, ...]
-    #: FAULT INJECTION rate carried by the artifact (0.0 for a normal one).
-    fault_injection_fail_rate: float
-
-    @property
-    def platform(self) -> str:
-        """The model metadata's ``platform``."""
-        ...
-
-    def predict(self, x: Tensors) -> Tensors:
-        """Output name -> array for input name -> array (rows first)."""
-        ...
 
 
 def _json(doc: object, status: int = 200) -> web.Response:
@@ -96,7 +80,10 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class InferenceServer:
-    """One model served over HTTP; create, ``await start()``, then ``await shutdown()``.
+    """One model served over REST (aiohttp) and gRPC; create, ``await start()``, then ``await shutdown()``.
+
+    Both transports share one :class:`~kiln.server.core.InferenceCore` (model, batcher, cache,
+    metrics, readiness).
 
     Args:
         model: the model (its ``name``/``version`` are those of the URLs).
@@ -105,51 +92,49 @@ class InferenceServer:
     """
 
     def __init__(
-        self, model: Predictor, settings: ServerSettings, *, metrics: ServerMetrics | None = None
+        self,
+        model: Predictor,
+        settings: ServerSettings,
+        *,
+        metrics: ServerMetrics | None = None,
+        profile_dir: str | Path | None = None,
     ) -> None:
         self.model = model
         self.settings = settings
-        self.inputs = tuple(model.inputs)
-        self.outputs = tuple(model.outputs)
-        self._output_names = tuple(t.name for t in self.outputs)
-        #: FAULT INJECTION: fraction of infer requests answered 500 on purpose, the larger of
-        #: ``--fail-rate`` and the artifact's ``servingFaultInjectionFailRate``.
-        self.fail_rate = max(settings.fail_rate, model.fault_injection_fail_rate)
-        self.metrics = metrics or ServerMetrics(
-            model.name, model.version, digest=model.digest, fail_rate=self.fail_rate
-        )
-        self.cache = OutputCache(settings.cache_size, model.version)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-forward")
-        self.batcher = DynamicBatcher(
-            model.predict,
-            max_batch_size=settings.max_batch_size,
-            max_batch_delay=settings.max_batch_delay_ms / 1000.0,
-            executor=self._executor,
-            on_batch=self.metrics.batch_size.observe,
-        )
-        self._random = random.Random()
-        self._ready = False
-        self._draining = False
+        self.core = InferenceCore(model, settings, metrics)
+        self.metrics = self.core.metrics
+        if profile_dir is not None:
+            # Drift against the artifact's reference profile (none: "no reference", a gauge).
+            self.core.drift = DriftMonitor.from_artifact(
+                profile_dir,
+                model=model.name,
+                version=model.version,
+                settings=DriftSettings.from_env(),
+                registry=self.metrics.registry,
+            )
         self._stopped = False
-        self._active = 0  # HTTP requests being handled, any route
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.app = self._build_app()
         self.metrics_app = self._build_metrics_app()
         self._runners: list[web.AppRunner] = []
+        self._grpc: GrpcServer | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.grpc_port: int | None = None
 
     # ----------------------------------------------------------------- lifecycle
     @property
     def ready(self) -> bool:
         """True while the server accepts traffic (model loaded, not shutting down)."""
-        return self._ready and not self._draining
+        return self.core.ready
 
     async def start(self) -> None:
-        """Bind both ports, start the batcher and turn ready."""
-        self.batcher.start()
+        """Bind the three ports, start the batcher and turn ready.
+
+        Raises:
+            OSError: a port cannot be bound.
+        """
         s = self.settings
+        self.core.start()
         for app, port, attr in (
             (self.metrics_app, s.metrics_port, "metrics_port"),
             (self.app, s.port, "port"),
@@ -159,46 +144,42 @@ class InferenceServer:
             await web.TCPSite(runner, s.host or None, port).start()
             self._runners.append(runner)
             setattr(self, attr, runner.addresses[0][1] if runner.addresses else port)
-        self._ready = True
+        self._grpc = GrpcServer(self.core)
+        self.grpc_port = await self._grpc.start(s.host, s.grpc_port)
         log.info(
-            "serving model %s version %s on %s:%s (metrics on :%s), max batch %d rows / %.1f ms, cache %d",
+            "serving model %s version %s on %s:%s (gRPC :%s, metrics :%s), max batch %d rows / %.1f ms, "
+            "cache %d",
             self.model.name,
             self.model.version,
             s.host or "*",
             self.port,
+            self.grpc_port,
             self.metrics_port,
             s.max_batch_size,
             s.max_batch_delay_ms,
             s.cache_size,
         )
-        if self.fail_rate > 0:
+        if self.core.fail_rate > 0:
             log.warning(
                 "FAULT INJECTION ON: %.1f%% of inference requests will be answered 500 on purpose "
                 "(%s); see kiln_inference_injected_failures_total",
-                100 * self.fail_rate,
-                self._fail_rate_source(),
+                100 * self.core.fail_rate,
+                self.core.fail_rate_source(),
             )
-
-    def _fail_rate_source(self) -> str:
-        """Where the fault-injection rate comes from, for logs and error messages."""
-        parts = []
-        if self.settings.fail_rate > 0:
-            parts.append(f"--fail-rate {self.settings.fail_rate}")
-        if self.model.fault_injection_fail_rate > 0:
-            parts.append(f"artifact servingFaultInjectionFailRate {self.model.fault_injection_fail_rate}")
-        return ", ".join(parts) + (" (the larger applies)" if len(parts) > 1 else "")
 
     def begin_shutdown(self) -> None:
         """Turn readiness false at once (safe to call from a signal handler on the loop)."""
-        if not self._draining:
-            self._draining = True
-            log.info("shutting down: readiness is now false")
+        self.core.begin_shutdown()
 
     async def shutdown(self, *, delay: float | None = None) -> bool:
         """Drain and stop (idempotent).
 
+        REST and gRPC alike keep serving (not ready) for ``delay``; then the REST listener closes
+        and the gRPC server stops taking calls (GOAWAY: new calls get UNAVAILABLE, clients
+        reconnect elsewhere) while in-flight requests and the batch queue finish.
+
         Args:
-            delay: seconds to keep serving, not ready, before closing the listener
+            delay: seconds to keep serving, not ready, before closing the listeners
                 (default: ``settings.shutdown_delay_seconds``).
         Returns:
             True when every in-flight request finished within ``drain_timeout_seconds``.
@@ -212,28 +193,26 @@ class InferenceServer:
         if delay > 0:
             log.info("still serving for %.1fs so endpoints can drop this pod", delay)
             await asyncio.sleep(delay)
-        inference = self._runners[-1] if self._runners else None
+        inference = self._runners[1] if len(self._runners) > 1 else None
         if inference is not None:
             for site in list(inference.sites):
                 await site.stop()  # stop accepting connections; open ones go on
-        drained = True
-        try:
-            async with asyncio.timeout(s.drain_timeout_seconds):
-                await self._idle.wait()
-                while not self.batcher.idle:
-                    await asyncio.sleep(0.01)
-        except TimeoutError:
-            drained = False
+        grpc_stopped = (
+            asyncio.create_task(self._grpc.stop(s.drain_timeout_seconds)) if self._grpc is not None else None
+        )
+        drained = await self.core.drain(s.drain_timeout_seconds)
+        if not drained:
             log.warning(
                 "drain timeout (%.1fs): %d request(s) still in flight are cut off",
                 s.drain_timeout_seconds,
-                self._active,
+                self.core.active,
             )
+        if grpc_stopped is not None:
+            await grpc_stopped
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
-        await self.batcher.stop()
-        self._executor.shutdown(wait=True)
+        await self.core.stop()
         log.info("shut down%s", "" if drained else " (drain timed out)")
         return drained
 
@@ -259,14 +238,18 @@ class InferenceServer:
         async def metrics(_: web.Request) -> web.Response:
             return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
+        async def drift(_: web.Request) -> web.Response:
+            if self.core.drift is None:
+                return _error(404, "drift monitoring is off: no artifact directory was given")
+            return _json(self.core.drift.snapshot())
+
         app.router.add_get("/metrics", metrics)
+        app.router.add_get("/debug/drift", drift)
         return app
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        self._active += 1
-        self._idle.clear()
-        try:
+        with self.core.track():
             try:
                 response = await handler(request)
             except web.HTTPException as e:  # router 404/405, or raised by aiohttp itself
@@ -276,25 +259,12 @@ class InferenceServer:
             except Exception as e:  # pragma: no cover - handlers catch their own; belt and braces
                 log.exception("unhandled error for %s %s", request.method, request.path)
                 response = _error(500, f"internal server error: {type(e).__name__}")
-            if self._draining:
+            if self.core.draining:
                 response.force_close()  # make clients reconnect (to a pod that is not leaving)
             return response
-        finally:
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
 
     def _check_model(self, request: web.Request) -> None:
-        name = request.match_info["name"]
-        if name != self.model.name:
-            raise ProtocolError(f"unknown model {name!r}; this server serves {self.model.name!r}", 404)
-        version = request.match_info.get("version")
-        if version is not None and version != self.model.version:
-            raise ProtocolError(
-                f"unknown version {version!r} of model {name!r}; "
-                f"this server serves version {self.model.version!r}",
-                404,
-            )
+        self.core.check_model(request.match_info["name"], request.match_info.get("version"))
 
     # ----------------------------------------------------------------- health and metadata
     async def _live(self, _: web.Request) -> web.Response:
@@ -312,13 +282,14 @@ class InferenceServer:
             self._check_model(request)
         except ProtocolError as e:
             return _error(e.status, e.message)
+        meta = self.core.metadata()
         return _json(
             {
-                "name": self.model.name,
-                "versions": [self.model.version],
-                "platform": self.model.platform,
-                "inputs": [t.to_json() for t in self.inputs],
-                "outputs": [t.to_json() for t in self.outputs],
+                "name": meta.name,
+                "versions": meta.versions,
+                "platform": meta.platform,
+                "inputs": [t.to_json() for t in meta.inputs],
+                "outputs": [t.to_json() for t in meta.outputs],
             }
         )
 
@@ -332,29 +303,12 @@ class InferenceServer:
 
     # ----------------------------------------------------------------- inference
     async def _infer(self, request: web.Request) -> web.Response:
-        started = time.perf_counter()
-        self.metrics.inflight.inc()
-        code = 499  # client went away (handler cancelled) unless set below
         try:
-            async with self.batcher.arrival() as arrival:
-                try:
-                    response = await self._infer_inner(request, arrival.submit)
-                except ProtocolError as e:
-                    response = _error(e.status, e.message)
-                except BatcherClosedError as e:
-                    response = _error(503, str(e))
-                except Exception as e:
-                    log.exception("inference failed")
-                    response = _error(500, f"inference failed: {type(e).__name__}: {e}")
-            code = response.status
-            return response
-        finally:
-            self.metrics.inflight.dec()
-            self.metrics.request_done(code, time.perf_counter() - started)
+            return await self.core.infer("rest", lambda: self._decode(request), self._encode)
+        except ProtocolError as e:
+            return _error(e.status, e.message)
 
-    async def _infer_inner(
-        self, request: web.Request, submit: Callable[[Tensors], Awaitable[Tensors]]
-    ) -> web.Response:
+    async def _decode(self, request: web.Request) -> InferRequest:
         self._check_model(request)
         limit = self.settings.max_request_bytes
         if request.content_length is not None and request.content_length > limit:
@@ -367,38 +321,22 @@ class InferenceServer:
             raise ProtocolError(f"request body exceeds the limit of {limit} bytes", 413) from None
         except RequestPayloadError as e:  # e.g. a body that does not decode per its Content-Encoding
             raise ProtocolError(f"could not read the request body: {' '.join(str(e).split())}") from None
-        parsed = parse_infer_request(
+        core = self.core
+        return parse_infer_request(
             body,
             header_length=request.headers.get(HEADER_LENGTH),
-            inputs=self.inputs,
-            output_names=self._output_names,
+            inputs=core.inputs,
+            output_names=core.output_names,
+            entity_inputs=core.entity_inputs,
         )
-        if self.fail_rate > 0 and self._random.random() < self.fail_rate:
-            self.metrics.injected_failures.inc()
-            source = self._fail_rate_source()
-            log.info("injected failure (fault injection, %s)", source)
-            return _error(500, f"injected failure: fault injection is on ({source})")
-        result: Mapping[str, np.ndarray] | None = None
-        key = ""
-        if self.cache.enabled:
-            key = self.cache.key(parsed.inputs)
-            result = self.cache.get(key)
-            (self.metrics.cache_hits if result is not None else self.metrics.cache_misses).inc()
-        if result is None:
-            got = await submit(parsed.inputs)
-            assert isinstance(got, Mapping)
-            result = got
-            if self.cache.enabled:
-                self.cache.put(key, result)
-        datatypes = {t.name: t.datatype for t in self.outputs}
-        outputs: list[tuple[RequestedOutput, str, np.ndarray]] = [
-            (requested, datatypes[requested.name], result[requested.name]) for requested in parsed.outputs
-        ]
+
+    def _encode(self, parsed: InferRequest, outputs: list[OutputTensor]) -> web.Response:
         body_out, json_length = encode_infer_response(
             model_name=self.model.name,
             model_version=self.model.version,
-            request_id=parsed.id if parsed.id is not None else uuid.uuid4().hex,
-            outputs=outputs,
+            request_id=request_id(parsed),
+            outputs=[(o.requested, o.datatype, o.array) for o in outputs],
+            parameters=parsed.parameters,
         )
         if json_length is None:
             return web.Response(body=body_out, content_type="application/json")
@@ -407,13 +345,20 @@ class InferenceServer:
         )
 
 
-async def serve(model: Predictor, settings: ServerSettings) -> int:
-    """Run the server until SIGTERM or SIGINT, then drain and stop.
+async def serve(model: Predictor, settings: ServerSettings, profile_dir: str | Path | None = None) -> int:
+    """Run the server until SIGTERM or SIGINT, then drain and stop. ``profile_dir``: the
+    artifact directory, whose ``profile.json`` is the drift reference.
 
     Returns:
-        The exit status: 0 after a shutdown, 1 when a port cannot be bound.
+        The exit status: 0 after a shutdown, 1 when a port cannot be bound or the FeatureGroups
+        do not fit the model (:class:`kiln.server.features.FeatureConfigError`).
     """
-    server = InferenceServer(model, settings)
+    try:
+        server = InferenceServer(model, settings, profile_dir=profile_dir)
+    except FeatureConfigError as e:
+        log.error("refusing to serve: %s", e)
+        print(f"kiln-serve: refusing to serve with KILN_FEATURE_GROUPS: {e}", file=sys.stderr)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -428,9 +373,10 @@ async def serve(model: Predictor, settings: ServerSettings) -> int:
         await server.start()
     except OSError as e:
         log.error(
-            "cannot listen on %s ports %d/%d: %s",
+            "cannot listen on %s ports %d/%d/%d (REST/gRPC/metrics): %s",
             settings.host or "*",
             settings.port,
+            settings.grpc_port,
             settings.metrics_port,
             e,
         )

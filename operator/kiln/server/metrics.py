@@ -4,9 +4,10 @@ Each :class:`ServerMetrics` owns a dedicated ``CollectorRegistry`` (no global st
 servers can run in one test process); the process/platform/GC collectors are registered on it
 too, so the ``/metrics`` page looks like the default one plus the ``kiln_`` series:
 
-- ``kiln_inference_requests_total{model,version,code}``: infer requests by HTTP status code
-  (including deliberately injected 500s);
-- ``kiln_inference_request_duration_seconds{model,version}``: infer latency histogram;
+- ``kiln_inference_requests_total{model,version,protocol,code}``: infer requests by transport
+  (``rest`` or ``grpc``) and HTTP status code (a gRPC call counts the HTTP status of the same
+  answer over REST: 400 for INVALID_ARGUMENT, 503 for UNAVAILABLE, ...; injected 500s included);
+- ``kiln_inference_request_duration_seconds{model,version,protocol}``: infer latency histogram;
 - ``kiln_inference_batch_size{model,version}``: rows per forward pass (histogram);
 - ``kiln_inference_inflight_requests{model,version}``: infer requests being handled;
 - ``kiln_inference_cache_requests_total{model,version,result}``: cache ``hit``/``miss``;
@@ -14,7 +15,14 @@ too, so the ``/metrics`` page looks like the default one plus the ``kiln_`` seri
   ``kiln_inference_fault_injection_rate{model,version}``: fault injection (the larger of
   ``--fail-rate`` and the artifact's ``servingFaultInjectionFailRate``), so that injected errors
   are never mistaken for real ones;
-- ``kiln_model_info{model,version,digest}``: always 1, the artifact being served.
+- ``kiln_model_info{model,version,digest}``: always 1, the artifact being served;
+- entity-key requests (:mod:`kiln.server.features`): ``kiln_feature_lookups_total{model,version,
+  feature_group,status}``, one per entity row and FeatureGroup, ``status`` PRESENT, NOT_FOUND,
+  OUTSIDE_MAX_AGE (older than ``maxAgeSeconds``) or NULL_VALUE (some feature null); every
+  status but PRESENT was served with a default value. ``kiln_feature_lookup_duration_seconds
+  {model,version,feature_group}``: one online-store call (one round trip for the request's
+  rows). ``kiln_feature_lookup_errors_total{model,version,feature_group}``: calls that failed
+  (the request got 503).
 """
 
 from __future__ import annotations
@@ -59,17 +67,17 @@ class ServerMetrics:
         self._labels = (model, version)
         self._requests = Counter(
             "kiln_inference_requests_total",
-            "Inference requests by HTTP status code.",
-            [*mv, "code"],
+            "Inference requests by transport (rest, grpc) and HTTP status code (gRPC: the REST equivalent).",
+            [*mv, "protocol", "code"],
             registry=r,
         )
-        self.duration = Histogram(
+        self._duration = Histogram(
             "kiln_inference_request_duration_seconds",
             "Inference request latency, from handler start to response.",
-            mv,
+            [*mv, "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=r,
-        ).labels(model, version)
+        )
         self.batch_size = Histogram(
             "kiln_inference_batch_size", "Rows per forward pass.", mv, buckets=BATCH_BUCKETS, registry=r
         ).labels(model, version)
@@ -101,15 +109,56 @@ class ServerMetrics:
         Gauge(
             "kiln_model_info", "The model artifact being served (always 1).", [*mv, "digest"], registry=r
         ).labels(model, version, digest).set(1)
-        self._by_code: dict[int, Counter] = {}
+        self._by_code: dict[tuple[str, int], Counter] = {}
+        self._by_protocol: dict[str, Histogram] = {}
+        fg = [*mv, "feature_group"]
+        self._feature_lookups = Counter(
+            "kiln_feature_lookups_total",
+            "Entity rows looked up in the online store, by FeatureGroup and row status (PRESENT, "
+            "NOT_FOUND, OUTSIDE_MAX_AGE, NULL_VALUE); all but PRESENT were served with defaults.",
+            [*fg, "status"],
+            registry=r,
+        )
+        self._feature_duration = Histogram(
+            "kiln_feature_lookup_duration_seconds",
+            "Latency of one online-store call (all the rows of a request, one round trip).",
+            fg,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._feature_errors = Counter(
+            "kiln_feature_lookup_errors_total",
+            "Online-store calls that failed (the request was answered 503).",
+            fg,
+            registry=r,
+        )
 
-    def request_done(self, code: int, seconds: float) -> None:
-        """Record one finished inference request."""
-        child = self._by_code.get(code)
+    def request_done(self, code: int, seconds: float, protocol: str = "rest") -> None:
+        """Record one finished inference request.
+
+        Args:
+            code: the HTTP status of the answer (for gRPC, that of the same answer over REST).
+            seconds: handler start to response.
+            protocol: ``rest`` or ``grpc``.
+        """
+        child = self._by_code.get((protocol, code))
         if child is None:
-            child = self._by_code[code] = self._requests.labels(*self._labels, str(code))
+            child = self._by_code[protocol, code] = self._requests.labels(*self._labels, protocol, str(code))
         child.inc()
-        self.duration.observe(seconds)
+        duration = self._by_protocol.get(protocol)
+        if duration is None:
+            duration = self._by_protocol[protocol] = self._duration.labels(*self._labels, protocol)
+        duration.observe(seconds)
+
+    def feature_lookup_done(self, feature_group: str, seconds: float, statuses: list[str]) -> None:
+        """Record one online-store call: its latency and the status of each of its rows."""
+        self._feature_duration.labels(*self._labels, feature_group).observe(seconds)
+        for status in set(statuses):
+            self._feature_lookups.labels(*self._labels, feature_group, status).inc(statuses.count(status))
+
+    def feature_lookup_failed(self, feature_group: str) -> None:
+        """Record one online-store call that failed."""
+        self._feature_errors.labels(*self._labels, feature_group).inc()
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""

@@ -16,10 +16,22 @@ Supported:
   (:class:`TensorMetadata`: ``-1`` dimensions free, the first one the batch of at least one row,
   the same for every input). Input datatypes ``FP16/FP32/FP64/INT8..64/UINT8..64`` are
   converted to the datatype the model declares (to an integer one only when every value is an
-  integer in its range); ``BOOL`` and ``BYTES`` are rejected with 400. Messages name the input.
+  integer in its range); ``BOOL`` and ``BYTES`` are rejected with 400, except for an input
+  declared ``BOOL`` or ``BYTES`` itself (only the entity-key inputs of
+  :mod:`kiln.server.features` are): it takes exactly that datatype, ``BYTES`` as JSON strings or,
+  in binary, Triton's serialization (each element a 4-byte little-endian length, then its bytes),
+  decoded as UTF-8 text. Messages name the input.
+- A second signature, ``entity_inputs`` (the entity keys of the served FeatureGroups): a request
+  names either the model's inputs or those (:func:`choose_signature`); the parsed request then
+  carries ``entities`` and no ``inputs`` (the core fills them from the online store).
 
 Unknown top-level and ``parameters`` keys are ignored (KServe's client sends ``model_name``,
 MLServer's codecs send ``parameters.content_type``).
+
+The checks of a request against the signature (:func:`match_inputs`, :func:`input_dtype`,
+:func:`check_shape`, :func:`convert_input`, :func:`check_batch`, :func:`check_output_name`) are
+public: the gRPC service (:mod:`kiln.server.grpc_service`) runs the same ones, so both transports
+accept the same tensors and refuse the rest with the same messages.
 """
 
 from __future__ import annotations
@@ -52,6 +64,8 @@ NUMERIC_DATATYPES: dict[str, np.dtype[Any]] = {
 }
 #: Valid Open Inference Protocol datatypes we refuse, with the reason given to the client.
 REJECTED_DATATYPES = {"BOOL": "boolean", "BYTES": "string/bytes"}
+#: Datatypes an input takes only when the signature declares them (entity keys): numpy dtype.
+EXACT_DATATYPES: dict[str, np.dtype[Any]] = {"BOOL": np.dtype(bool), "BYTES": np.dtype(object)}
 
 
 class ProtocolError(Exception):
@@ -87,11 +101,18 @@ class RequestedOutput:
 @dataclass
 class InferRequest:
     """A validated inference request: one C-contiguous array per model input, in the model's
-    input order and datatypes, all with the same number of rows (the first dimension)."""
+    input order and datatypes, all with the same number of rows (the first dimension).
+
+    A request that named entity keys instead has them in ``entities`` (entity input name ->
+    ``[n]`` array, in the entity signature's order) and empty ``inputs`` until the core has read
+    the features; ``parameters`` are the response's (the core adds the feature statuses there).
+    """
 
     id: str | None
     inputs: dict[str, np.ndarray]
     outputs: list[RequestedOutput] = field(default_factory=list)
+    entities: dict[str, np.ndarray] | None = None
+    parameters: dict[str, str | int | bool] = field(default_factory=dict)
 
     @property
     def rows(self) -> np.ndarray:
@@ -123,6 +144,7 @@ def parse_infer_request(
     inputs: Sequence[TensorMetadata] | None = None,
     input_name: str | None = None,
     input_size: int | None = None,
+    entity_inputs: Sequence[TensorMetadata] = (),
 ) -> InferRequest:
     """Parse and validate an inference request body against the model's input signature.
 
@@ -133,8 +155,11 @@ def parse_infer_request(
         inputs: the model's inputs (name, datatype, shape with -1 for free dimensions); or,
             for a model with one ``[-1, input_size]`` FP32 input, ``input_name`` and
             ``input_size``.
+        entity_inputs: the entity keys a request may send instead of ``inputs``
+            (:func:`choose_signature`).
     Returns:
-        The request with one array per model input (finite values for float datatypes).
+        The request with one array per model input (finite values for float datatypes), or
+        with ``entities`` when it sent entity keys.
     Raises:
         ProtocolError: 400 with a message naming the problem (and the input), for anything
             malformed.
@@ -157,7 +182,10 @@ def parse_infer_request(
     params = _parameters(doc, "request")
     binary_default = params.get("binary_data_output") is True
 
-    tensors = _match_inputs(doc.get("inputs"), inputs)
+    raw_inputs = doc.get("inputs")
+    names = [t.get("name") for t in raw_inputs if isinstance(t, dict)] if isinstance(raw_inputs, list) else []
+    specs, keyed = choose_signature(names, inputs, entity_inputs)
+    tensors = _match_inputs(raw_inputs, specs)
     arrays: dict[str, np.ndarray] = {}
     used = 0
     for tensor, spec in tensors:  # binary data follows the JSON in the order of 'inputs'
@@ -169,7 +197,37 @@ def parse_infer_request(
         )
     check_batch(arrays)
     outputs = _parse_outputs(doc.get("outputs"), output_names, binary_default)
-    return InferRequest(id=request_id, inputs={t.name: arrays[t.name] for t in inputs}, outputs=outputs)
+    ordered = {t.name: arrays[t.name] for t in specs}
+    if keyed:
+        return InferRequest(id=request_id, inputs={}, outputs=outputs, entities=ordered)
+    return InferRequest(id=request_id, inputs=ordered, outputs=outputs)
+
+
+def choose_signature(
+    names: Sequence[Any], inputs: Sequence[TensorMetadata], entity_inputs: Sequence[TensorMetadata]
+) -> tuple[Sequence[TensorMetadata], bool]:
+    """Which signature a request's input names follow: ``(signature, keyed)``, ``keyed`` True
+    for the entity keys (``entity_inputs``), False for the model's own ``inputs``.
+
+    Names of neither (or none at all) choose the model's inputs, whose check
+    (:func:`match_inputs`) then names the problem.
+
+    Raises:
+        ProtocolError: 400 when the names mix model inputs and entity keys.
+    """
+    if not entity_inputs:
+        return inputs, False
+    model = {t.name for t in inputs}
+    keys = {t.name for t in entity_inputs}
+    given = [n for n in names if isinstance(n, str)]
+    if any(n in keys for n in given):
+        if any(n in model for n in given):
+            raise ProtocolError(
+                f"the inputs mix the model's inputs ({_names(inputs)}) and entity keys "
+                f"({_names(entity_inputs)}); send one or the other"
+            )
+        return entity_inputs, True
+    return inputs, False
 
 
 def _names(specs: Sequence[TensorMetadata]) -> str:
@@ -179,18 +237,31 @@ def _names(specs: Sequence[TensorMetadata]) -> str:
 def _match_inputs(
     tensors: Any, specs: Sequence[TensorMetadata]
 ) -> list[tuple[dict[str, Any], TensorMetadata]]:
-    """Pair each request tensor with the model input of its name (request order)."""
-    by_name = {t.name: t for t in specs}
+    """Pair each JSON request tensor with the model input of its name (request order)."""
     if not isinstance(tensors, list) or not tensors:
         raise ProtocolError(
             f"'inputs' must be a non-empty list of tensors (the model's inputs: {_names(specs)})"
         )
-    out: list[tuple[dict[str, Any], TensorMetadata]] = []
-    seen: set[str] = set()
     for i, tensor in enumerate(tensors):
         if not isinstance(tensor, dict):
             raise ProtocolError(f"inputs[{i}] must be a JSON object, got {type(tensor).__name__}")
-        name = tensor.get("name")
+    return list(zip(tensors, match_inputs([t.get("name") for t in tensors], specs), strict=True))
+
+
+def match_inputs(names: Sequence[Any], specs: Sequence[TensorMetadata]) -> list[TensorMetadata]:
+    """The model input of each of a request's input tensor names (request order).
+
+    Both transports' check of the request's inputs against the model's signature.
+
+    Raises:
+        ProtocolError: 400 naming the input: none given, unknown, given twice, or missing.
+    """
+    by_name = {t.name: t for t in specs}
+    if not names:
+        raise ProtocolError(f"the request has no inputs; the model's inputs are {_names(specs)}")
+    out: list[TensorMetadata] = []
+    seen: set[str] = set()
+    for i, name in enumerate(names):
         if not isinstance(name, str) or name not in by_name:
             raise ProtocolError(
                 f"unknown input {name!r} (inputs[{i}]); the model's inputs are {_names(specs)}"
@@ -200,7 +271,7 @@ def _match_inputs(
                 f"input {name!r} is given more than once; expected exactly one input tensor per model input"
             )
         seen.add(name)
-        out.append((tensor, by_name[name]))
+        out.append(by_name[name])
     missing = [t.name for t in specs if t.name not in seen]
     if missing:
         raise ProtocolError(f"missing input {missing[0]!r}; the model's inputs are {_names(specs)}")
@@ -244,6 +315,36 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
+def input_dtype(name: str, datatype: Any, spec: TensorMetadata) -> np.dtype[Any]:
+    """The little-endian numpy dtype of the OIP ``datatype`` a request gives input ``name``.
+
+    Any numeric datatype is accepted (the values are converted to ``spec.datatype`` by
+    :func:`convert_input`); an input declared BOOL or BYTES takes exactly that datatype (numpy
+    ``bool`` / ``object``).
+
+    Raises:
+        ProtocolError: 400 naming the input: not a string, BOOL/BYTES, or unknown.
+    """
+    if not isinstance(datatype, str):
+        raise ProtocolError(f"input {name!r} needs a string 'datatype' (e.g. \"FP32\"), got {datatype!r}")
+    exact = EXACT_DATATYPES.get(spec.datatype)
+    if exact is not None:
+        if datatype != spec.datatype:
+            raise ProtocolError(f"input {name!r} has datatype {datatype}; expected {spec.datatype}")
+        return exact
+    if datatype in REJECTED_DATATYPES:
+        raise ProtocolError(
+            f"input {name!r} has datatype {datatype} ({REJECTED_DATATYPES[datatype]}); "
+            f"expected a numeric datatype such as {spec.datatype}"
+        )
+    dtype = NUMERIC_DATATYPES.get(datatype)
+    if dtype is None:
+        raise ProtocolError(
+            f"input {name!r} has unknown datatype {datatype!r}; expected {spec.datatype} (or another number type)"
+        )
+    return dtype
+
+
 def check_shape(name: str, shape: Any, spec: TensorMetadata) -> list[int]:
     """Validate a request tensor's ``shape`` against the model input ``spec``.
 
@@ -273,8 +374,11 @@ def convert_input(name: str, arr: np.ndarray, datatype: str) -> np.ndarray:
 
     Raises:
         ProtocolError: 400 naming the input: float values that are not finite in the target
-            float type, or values that are not integers in the target integer type's range.
+            float type, or values that are not integers in the target integer type's range;
+            for BOOL, values that are not booleans; for BYTES, values that are not UTF-8 text.
     """
+    if datatype in EXACT_DATATYPES:
+        return _convert_exact(name, arr, datatype)
     target = NUMERIC_DATATYPES[datatype]
     if target.kind == "f":
         with np.errstate(over="ignore", invalid="ignore"):
@@ -296,24 +400,60 @@ def convert_input(name: str, arr: np.ndarray, datatype: str) -> np.ndarray:
     return out
 
 
+def _convert_exact(name: str, arr: np.ndarray, datatype: str) -> np.ndarray:
+    """BOOL values as numpy ``bool``; BYTES values as an ``object`` array of ``str`` (UTF-8)."""
+    if datatype == "BOOL":
+        if arr.dtype.kind != "b":
+            raise ProtocolError(f"input {name!r} must hold booleans (BOOL)")
+        return np.array(arr, dtype=bool, order="C")
+    out = np.empty(arr.shape, dtype=object)
+    flat = out.reshape(-1)
+    for i, v in enumerate(arr.reshape(-1).tolist()):
+        if isinstance(v, bytes):
+            try:
+                v = v.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError(f"input {name!r} has element {i} that is not UTF-8 text") from None
+        if not isinstance(v, str):
+            raise ProtocolError(
+                f"input {name!r} must hold strings (BYTES); element {i} is {type(v).__name__}"
+            )
+        flat[i] = v
+    return out
+
+
+def deserialize_bytes(name: str, data: bytes, count: int) -> np.ndarray:
+    """``count`` BYTES elements from Triton's serialization: each a 4-byte little-endian
+    length, then that many bytes (``tritonclient.utils.serialize_byte_tensor``); all of ``data``.
+
+    Raises:
+        ProtocolError: 400 naming the input: truncated, or bytes left over.
+    """
+    out = np.empty(count, dtype=object)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(data):
+            raise ProtocolError(
+                f"input {name!r}: BYTES element {i} is cut off (its 4-byte length is missing)"
+            )
+        n = int.from_bytes(data[pos : pos + 4], "little")
+        pos += 4
+        if pos + n > len(data):
+            raise ProtocolError(f"input {name!r}: BYTES element {i} declares {n} bytes, fewer follow")
+        out[i] = bytes(data[pos : pos + n])
+        pos += n
+    if pos != len(data):
+        raise ProtocolError(f"input {name!r}: {len(data) - pos} bytes follow its {count} BYTES elements")
+    return out
+
+
 def _parse_input(
     tensor: dict[str, Any], binary: bytes, offset: int, spec: TensorMetadata
 ) -> tuple[np.ndarray, int]:
     """Return (array in the model's datatype, bytes of the binary section consumed at ``offset``)."""
     name = tensor["name"]
     datatype = tensor.get("datatype")
-    if not isinstance(datatype, str):
-        raise ProtocolError(f"input {name!r} needs a string 'datatype' (e.g. \"FP32\"), got {datatype!r}")
-    if datatype in REJECTED_DATATYPES:
-        raise ProtocolError(
-            f"input {name!r} has datatype {datatype} ({REJECTED_DATATYPES[datatype]}); "
-            f"expected a numeric datatype such as {spec.datatype}"
-        )
-    dtype = NUMERIC_DATATYPES.get(datatype)
-    if dtype is None:
-        raise ProtocolError(
-            f"input {name!r} has unknown datatype {datatype!r}; expected {spec.datatype} (or another number type)"
-        )
+    dtype = input_dtype(name, datatype, spec)
     shape = check_shape(name, tensor.get("shape"), spec)
     count = int(np.prod(shape))
     params = _parameters(tensor, f"input {name!r}")
@@ -326,7 +466,7 @@ def _parse_input(
             raise ProtocolError(
                 f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}"
             )
-        if size != count * dtype.itemsize:
+        if dtype.kind != "O" and size != count * dtype.itemsize:
             raise ProtocolError(
                 f"input {name!r}: binary_data_size is {size} bytes but shape {_shape_str(shape)} "
                 f"of {datatype} needs {count * dtype.itemsize}"
@@ -336,12 +476,17 @@ def _parse_input(
                 f"input {name!r}: binary_data_size is {size} bytes "
                 f"but only {len(binary) - offset} follow the JSON header"
             )
-        arr = np.frombuffer(binary, dtype=dtype, count=count, offset=offset)
+        if dtype.kind == "O":
+            arr = deserialize_bytes(name, binary[offset : offset + size], count)
+        else:
+            arr = np.frombuffer(binary, dtype=dtype, count=count, offset=offset)
         used = size
     else:
         if "data" not in tensor:
             raise ProtocolError(f"input {name!r} has no 'data' (nor parameters.binary_data_size)")
-        arr = _json_data_to_array(name, tensor["data"])
+        arr = _json_data_to_array(
+            name, tensor["data"], spec.datatype if spec.datatype in EXACT_DATATYPES else None
+        )
         if arr.size != count:
             raise ProtocolError(
                 f"input {name!r} has {arr.size} values in 'data' but shape {_shape_str(shape)} needs {count}"
@@ -349,21 +494,26 @@ def _parse_input(
     return convert_input(name, arr.reshape(shape), spec.datatype), used
 
 
-def _json_data_to_array(name: str, data: Any) -> np.ndarray:
+def _json_data_to_array(name: str, data: Any, exact: str | None = None) -> np.ndarray:
+    """A JSON ``data`` array: numbers; or, for an ``exact`` BOOL/BYTES input, booleans/strings."""
+    what = {"BOOL": "booleans", "BYTES": "strings"}.get(exact or "", "numbers")
     if not isinstance(data, list):
         raise ProtocolError(
-            f"input {name!r}: 'data' must be a JSON array of numbers, got {type(data).__name__}"
+            f"input {name!r}: 'data' must be a JSON array of {what}, got {type(data).__name__}"
         )
     try:
-        arr = np.asarray(data)
+        arr = np.asarray(data, dtype=object if exact == "BYTES" else None)
     except (ValueError, TypeError, OverflowError, RecursionError, MemoryError):
         raise ProtocolError(
-            f"input {name!r}: 'data' must be a flat or regularly nested array of numbers "
-            "(it is ragged or mixed)"
+            f"input {name!r}: 'data' must be a flat or regularly nested array of {what} (it is ragged or mixed)"
         ) from None
-    if arr.dtype.kind not in "iuf":
+    if exact == "BYTES":
+        if not all(isinstance(v, str) for v in arr.reshape(-1).tolist()):
+            raise ProtocolError(f"input {name!r}: 'data' must contain only strings (BYTES)")
+        return arr
+    if arr.dtype.kind not in ("b" if exact == "BOOL" else "iuf"):
         raise ProtocolError(
-            f"input {name!r}: 'data' must contain only numbers (got {arr.dtype.kind!r} values)"
+            f"input {name!r}: 'data' must contain only {what} (got {arr.dtype.kind!r} values)"
         )
     return arr
 
@@ -379,12 +529,17 @@ def _parse_outputs(
     for i, out in enumerate(outputs):
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise ProtocolError(f"outputs[{i}] must be an object with a string 'name'")
-        if out["name"] not in output_names:
-            known = ", ".join(repr(n) for n in output_names)
-            raise ProtocolError(f"unknown output {out['name']!r}; the model's outputs are {known}")
+        check_output_name(out["name"], output_names)
         binary = _parameters(out, f"output {out['name']!r}").get("binary_data", binary_default)
         result.append(RequestedOutput(out["name"], binary is True))
     return result
+
+
+def check_output_name(name: str, output_names: tuple[str, ...]) -> None:
+    """Raise ProtocolError 400 naming ``name`` unless it is one of ``output_names``."""
+    if name not in output_names:
+        known = ", ".join(repr(n) for n in output_names)
+        raise ProtocolError(f"unknown output {name!r}; the model's outputs are {known}")
 
 
 def encode_infer_response(
@@ -393,11 +548,13 @@ def encode_infer_response(
     model_version: str,
     request_id: str,
     outputs: list[tuple[RequestedOutput, str, np.ndarray]],
+    parameters: dict[str, str | int | bool] | None = None,
 ) -> tuple[bytes, int | None]:
     """Encode an inference response.
 
     Args:
         outputs: (requested output, OIP datatype, array) in the order to return them.
+        parameters: the response's ``parameters`` (omitted when empty).
     Returns:
         (body, json_length): ``json_length`` is None for a pure JSON body, else the length of the
         JSON header for the ``Inference-Header-Content-Length`` response header.
@@ -413,7 +570,10 @@ def encode_infer_response(
         else:
             t["data"] = arr.ravel().tolist()
         tensors.append(t)
-    doc = {"model_name": model_name, "model_version": model_version, "id": request_id, "outputs": tensors}
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "id": request_id}
+    if parameters:
+        doc["parameters"] = parameters
+    doc["outputs"] = tensors
     header = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return header, None

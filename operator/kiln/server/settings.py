@@ -28,6 +28,7 @@ class ServerSettings:
     model_version: str = "1"
     host: str = ""
     port: int = 8080
+    grpc_port: int = 8081
     metrics_port: int = 9090
     max_batch_size: int = 32
     max_batch_delay_ms: float = 2.0
@@ -40,6 +41,7 @@ class ServerSettings:
     log_level: str = "INFO"
     model_dir: str = "/tmp/kiln-model"
     model_hook: str = ""
+    feature_groups: str = ""
     fetch_only: bool = False
 
     def __post_init__(self) -> None:
@@ -62,12 +64,15 @@ def validate(s: ServerSettings) -> list[str]:
         problems.append(f"model name must be a non-empty string without '/', got {s.model_name!r}")
     if not s.model_version or "/" in s.model_version:
         problems.append(f"model version must be a non-empty string without '/', got {s.model_version!r}")
-    for name in ("port", "metrics_port"):
-        v = getattr(s, name)
+    ports = {"port": s.port, "grpc port": s.grpc_port, "metrics port": s.metrics_port}
+    for name, v in ports.items():
         if not 0 <= v <= 65535:
-            problems.append(f"{name} must be in 0..65535, got {v}")
-    if s.port == s.metrics_port and s.port != 0:
-        problems.append(f"port and metrics port must differ, both are {s.port}")
+            problems.append(f"{name.replace(' ', '_')} must be in 0..65535, got {v}")
+    seen: dict[int, str] = {}
+    for name, v in ports.items():
+        if v != 0 and v in seen:
+            problems.append(f"{seen[v]} and {name} must differ, both are {v}")
+        seen.setdefault(v, name)
     if s.max_batch_size < 1:
         problems.append(f"max batch size must be >= 1, got {s.max_batch_size}")
     if s.max_batch_delay_ms < 0:
@@ -82,6 +87,13 @@ def validate(s: ServerSettings) -> list[str]:
         problems.append("drain timeout and shutdown delay must be >= 0 seconds")
     if s.torch_threads < 1:
         problems.append(f"torch threads must be >= 1, got {s.torch_threads}")
+    if s.feature_groups:
+        from kiln.server.features import FeatureConfigError, parse_feature_groups
+
+        try:
+            parse_feature_groups(s.feature_groups)
+        except FeatureConfigError as e:
+            problems.append(str(e))
     return problems
 
 
@@ -109,6 +121,13 @@ OPTIONS: tuple[_Option, ...] = (
         "host", "--host", "KILN_HOST", str, "address to listen on (empty: all interfaces, IPv4 and IPv6)"
     ),
     _Option("port", "--port", "KILN_PORT", int, "inference (Open Inference Protocol) port"),
+    _Option(
+        "grpc_port",
+        "--grpc-port",
+        "KILN_GRPC_PORT",
+        int,
+        "gRPC inference port (Open Inference Protocol's inference.GRPCInferenceService)",
+    ),
     _Option("metrics_port", "--metrics-port", "KILN_METRICS_PORT", int, "Prometheus /metrics port"),
     _Option(
         "max_batch_size", "--max-batch-size", "KILN_MAX_BATCH_SIZE", int, "most rows in one forward pass"
@@ -162,6 +181,15 @@ OPTIONS: tuple[_Option, ...] = (
         "pre/post-processing hook: module:attr, or an entry point of group kiln.model_hooks "
         "(runs in the server process: no isolation)",
     ),
+    _Option(
+        "feature_groups",
+        "--feature-groups",
+        "KILN_FEATURE_GROUPS",
+        str,
+        "JSON list of FeatureGroups [{name, namespace, spec, schemaDigest}] whose entity keys a request "
+        "may send instead of the model's input (features read from their online store; written by "
+        "the operator from spec.featureGroups)",
+    ),
 )
 
 ENV_VARS: dict[str, str] = {o.field: o.env for o in OPTIONS}
@@ -173,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kiln-serve",
         description=(
-            "Serve a Kiln artifact over the Open Inference Protocol (v2 REST), with dynamic batching "
+            "Serve a Kiln artifact over the Open Inference Protocol (v2 REST and gRPC), with dynamic batching "
             "and Prometheus metrics. Every flag can also be set by the environment variable shown."
         ),
     )

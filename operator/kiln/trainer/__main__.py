@@ -47,11 +47,14 @@ from kiln.artifact import (
     utc_now_rfc3339,
     verify_artifact,
 )
+from kiln.monitoring.profile import PROFILE_FILE
 from kiln.storage import StorageError
 from kiln.trainer.config import TrainConfig, UsageError, resolve_config, termination_log_from_env
 from kiln.trainer.output import write_failure_message
 
 if TYPE_CHECKING:  # torch-importing modules are loaded lazily, after configuration
+    import torch
+
     from kiln.trainer.checkpoint import CheckpointMirror
     from kiln.trainer.loop import FitResult
 
@@ -233,6 +236,7 @@ def run(config: TrainConfig) -> int:
 
     if not ctx.is_main:
         return 0
+    profile = _reference_profile(result.model, data.x_train, model_config, dataset.feature_names)
     last = result.history[-1]
     metrics = {
         "accuracy": test_acc,
@@ -241,13 +245,18 @@ def run(config: TrainConfig) -> int:
         "valLoss": last.val_loss,
         "trainLoss": last.train_loss,
     }
+    fg = config.dataset.featureGroup
     metadata = ArtifactMetadata(
         modelName=config.model_name,
         weightsDigest="sha256:" + "0" * 64,  # replaced by the digest of the file written
         metrics=metrics,
         hyperparameters=lineage,
         dataset=DatasetInfo(
-            name=config.dataset.display_name, digest=dataset.digest, numSamples=dataset.num_samples
+            name=config.dataset.display_name,
+            digest=dataset.digest,
+            numSamples=dataset.num_samples,
+            featureGroup=fg and f"{fg.namespace}/{fg.name}",
+            schemaDigest=fg and fg.schemaDigest,
         ),
         image=config.image,
         trainingJob=config.training_job,
@@ -264,8 +273,33 @@ def run(config: TrainConfig) -> int:
             fail_rate,
             100 * fail_rate,
         )
-    _publish(config, plan, result, model_config, metadata, mirror)
+    _publish(config, plan, result, model_config, metadata, mirror, profile)
     return 0
+
+
+def _reference_profile(
+    model: torch.nn.Module, x_train: torch.Tensor, config: ModelConfig, feature_names: list[str]
+) -> bytes | None:
+    """``profile.json`` (kiln.monitoring.profile) of the training split and the model's outputs
+    on it, for drift monitoring in kiln-serve; None (logged) when the data cannot be profiled
+    (e.g. more features than a profile tracks): the artifact then has no reference."""
+    import torch
+
+    from kiln.monitoring.profile import ProfileError, build_profile
+    from kiln.trainer.loop import EVAL_BATCH
+
+    model.eval()
+    with torch.no_grad():
+        logits = [model(x_train[i : i + EVAL_BATCH]).float() for i in range(0, x_train.shape[0], EVAL_BATCH)]
+    names = feature_names if len(feature_names) == config.inputSize else None
+    try:
+        profile = build_profile(
+            {config.inputName: x_train}, {config.outputName: torch.cat(logits)}, feature_names=names
+        )
+    except ProfileError as e:
+        log.warning("no reference profile in the artifact (drift monitoring off for it): %s", e)
+        return None
+    return profile.to_json()
 
 
 def _publish(
@@ -275,11 +309,13 @@ def _publish(
     model_config: ModelConfig,
     metadata: ArtifactMetadata,
     mirror: CheckpointMirror | None,
+    profile: bytes | None = None,
 ) -> None:
     """Rank 0 after training: write the artifact (and upload it for an ``s3://`` output), write
     the termination message, then remove the run's checkpoints (locally and in the bucket).
 
-    ``mirror`` is the bucket copy of the checkpoints (None without an ``s3://`` output).
+    ``mirror`` is the bucket copy of the checkpoints (None without an ``s3://`` output);
+    ``profile`` the reference profile written as ``profile.json`` (None: none).
 
     Raises:
         OSError: the artifact cannot be written locally (FileExistsError: it exists).
@@ -298,6 +334,7 @@ def _publish(
         weights_metadata=fault_injection_weights_metadata(
             config.hyperparameters.servingFaultInjectionFailRate
         ),
+        extra_files={PROFILE_FILE: profile} if profile is not None else None,
     )
     if config.output_remote is not None:
         publish_artifact(final_dir, storage.parse(plan["artifact_uri"]))

@@ -141,13 +141,27 @@ class Hyperparameters(BaseModel):
         return self.seed if self.splitSeed is None else self.splitSeed
 
 
+class FeatureGroupDataset(BaseModel):
+    """The FeatureGroup a ``featureGroupRef`` names, as the operator resolved it."""
+
+    name: str
+    namespace: str
+    spec: dict[str, Any]
+    schemaDigest: str
+
+
 class DatasetSpec(BaseModel):
-    """Where the data comes from (``KILN_DATASET``): exactly one of ``builtin`` and ``uri``.
+    """Where the data comes from (``KILN_DATASET``): exactly one of ``builtin``, ``uri`` and
+    ``featureGroup``.
 
     ``uri`` is a file path or ``file://`` URI of a CSV or Parquet file (or a Parquet directory),
     or the ``s3://bucket/key`` of one CSV or Parquet object (downloaded to the staging directory);
     ``format`` is guessed from the suffix when absent; ``labelColumn`` (default ``label``) holds
     the class; every other column (or ``featureColumns`` when given) must be numeric.
+
+    ``featureGroup`` (set by the operator from ``dataset.featureGroupRef``) makes the training
+    set the point-in-time join of the entity table ``entityUri`` (entity columns,
+    ``timestampColumn``, ``labelColumn``) with that FeatureGroup's source.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -157,26 +171,24 @@ class DatasetSpec(BaseModel):
     format: Literal["csv", "parquet"] | None = None
     labelColumn: str | None = None
     featureColumns: list[str] | None = None
+    featureGroup: FeatureGroupDataset | None = None
+    entityUri: str | None = None
+    timestampColumn: str = "event_timestamp"
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
-        extra = self.model_extra or {}
-        if self.builtin is None and self.uri is None:
-            for key in ("featureGroup", "featureGroupRef"):
-                if key in extra:
-                    raise ValueError(
-                        f"dataset.{key} ({extra[key]!r}) must be resolved by the operator to a "
-                        "CSV/Parquet 'uri' with a 'labelColumn' before the trainer runs (the trainer "
-                        "reads files only)"
-                    )
-            raise ValueError("dataset needs one of 'builtin' or 'uri'")
-        if self.builtin is not None and self.uri is not None:
-            raise ValueError("dataset needs exactly one of 'builtin' or 'uri', not both")
+        n = sum(x is not None for x in (self.builtin, self.uri, self.featureGroup))
+        if n != 1:
+            raise ValueError("dataset needs exactly one of 'builtin', 'uri' or 'featureGroup'")
+        if self.featureGroup is not None and not (self.entityUri and self.labelColumn):
+            raise ValueError("dataset.featureGroup needs 'entityUri' and 'labelColumn'")
         return self
 
     @property
     def display_name(self) -> str:
-        """The built-in name or the URI: recorded as ``DatasetInfo.name``."""
+        """The built-in name, the URI, or ``featuregroup:<ns>/<name>``: ``DatasetInfo.name``."""
+        if self.featureGroup is not None:
+            return f"featuregroup:{self.featureGroup.namespace}/{self.featureGroup.name}"
         return self.builtin if self.builtin is not None else str(self.uri)
 
 

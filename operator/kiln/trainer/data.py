@@ -25,9 +25,11 @@ The algorithm is our own (not scikit-learn's) so it cannot change under a librar
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +41,7 @@ from kiln.trainer.config import DatasetSpec, UsageError, default_staging_dir
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 DEFAULT_LABEL_COLUMN = "label"
+log = logging.getLogger("kiln.trainer.data")
 
 
 def _sklearn_loader(name: str) -> Callable[[], tuple[np.ndarray, np.ndarray, list[str], list[str]]]:
@@ -237,20 +240,36 @@ def load_table_file(spec: DatasetSpec, staging_dir: Path | None = None) -> Datas
     except (pa.ArrowException, OSError) as e:
         raise UsageError(f"cannot read {path} as {fmt}: {e}") from None
 
-    label_column = spec.labelColumn or DEFAULT_LABEL_COLUMN
+    return table_dataset(str(spec.uri), str(path), table, spec.labelColumn, spec.featureColumns)
+
+
+def table_dataset(
+    name: str, path: str, table: Any, label_column: str | None, feature_columns: list[str] | None
+) -> Dataset:
+    """A pyarrow Table as a :class:`Dataset`: ``label_column`` (default ``label``) holds the class,
+    ``feature_columns`` (default: every other column) the numeric features. ``path`` is what
+    messages name.
+
+    Raises:
+        UsageError: missing label column, non-numeric feature columns, missing values, fewer
+            than two classes.
+    """
+    import pyarrow as pa
+
+    label_column = label_column or DEFAULT_LABEL_COLUMN
     columns = list(table.column_names)
     if label_column not in columns:
         raise UsageError(
             f"dataset {path}: label column {label_column!r} not found; columns are: {', '.join(columns[:50])}"
             + (" ..." if len(columns) > 50 else "")
         )
-    if spec.featureColumns is not None:
-        missing = [c for c in spec.featureColumns if c not in columns]
+    if feature_columns is not None:
+        missing = [c for c in feature_columns if c not in columns]
         if missing:
             raise UsageError(f"dataset {path}: feature column(s) not found: {', '.join(missing)}")
-        if label_column in spec.featureColumns:
+        if label_column in feature_columns:
             raise UsageError(f"dataset {path}: the label column {label_column!r} cannot also be a feature")
-        feature_cols = list(spec.featureColumns)
+        feature_cols = list(feature_columns)
     else:
         feature_cols = [c for c in columns if c != label_column]
     if not feature_cols:
@@ -302,7 +321,51 @@ def load_table_file(spec: DatasetSpec, staging_dir: Path | None = None) -> Datas
         y_raw = np.asarray(table.column(label_column).cast(pa.string()).to_pylist(), dtype=object).astype(str)
     else:
         raise UsageError(f"dataset {path}: label column {label_column!r} has unsupported type {label_type}")
-    return _finish(str(spec.uri), x, y_raw, None, feature_cols)
+    return _finish(name, x, y_raw, None, feature_cols)
+
+
+def load_feature_group(spec: DatasetSpec) -> Dataset:
+    """The training set of a ``featureGroup`` dataset: the point-in-time join
+    (:func:`kiln.features.offline.get_historical_features`) of the entity table ``entityUri``
+    with the FeatureGroup's source, the FeatureGroup's features as the feature columns.
+
+    Rows that get no value for some feature (no source row at or before their time within the
+    lookback) are dropped, and counted in the log: a model cannot train on a missing value.
+
+    Raises:
+        UsageError: the schema digest differs from what the operator resolved, the entity table
+            or the source is unusable (the column is named), a feature is not numeric, or no row
+            is left.
+    """
+    from kiln.api.featuregroup import FeatureGroupSpec
+    from kiln.features.errors import FeatureError
+    from kiln.features.offline import get_historical_features, read_table
+    from kiln.features.schema import FeatureView
+
+    fg = spec.featureGroup
+    assert fg is not None and spec.entityUri is not None
+    view = FeatureView(fg.namespace, fg.name, FeatureGroupSpec.model_validate(fg.spec))
+    if view.digest != fg.schemaDigest:
+        raise UsageError(
+            f"FeatureGroup {fg.name}: schema digest {view.digest} is not the resolved {fg.schemaDigest}"
+        )
+    try:
+        entities = read_table(spec.entityUri)
+        joined = get_historical_features(view, entities, timestamp_column=spec.timestampColumn)
+    except FeatureError as e:
+        raise UsageError(f"FeatureGroup {fg.name}: {e}") from None
+    label = spec.labelColumn or DEFAULT_LABEL_COLUMN
+    features = list(view.feature_names)
+    complete = joined.select([*features, label]).drop_null()
+    dropped = joined.num_rows - complete.num_rows
+    if dropped:
+        log.warning(
+            "FeatureGroup %s: %d of %d entity rows have no value for some feature as of their time; dropped",
+            fg.name,
+            dropped,
+            joined.num_rows,
+        )
+    return table_dataset(spec.display_name, spec.entityUri, complete, label, features)
 
 
 def load_dataset(spec: DatasetSpec, staging_dir: Path | None = None) -> Dataset:
@@ -314,6 +377,8 @@ def load_dataset(spec: DatasetSpec, staging_dir: Path | None = None) -> Dataset:
     """
     if spec.builtin is not None:
         return load_builtin(spec.builtin)
+    if spec.featureGroup is not None:
+        return load_feature_group(spec)
     return load_table_file(spec, staging_dir)
 
 

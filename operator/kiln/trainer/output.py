@@ -95,6 +95,7 @@ def write_artifact(
     metadata: ArtifactMetadata,
     *,
     weights_metadata: Mapping[str, str] | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> ArtifactMetadata:
     """Write weights, config and metadata atomically into ``final_dir``.
 
@@ -105,6 +106,9 @@ def write_artifact(
         weights_metadata: string entries for the safetensors header's ``__metadata__``, inside
             the weights file and so covered by the digest (e.g. the FAULT INJECTION rate, see
             ``kiln.artifact``); None writes no ``__metadata__``.
+        extra_files: more files of the artifact, relative path -> bytes (e.g. the reference
+            profile ``profile.json``), listed with their digests in ``metadata.files`` so
+            ``check_artifact`` verifies them.
     Returns:
         The metadata as written.
     Raises:
@@ -123,10 +127,16 @@ def write_artifact(
         save_file(
             tensors, str(tmp / WEIGHTS_FILE), metadata=dict(weights_metadata) if weights_metadata else None
         )
-        written = metadata.model_copy(update={"weightsDigest": sha256_file(tmp / WEIGHTS_FILE)})
+        extra = dict(extra_files or {})
+        for name, data in extra.items():
+            (tmp / name).write_bytes(data)
+        files = {**metadata.files, **{name: sha256_file(tmp / name) for name in extra}}
+        written = metadata.model_copy(
+            update={"weightsDigest": sha256_file(tmp / WEIGHTS_FILE), "files": files}
+        )
         (tmp / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
         (tmp / METADATA_FILE).write_text(written.model_dump_json(indent=2) + "\n")
-        for f in (WEIGHTS_FILE, CONFIG_FILE, METADATA_FILE):
+        for f in (WEIGHTS_FILE, CONFIG_FILE, *extra, METADATA_FILE):
             fsync_path(tmp / f)
         fsync_path(tmp)
         os.rename(tmp, final_dir)  # fails if final_dir appeared meanwhile: never overwrite

@@ -127,7 +127,11 @@ def test_pod_is_hardened_and_probed():
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
-    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "metrics": 9090}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
+        "http": 8080,
+        "grpc": 8081,
+        "metrics": 9090,
+    }
     env = {e["name"]: e["value"] for e in c["env"]}
     assert env[build.ENV_SHUTDOWN_DELAY] == str(build.SHUTDOWN_DELAY_SECONDS)
     assert pod["terminationGracePeriodSeconds"] > build.SHUTDOWN_DELAY_SECONDS + build.DRAIN_TIMEOUT_SECONDS
@@ -220,6 +224,7 @@ def test_server_env():
         "KILN_MODEL_NAME": "digits-model",
         "KILN_MODEL_VERSION": "3",
         "KILN_PORT": "8080",
+        "KILN_GRPC_PORT": "8081",
         "KILN_METRICS_PORT": "9090",
         "KILN_MAX_BATCH_SIZE": "16",
         "KILN_MAX_BATCH_DELAY_MS": "5",
@@ -240,6 +245,33 @@ def test_env_names_match_the_model_server():
     known = set(settings.ENV_VARS.values())
     ours = {e["name"] for e in build.server_env(spec(runtime={"image": "i"}), 1, "u", DIGEST)}
     assert ours <= known, ours - known
+
+
+def test_services_expose_grpc_beside_http():
+    """Every Service of an InferenceService carries the gRPC port, named and marked as HTTP/2 cleartext."""
+    for s, count in ((spec(), 1), (spec(rollout=GATEWAY), 3)):
+        objs = by_kind(
+            build.children(
+                ISVC,
+                s,
+                stable=(1, "u", DIGEST),
+                stable_replicas=1,
+                canary=(2, "v", DIGEST),
+                canary_replicas=1,
+            )
+        )
+        services = [o for (kind, _), o in objs.items() if kind == "Service"]
+        assert len(services) == count
+        for svc in services:
+            ports = {p["name"]: p for p in svc["spec"]["ports"]}
+            assert ports["grpc"] == {
+                "name": "grpc",
+                "port": 8081,
+                "targetPort": "grpc",
+                "protocol": "TCP",
+                "appProtocol": "kubernetes.io/h2c",
+            }
+            assert ports["http"]["port"] == 80 and "appProtocol" not in ports["http"]
 
 
 def test_hpa_owns_stable_replicas():
@@ -265,7 +297,11 @@ def test_service_monitor_can_be_disabled_and_selects_scraped_services():
 def test_every_child_is_labelled_and_owned():
     objs = build.children(
         ISVC,
-        spec(rollout=GATEWAY, autoscaling={"maxReplicas": 3}),
+        spec(
+            rollout=GATEWAY,
+            autoscaling={"maxReplicas": 3},
+            monitoring={"alerts": {"errorRatio": {"threshold": 0.1}}},
+        ),
         stable=(1, "u", DIGEST),
         stable_replicas=None,
         canary=(2, "u2", DIGEST),

@@ -9,7 +9,7 @@ import pytest
 
 from kiln.api.inferenceservice import ModelSelector
 from kiln.controllers.inferenceservice import (
-    ModelIndex,
+    ReferenceIndex,
     Unresolved,
     _artifact_of,
     progress_failure,
@@ -169,7 +169,7 @@ def test_status_diff_clears_the_finished_canary():
 
 
 def test_model_index():
-    idx = ModelIndex()
+    idx = ReferenceIndex()
     idx.set("ns", "a", "digits")
     idx.set("ns", "b", "digits")
     idx.set("other", "c", "digits")

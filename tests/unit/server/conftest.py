@@ -136,7 +136,7 @@ def free_port() -> int:
 class ThreadedServer:
     """An ``InferenceServer`` running on its own event loop in a background thread."""
 
-    def __init__(self, model: Any, **overrides: Any) -> None:
+    def __init__(self, model: Any, profile_dir: Any = None, **overrides: Any) -> None:
         from kiln.server.app import InferenceServer
         from kiln.server.settings import ServerSettings
 
@@ -147,6 +147,7 @@ class ThreadedServer:
             model_version=model.version,
             host="127.0.0.1",
             port=0,
+            grpc_port=0,
             metrics_port=0,
             max_request_bytes=256 * 1024,
             drain_timeout_seconds=5.0,
@@ -155,10 +156,11 @@ class ThreadedServer:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="kiln-test-server", daemon=True)
         self._thread.start()
-        self.server = InferenceServer(model, self.settings)
+        self.server = InferenceServer(model, self.settings, profile_dir=profile_dir)
         self.run(self.server.start())
         self.url = f"http://127.0.0.1:{self.server.port}"
         self.metrics_url = f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+        self.grpc_target = f"127.0.0.1:{self.server.grpc_port}"
 
     def run(self, coro: Any, timeout: float = 30.0) -> Any:
         """Run a coroutine on the server's loop and wait for its result."""

@@ -137,6 +137,75 @@ def test_max_batch_delay_bounds_the_wait() -> None:
     assert rec.batches == [1]
 
 
+async def concurrent_passes(b: DynamicBatcher, passes: int, requests: int) -> None:
+    """``passes`` forward passes of ``requests`` concurrent one-row requests each."""
+    for _ in range(passes):
+        await asyncio.gather(*(b.submit(rows(1)) for _ in range(requests)))
+
+
+def test_after_concurrent_passes_an_unannounced_request_waits_for_company() -> None:
+    """gRPC requests are queued the moment they are seen: after passes that held several requests,
+    the batcher waits (at most max_batch_delay) for more instead of running a pass per request."""
+    rec = Recorder()
+
+    async def go() -> None:
+        b = DynamicBatcher(rec, max_batch_size=32, max_batch_delay=1.0)
+        b.start()
+        await concurrent_passes(b, 2, 4)
+        assert b.concurrent
+
+        async def later() -> np.ndarray:
+            await asyncio.sleep(0.05)
+            return await b.submit(rows(1))
+
+        t = time.perf_counter()
+        await asyncio.gather(b.submit(rows(1)), later(), later())
+        assert time.perf_counter() - t >= 0.9  # the wait ran to the delay: nobody announced a stop
+        await b.stop()
+
+    run(go())
+    assert rec.batches == [4, 4, 3]
+
+
+def test_the_wait_ends_a_few_passes_after_the_burst() -> None:
+    rec = Recorder()
+
+    async def go() -> list[tuple[bool, float]]:
+        b = DynamicBatcher(rec, max_batch_size=32, max_batch_delay=0.05)
+        b.start()
+        await concurrent_passes(b, 3, 5)
+        steps = []
+        for _ in range(12):  # one client now: each request alone
+            concurrent = b.concurrent
+            t = time.perf_counter()
+            await b.submit(rows(1))
+            steps.append((concurrent, time.perf_counter() - t))
+        await b.stop()
+        return steps
+
+    steps = run(go())
+    # The moving average of requests per pass (3.3 after the burst) falls below 1.5 in 6 passes.
+    assert [c for c, _ in steps] == [True] * 6 + [False] * 6
+    assert all(w >= 0.045 for c, w in steps if c)  # each of those waited out the delay
+    assert rec.batches == [5, 5, 5] + [1] * 12
+
+
+def test_no_delay_never_waits_even_when_concurrent() -> None:
+    rec = Recorder()
+
+    async def go() -> float:
+        b = DynamicBatcher(rec, max_batch_size=32, max_batch_delay=0.0)
+        b.start()
+        await concurrent_passes(b, 2, 4)
+        t = time.perf_counter()
+        await b.submit(rows(1))
+        elapsed = time.perf_counter() - t
+        await b.stop()
+        return elapsed
+
+    assert run(go()) < 0.5
+
+
 def test_requests_queue_while_a_forward_pass_runs() -> None:
     rec = Recorder(delay=0.05)
 

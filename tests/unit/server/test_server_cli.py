@@ -26,6 +26,7 @@ REQUIRED = ["--artifact", "/a", "--digest", DIGEST, "--model-name", "digits"]
 def test_defaults() -> None:
     s = parse_settings(REQUIRED, {})
     assert s == ServerSettings(artifact="/a", digest=DIGEST, model_name="digits")
+    assert (s.port, s.grpc_port, s.metrics_port) == (8080, 8081, 9090)
     assert (s.port, s.metrics_port, s.max_batch_size, s.max_batch_delay_ms, s.cache_size, s.fail_rate) == (
         8080,
         9090,
@@ -37,6 +38,22 @@ def test_defaults() -> None:
     assert s.max_request_bytes == 8 * 1024 * 1024
 
 
+FEATURE_GROUPS = json.dumps(
+    [
+        {
+            "name": "pixels",
+            "namespace": "ns",
+            "spec": {
+                "entities": [{"name": "image_id"}],
+                "features": [{"name": "p0", "dtype": "float32"}],
+                "source": {"uri": "/data/pixels.parquet"},
+                "online": {"enabled": True, "store": {"address": "redis:6379"}},
+            },
+        }
+    ]
+)
+
+
 def test_everything_comes_from_the_environment_and_flags_win() -> None:
     env = {
         "KILN_ARTIFACT_URI": "file:///models/digits/3",
@@ -44,6 +61,7 @@ def test_everything_comes_from_the_environment_and_flags_win() -> None:
         "KILN_MODEL_NAME": "digits",
         "KILN_MODEL_VERSION": "3",
         "KILN_PORT": "8000",
+        "KILN_GRPC_PORT": "8001",
         "KILN_METRICS_PORT": "9100",
         "KILN_MAX_BATCH_SIZE": "64",
         "KILN_MAX_BATCH_DELAY_MS": "5",
@@ -57,6 +75,7 @@ def test_everything_comes_from_the_environment_and_flags_win() -> None:
         "KILN_HOST": "127.0.0.1",
         "KILN_MODEL_DIR": "/var/lib/kiln/model",
         "KILN_MODEL_HOOK": "digits_hooks:Scale",
+        "KILN_FEATURE_GROUPS": FEATURE_GROUPS,
     }
     assert set(env) == set(ENV_VARS.values())
     s = parse_settings([], env)
@@ -69,6 +88,7 @@ def test_everything_comes_from_the_environment_and_flags_win() -> None:
         model_hook="digits_hooks:Scale",
         host="127.0.0.1",
         port=8000,
+        grpc_port=8001,
         metrics_port=9100,
         max_batch_size=64,
         max_batch_delay_ms=5.0,
@@ -79,6 +99,7 @@ def test_everything_comes_from_the_environment_and_flags_win() -> None:
         shutdown_delay_seconds=3.0,
         torch_threads=2,
         log_level="DEBUG",
+        feature_groups=FEATURE_GROUPS,
     )
     assert parse_settings(["--port", "7000", "--fail-rate", "0"], env).port == 7000
     assert parse_settings(["--fail-rate", "0"], env).fail_rate == 0.0
@@ -94,7 +115,14 @@ def test_everything_comes_from_the_environment_and_flags_win() -> None:
         ([*REQUIRED, "--fail-rate", "1.5"], {}, "fail rate must be in [0, 1]"),
         ([*REQUIRED, "--max-batch-size", "0"], {}, "max batch size must be >= 1"),
         ([*REQUIRED, "--port", "9090"], {}, "port and metrics port must differ"),
+        ([*REQUIRED, "--grpc-port", "8080"], {}, "port and grpc port must differ"),
         ([*REQUIRED, "--port", "70000"], {}, "port must be in 0..65535"),
+        (REQUIRED, {"KILN_FEATURE_GROUPS": "[{"}, "KILN_FEATURE_GROUPS is not JSON"),
+        (
+            REQUIRED,
+            {"KILN_FEATURE_GROUPS": FEATURE_GROUPS.replace('"enabled": true', '"enabled": false')},
+            "FeatureGroup pixels has no online store",
+        ),
     ],
 )
 def test_invalid_settings_exit_2_with_a_message(

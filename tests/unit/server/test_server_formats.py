@@ -2,7 +2,8 @@
 
 A small CNN on 1x8x8 "digits" (random weights: what is checked is that serving computes what
 the module computes in-process), exported by ``kiln.sdk.save_model`` in both formats, loaded
-by the server's own loader and served over real HTTP. CPU, one thread, a few seconds per export.
+by the server's own loader and served over real HTTP and gRPC (Triton's clients: both transports
+give the same answers, the forward pass's). CPU, one thread, a few seconds per export.
 """
 
 from __future__ import annotations
@@ -85,6 +86,72 @@ def load(path: Path, **kw: Any) -> Any:
     return load_model(path, kw.pop("digest", digest), name="cnn", version="1", threads=1)
 
 
+def triton(transport: str) -> Any:
+    """``tritonclient.grpc`` or ``tritonclient.http`` (the dev extra), or skip."""
+    return pytest.importorskip(f"tritonclient.{transport}")
+
+
+def infer_both(
+    server: ThreadedServer, inputs: dict[str, np.ndarray], **kw: Any
+) -> list[dict[str, np.ndarray]]:
+    """The outputs of one request sent with ``tritonclient.grpc`` and with ``tritonclient.http``.
+
+    Each input goes in the datatype of its numpy dtype (raw over gRPC, binary over REST).
+    """
+    from tritonclient.utils import np_to_triton_dtype
+
+    answers = []
+    for transport, url in (("grpc", server.grpc_target), ("http", server.url.removeprefix("http://"))):
+        client_module = triton(transport)
+        client = client_module.InferenceServerClient(url)
+        try:
+            tensors = []
+            for name, x in inputs.items():
+                t = client_module.InferInput(name, list(x.shape), np_to_triton_dtype(x.dtype))
+                t.set_data_from_numpy(x)
+                tensors.append(t)
+            result = client.infer("cnn", tensors, **kw)
+            names = [o.name if transport == "grpc" else o["name"] for o in _outputs(result, transport)]
+            answers.append({n: result.as_numpy(n) for n in names})
+        finally:
+            client.close()
+    return answers
+
+
+def _outputs(result: Any, transport: str) -> list[Any]:
+    return list(result.get_response().outputs) if transport == "grpc" else result.get_response()["outputs"]
+
+
+def grpc_metadata(server: ThreadedServer) -> dict[str, Any]:
+    """``ModelMetadata`` over gRPC in REST's JSON form (int shapes; protobuf's JSON quotes int64)."""
+    client = triton("grpc").InferenceServerClient(server.grpc_target)
+    try:
+        meta: dict[str, Any] = client.get_model_metadata("cnn", as_json=True)
+    finally:
+        client.close()
+    for t in meta["inputs"] + meta["outputs"]:
+        t["shape"] = [int(d) for d in t["shape"]]
+    return meta
+
+
+def grpc_error(
+    server: ThreadedServer, tensors: list[tuple[str, str, list[int], np.ndarray]]
+) -> tuple[str, str]:
+    """(status, message) of a gRPC request that fails; ``tensors``: (name, datatype, shape, raw values)."""
+    import grpc
+
+    from kiln.server.oip import grpc_predict_v2_pb2 as pb
+    from kiln.server.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    req = pb.ModelInferRequest(model_name="cnn")
+    for name, datatype, shape, values in tensors:
+        req.inputs.add(name=name, datatype=datatype, shape=shape)
+        req.raw_input_contents.append(values.tobytes())
+    with grpc.insecure_channel(server.grpc_target) as channel, pytest.raises(grpc.RpcError) as e:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=10)
+    return e.value.code().name, e.value.details()
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_sdk_artifact_loads_and_matches_the_forward_pass(
     exported: dict[str, Path], cnn: nn.Module, fmt: str
@@ -138,6 +205,48 @@ def test_infer_a_batch(served: ThreadedServer, cnn: nn.Module) -> None:
     with torch.no_grad():
         want = cnn(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(np.array(out["data"]).reshape(3, 10), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_grpc_serves_the_exported_cnn_as_rest_does(
+    exported: dict[str, Path], cnn: nn.Module, fmt: str
+) -> None:
+    from kiln.server.oip import grpc_predict_v2_pb2 as pb
+    from kiln.server.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    server = ThreadedServer(load(exported[fmt]))
+    try:
+        meta = requests.get(server.url + "/v2/models/cnn", timeout=5).json()
+        assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+        assert grpc_metadata(server) == meta
+        x = np.random.default_rng(11).standard_normal((5, 1, 8, 8)).astype(np.float32)
+        g, h = infer_both(server, {"image": x}, request_id="r")
+        assert g["logits"].dtype == np.float32 and g["logits"].shape == (5, 10)
+        np.testing.assert_array_equal(g["logits"], h["logits"])
+        with torch.no_grad():
+            want = cnn(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(g["logits"], want, rtol=1e-4, atol=1e-5)
+        # Typed contents: UINT8 pixels in uint_contents, converted to the model's FP32 as over REST.
+        pixels = np.random.default_rng(12).integers(0, 17, (2, 1, 8, 8)).astype(np.uint8)
+        req = pb.ModelInferRequest(model_name="cnn")
+        req.inputs.add(name="image", datatype="UINT8", shape=[2, 1, 8, 8]).contents.uint_contents.extend(
+            pixels.ravel().tolist()
+        )
+        import grpc
+
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            typed = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=10)
+        (out,) = typed.outputs
+        assert (out.name, out.datatype, list(out.shape)) == ("logits", "FP32", [2, 10])
+        _, rest = infer_both(server, {"image": pixels})
+        np.testing.assert_array_equal(
+            np.array(out.contents.fp32_contents, np.float32).reshape(2, 10), rest["logits"]
+        )
+        code, message = grpc_error(server, [("image", "FP32", [2, 64], np.zeros((2, 64), np.float32))])
+        assert code == "INVALID_ARGUMENT"
+        assert "input 'image' has wrong shape [2, 64]; expected [-1, 1, 8, 8]" in message
+    finally:
+        server.close()
 
 
 @pytest.mark.parametrize(
@@ -202,6 +311,25 @@ def test_two_inputs_two_outputs_batched(tmp_path: Path, fmt: str) -> None:
         frac = {"inputs": [{**body["inputs"][0], "datatype": "FP32", "data": [1.5, 2]}, body["inputs"][1]]}
         r = requests.post(server.url + "/v2/models/cnn/infer", json=frac, timeout=5)
         assert r.status_code == 400 and "input 'offset' must hold integers" in r.json()["error"]
+        # gRPC: the same signature, several inputs of their own datatypes, the same answers and checks
+        assert grpc_metadata(server) == meta
+        g, h = infer_both(server, {"offset": np.array([10, 20], np.int64), "x": x})
+        for name, want in (("y", y), ("total", total)):
+            assert g[name].dtype == np.float32
+            np.testing.assert_array_equal(g[name], h[name])
+            np.testing.assert_allclose(g[name], want.numpy(), rtol=1e-5, atol=1e-5)
+        offset = ("offset", "INT64", [2], np.array([10, 20], np.int64))
+        for tensors, message in (
+            ([("x", "FP32", [2, 3], x)], "missing input 'offset'"),
+            (
+                [("offset", "FP32", [2], np.array([1.5, 2], np.float32)), ("x", "FP32", [2, 3], x)],
+                "must hold integers",
+            ),
+            ([offset, ("x", "FP32", [1, 3], x[:1])], "every input needs the same first (batch) dimension"),
+            ([offset, ("x", "FP64", [2, 3], x)], "raw_input_contents[1] has 24 bytes"),
+        ):
+            code, got = grpc_error(server, tensors)
+            assert code == "INVALID_ARGUMENT" and message in got, got
     finally:
         server.close()
 
@@ -311,6 +439,13 @@ def test_model_hook_pre_and_post_processing(exported: dict[str, Path], cnn: nn.M
             r.status_code == 400
             and "input 'image' has values outside the range of UINT8" in r.json()["error"]
         )
+        # The hook is the served model's, whatever the transport.
+        assert grpc_metadata(server) == meta
+        g, h = infer_both(server, {"image": x.astype(np.uint8)})
+        np.testing.assert_array_equal(g["probabilities"], h["probabilities"])
+        np.testing.assert_allclose(g["probabilities"], want, rtol=1e-4, atol=1e-6)
+        code, message = grpc_error(server, [("image", "INT32", [1, 1, 8, 8], np.full(64, 300, np.int32))])
+        assert code == "INVALID_ARGUMENT" and "input 'image' has values outside the range of UINT8" in message
     finally:
         server.close()
     with pytest.raises(ArtifactError, match="neither preprocess"):

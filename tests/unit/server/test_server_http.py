@@ -361,9 +361,9 @@ def test_metrics(make_server: Any, digits_artifact: DigitsArtifact) -> None:
         requests.post(s.url + INFER, json=infer_body(digits_artifact.x_test[:2]), timeout=5)
     requests.post(s.url + INFER, data=b"nope", timeout=5)
     m = metric_samples(s)
-    assert sample(m, "kiln_inference_requests_total", code="200") == 3
-    assert sample(m, "kiln_inference_requests_total", code="400") == 1
-    assert sample(m, "kiln_inference_request_duration_seconds_count") == 4
+    assert sample(m, "kiln_inference_requests_total", protocol="rest", code="200") == 3
+    assert sample(m, "kiln_inference_requests_total", protocol="rest", code="400") == 1
+    assert sample(m, "kiln_inference_request_duration_seconds_count", protocol="rest") == 4
     assert sample(m, "kiln_inference_batch_size_count") == 3
     assert sample(m, "kiln_inference_batch_size_sum") == 6
     assert sample(m, "kiln_inference_inflight_requests") == 0
@@ -437,7 +437,7 @@ def test_fault_injection_is_explicit(make_server: Any) -> None:
     bad = requests.post(s.url + INFER, data=b"{", timeout=5)
     assert bad.status_code == 400  # invalid requests are still refused as such
     m = metric_samples(s)
-    assert sample(m, "kiln_inference_requests_total", code="500") == 1
+    assert sample(m, "kiln_inference_requests_total", protocol="rest", code="500") == 1
     assert sample(m, "kiln_inference_injected_failures_total") == 1
     assert sample(m, "kiln_inference_fault_injection_rate") == 1.0
     assert requests.get(s.url + "/v2/health/ready", timeout=5).status_code == 200

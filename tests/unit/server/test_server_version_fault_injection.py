@@ -87,8 +87,8 @@ def test_loaded_version_fails_at_its_rate_and_says_so(
 
     s = ThreadedServer(model, fail_rate=0.1)  # the server's own rate is lower: the artifact's wins
     try:
-        assert s.server.fail_rate == 0.3
-        s.server._random = random.Random(0)  # a fixed sequence: the count below is exact
+        assert s.server.core.fail_rate == 0.3
+        s.server.core._random = random.Random(0)  # a fixed sequence: the count below is exact
         rows = np.zeros((1, 64), dtype=np.float32)
         with requests.Session() as http:
             answers = [http.post(s.url + INFER, json=infer_body(rows), timeout=5) for _ in range(400)]
@@ -101,7 +101,7 @@ def test_loaded_version_fails_at_its_rate_and_says_so(
         m = metric_samples(s)
         assert sample(m, "kiln_inference_fault_injection_rate") == 0.3
         assert sample(m, "kiln_inference_injected_failures_total") == codes.count(500)
-        assert sample(m, "kiln_inference_requests_total", code="500") == codes.count(500)
+        assert sample(m, "kiln_inference_requests_total", protocol="rest", code="500") == codes.count(500)
         assert sample(m, "kiln_model_info", digest=digest) == 1
     finally:
         s.close()
@@ -112,7 +112,7 @@ def test_a_higher_server_rate_wins(broken: tuple[Path, str], make_server: Any, l
     model = load_model(path, digest, name=MODEL_NAME, version=MODEL_VERSION)
     s = ThreadedServer(model, fail_rate=1.0)
     try:
-        assert s.server.fail_rate == 1.0
+        assert s.server.core.fail_rate == 1.0
         r = requests.post(s.url + INFER, json=infer_body(np.zeros((1, 64))), timeout=5)
         assert r.status_code == 500
         assert sample(metric_samples(s), "kiln_inference_fault_injection_rate") == 1.0
@@ -120,7 +120,7 @@ def test_a_higher_server_rate_wins(broken: tuple[Path, str], make_server: Any, l
         s.close()
     # and a normal artifact with no server rate injects nothing
     plain = make_server()
-    assert loaded_model.fault_injection_fail_rate == 0.0 and plain.server.fail_rate == 0.0
+    assert loaded_model.fault_injection_fail_rate == 0.0 and plain.server.core.fail_rate == 0.0
 
 
 @pytest.mark.parametrize("bad", ["1.5", "-0.1", "nan", "inf", "often"])

@@ -96,9 +96,20 @@ def test_defaults_without_optional_env():
         ({"KILN_HYPERPARAMETERS": "[1]"}, [], "must be a JSON object"),
         ({"KILN_HYPERPARAMETERS": "{bad"}, [], "KILN_HYPERPARAMETERS is not valid JSON"),
         ({"KILN_DATASET": ""}, [], "no dataset"),
-        ({"KILN_DATASET": "{}"}, [], "one of 'builtin' or 'uri'"),
-        ({"KILN_DATASET": '{"featureGroupRef": {"name": "fg"}}'}, [], "must be resolved by the operator"),
-        ({"KILN_DATASET": '{"featureGroup": "fg"}'}, [], r"dataset.featureGroup \('fg'\) must be resolved"),
+        ({"KILN_DATASET": "{}"}, [], "one of 'builtin', 'uri' or 'featureGroup'"),
+        (
+            {"KILN_DATASET": '{"featureGroupRef": {"name": "fg"}}'},
+            [],
+            "one of 'builtin', 'uri' or 'featureGroup'",
+        ),
+        ({"KILN_DATASET": '{"featureGroup": "fg"}'}, [], "featureGroup"),
+        (
+            {
+                "KILN_DATASET": '{"featureGroup": {"name": "a", "namespace": "b", "spec": {}, "schemaDigest": "x"}}'
+            },
+            [],
+            "needs 'entityUri' and 'labelColumn'",
+        ),
         ({"KILN_DATASET": '{"uri": "/x", "format": "json"}'}, [], "dataset.format"),
         ({"KILN_OUTPUT_URI": ""}, [], "no output"),
         ({"KILN_OUTPUT_URI": "gs://b/p"}, [], "unsupported artifact URI scheme"),

@@ -29,6 +29,7 @@ from kiln.artifact import (
     uri_to_path,
     verify_artifact,
 )
+from kiln.monitoring.profile import PROFILE_FILE, load_profile
 from kiln.nn import build_model
 from kiln.trainer.data import load_builtin, stratified_split
 
@@ -66,6 +67,29 @@ def _check_success(run: Run, world_size: int) -> dict:
     return {"digest": result.digest, **result.metrics}
 
 
+def _check_reference_profile(artifact: Path) -> None:
+    """profile.json: the training split's 64 pixels and the model's predicted classes on it,
+    listed (and so verified) in metadata.json's files."""
+    assert PROFILE_FILE in read_metadata(artifact).files
+    profile = load_profile(artifact)
+    assert profile is not None
+    ds = load_builtin("sklearn-digits")
+    train = stratified_split(ds.labels, seed=0, validation_fraction=0.15, test_fraction=0.15).train
+    assert profile.rows == len(train) and [i.model_dump() for i in profile.inputs] == [
+        {"name": "input-0", "shape": [64]}
+    ]
+    assert [f.name for f in profile.features] == ds.feature_names and ds.feature_names[9] == "pixel_1_1"
+    pixel = profile.features[9]  # the whole column, exactly (17 distinct values)
+    values, counts = torch.from_numpy(ds.features[train][:, 9]).unique(return_counts=True)
+    assert not pixel.sampled and pixel.values == values.tolist() and pixel.counts == counts.tolist()
+    p = profile.prediction
+    assert p is not None and (p.output, p.transform, p.type) == ("output-0", "argmax", "categorical")
+    assert p.values == [float(c) for c in range(10)] and sum(p.counts) == len(train)
+    # about as many of each predicted class as of each label (the model is ~97% accurate)
+    labels = torch.from_numpy(ds.labels[train]).bincount().tolist()
+    assert all(abs(c - n) <= 0.1 * n for c, n in zip(p.counts, labels, strict=True))
+
+
 def _epoch_lines(output: str) -> list[str]:
     return re.findall(r"epoch \d+/\d+ loss=\S+ val_loss=\S+ val_accuracy=\S+ samples/s=\d+", output)
 
@@ -87,6 +111,7 @@ def test_single_process_run_writes_a_verifiable_artifact(tmp_path: Path, run_inp
     assert min(config.inputStd) > 0 and config.inputStd[0] == 1.0  # blank pixel: floor, not 0
     # What the server would compute from the files equals what the trainer reported.
     assert _accuracy_of_artifact(run.artifact) == pytest.approx(r["accuracy"])
+    _check_reference_profile(run.artifact)
     assert not list(run.artifact.parent.glob(".tmp-*"))
 
     # A restart after success (e.g. the pod died after writing) re-reports the same result.

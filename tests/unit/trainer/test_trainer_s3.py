@@ -64,6 +64,7 @@ def _check_s3_success(run: Run, root: str = f"s3://{BUCKET}/models") -> Training
         "config.json",
         "metadata.json",
         "model.safetensors",
+        "profile.json",
     ]
     assert storage.list_files(f"{root}/{run.model}/.checkpoints/{run.job}") == []  # removed after success
     return result
