@@ -22,7 +22,8 @@ from images/*/Dockerfile, in containerd, on a CNI bridge, behind kube-proxy and 
   7. bring your own model: examples/cnn, a user's DDP script (torchrun in 2 pods, gloo), exports
      a small CNN with ``kiln.sdk`` (torch.export) to S3; version 1 of Model ``digits-cnn``;
   8. promoted and served by InferenceService ``digits-cnn``; its signature (input ``image`` FP32
-     [-1, 1, 8, 8]) and every held-out 8x8 image queried over REST (OIP v2 JSON).
+     [-1, 1, 8, 8]), one image over REST and gRPC, and every held-out 8x8 image over REST (OIP v2
+     JSON).
 
 Prints progress, a summary table and the figures; ``--json FILE`` writes them for the e2e test.
 Exits non-zero if any step failed.
@@ -395,9 +396,12 @@ def post_json(host: str, port: int, path: str, body: dict[str, Any] | None = Non
     return dict(json.loads(data))
 
 
-def query_cnn(ip: str, port: int) -> tuple[float, str]:
-    """The CNN's signature, one digit shown with its answer, then every held-out image in one
-    request: returns the accuracy and a one-line summary of the digit shown."""
+def query_cnn(ip: str, port: int, grpc_port: int) -> tuple[float, str]:
+    """The CNN's signature, one digit shown with its answer (REST, then the same over gRPC with
+    ``tritonclient.grpc``), then every held-out image in one REST request: returns the accuracy
+    and a one-line summary of the digit shown."""
+    import tritonclient.grpc as grpcclient
+
     base = "/v2/models/digits-cnn"
     md = post_json(ip, port, base)
     note(f"GET http://{ip}:{port}{base}: platform {md['platform']}")
@@ -414,6 +418,14 @@ def query_cnn(ip: str, port: int) -> tuple[float, str]:
     out = {o["name"]: o["data"] for o in post_json(ip, port, f"{base}/infer", one)["outputs"]}
     shown = f"a held-out {int(y[0])} answered predicted_class {out['predicted_class'][0]}"
     note(shown + f" (logit {max(out['logits']):.2f})")
+    with grpcclient.InferenceServerClient(f"{ip}:{grpc_port}") as g:
+        image = grpcclient.InferInput("image", [1, 1, 8, 8], "FP32")
+        image.set_data_from_numpy(x[:1])
+        over_grpc = int(g.infer("digits-cnn", [image]).as_numpy("predicted_class")[0])
+    note(f"the same image over gRPC ({ip}:{grpc_port}, tritonclient.grpc): predicted_class {over_grpc}")
+    if over_grpc != out["predicted_class"][0]:
+        raise StepFailed(f"gRPC answered {over_grpc}, REST {out['predicted_class'][0]}")
+    shown += ", the same over gRPC"
     body = {
         "inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
     }
@@ -910,7 +922,7 @@ class Demo:
                 f"2 pods (torchrun), registered {cnn['registered_s']}s after apply, "
                 f"test accuracy {cnn['accuracy']:.4f}, {meta['format']}"
             )
-        with Step("8. digits-cnn promoted, served, queried over REST (OIP v2)") as s:
+        with Step("8. digits-cnn promoted, served, queried (REST and gRPC)") as s:
             self.promote(1, "digits-cnn")
             isvc = yaml.safe_load((CNN / "inferenceservice.yaml").read_text())
             isvc["spec"]["runtime"]["imagePullPolicy"] = "IfNotPresent"
@@ -929,7 +941,8 @@ class Demo:
             svc = c.get("Service", "digits-cnn", NS, "v1")
             ip = svc["spec"]["clusterIP"]
             port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "http")
-            acc, shown = query_cnn(ip, port)
+            grpc_port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+            acc, shown = query_cnn(ip, port, grpc_port)
             figures["cnn: accuracy measured through the Service"] = round(acc, 4)
             if abs(acc - cnn["accuracy"]) > 0.005:
                 raise StepFailed(

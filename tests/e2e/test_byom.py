@@ -4,8 +4,8 @@
   manifests, with only image, scheduling and storage adapted here): torchrun in 2 pods runs
   /opt/kiln/examples/cnn/train.py from the trainer image, DDP over gloo; rank 0 exports with
   kiln.sdk (torch.export) and publishes to S3; the version is registered with its accuracy,
-  promoted, served by kiln-serve, and queried over REST through the Service, with plain JSON and
-  with ``tritonclient.http``.
+  promoted, served by kiln-serve, and queried through the Service over REST (plain JSON and
+  ``tritonclient.http``) and gRPC (``tritonclient.grpc``): the same answers.
 - A PyTorchJob-style start, no launcher (``command: [python, script]``): both pods join the
   group from the pod's ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (``env://``), both
   finish, and rank 0's ONNX artifact is registered.
@@ -31,6 +31,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import yaml
 from kubernetes import client
@@ -312,6 +313,18 @@ def test_cnn_example_trained_by_ddp_registered_promoted_and_served(env: Env) -> 
     first.set_data_from_numpy(x_test[:16])
     result = triton.infer("digits-cnn", [first], outputs=[httpclient.InferRequestedOutput("predicted_class")])
     assert result.as_numpy("predicted_class").tolist() == predicted[:16]
+    # and Triton's gRPC client through the Service's `grpc` port: the same signature and answers
+    grpc_port = next(p.port for p in svc.spec.ports if p.name == "grpc")
+    with grpcclient.InferenceServerClient(f"{svc.spec.cluster_ip}:{grpc_port}") as g:
+        meta = g.get_model_metadata("digits-cnn", as_json=True)
+        assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == [
+            ("image", "FP32", ["-1", "1", "8", "8"])
+        ]
+        image = grpcclient.InferInput("image", [16, 1, 8, 8], "FP32")
+        image.set_data_from_numpy(x_test[:16])
+        answer_grpc = g.infer("digits-cnn", [image])
+        assert answer_grpc.as_numpy("predicted_class").tolist() == predicted[:16]
+        assert answer_grpc.as_numpy("logits").shape == (16, 10)
     figure(
         f"[cnn] trained+registered {trained:.1f}s (job {st['_seconds']}s), isvc Ready {served:.1f}s; "
         f"accuracy registered {accuracy:.4f}, served {served_accuracy:.4f} on {len(y_test)} images"
