@@ -906,7 +906,8 @@ class Demo:
             )
             cnn = self.follow(job, time.monotonic(), apply=True)
             logs = c.kubectl("-n", NS, "logs", f"{job['metadata']['name']}-node-1", "--tail=1", check=False)
-            note(f"{job['metadata']['name']}-node-1 log: {logs.strip()[:150]}")
+            if logs.strip():
+                note(f"{job['metadata']['name']}-node-1 log: {logs.strip()[:150]}")
             if cnn["version"] != 1 or (cnn["accuracy"] or 0) < 0.9:
                 raise StepFailed(f"expected digits-cnn version 1 with accuracy >= 0.9, got {cnn}")
             if not str(cnn["artifact"]).startswith(f"s3://{BUCKET}/{PREFIX}/digits-cnn/"):
