@@ -80,9 +80,16 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
 
     pods = kube.list_objects(api, "v1", "Pod", namespace, f"{build.LABEL_JOB}={name}")
     queue, workload = _read_queue(api, job, spec)
+    p = plan(job, spec, pods, now, queue)
+    # The FeatureGroup is read only when a gang is to be built (not at every reconcile of a
+    # running job); if it cannot be built, decide again with the blocker (the plan is pure).
     fg_ref = spec.dataset.feature_group_ref
-    feature_group = kube.get(api, API_VERSION, "FeatureGroup", namespace, fg_ref.name) if fg_ref else None
-    p = plan(job, spec, pods, now, queue, blocked=build.feature_group_blocker(spec, feature_group))
+    feature_group = None
+    if p.create_gang and fg_ref is not None:
+        feature_group = kube.get(api, API_VERSION, "FeatureGroup", namespace, fg_ref.name)
+        blocked = build.feature_group_blocker(spec, feature_group)
+        if blocked is not None:
+            p = plan(job, spec, pods, now, queue, blocked=blocked)
 
     for pod_name, uid in p.delete_pods:
         kube.delete(api, "v1", "Pod", namespace, pod_name, uid=uid)
