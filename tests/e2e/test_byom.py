@@ -39,7 +39,7 @@ from kubernetes import client
 from kiln import API_VERSION, storage
 from kiln import kube as kb
 from kiln.cli import main as kiln_main
-from tests.integration.helpers import TERMINAL_PHASES, run_operator, wait_for
+from tests.integration.helpers import run_operator, wait_for
 from tests.s3 import S3Bucket
 
 from .conftest import REAL_NODE, Cluster, require_image_builds
@@ -147,7 +147,8 @@ def env(
 
 def train(env: Env, name: str, model: str, timeout: float = 420, **spec: Any) -> dict[str, Any]:
     """Create TrainingJob ``name`` (examples/cnn/trainingjob.yaml + ``spec``) on the real node and
-    wait for its version; returns its status, with the seconds it took under ``_seconds``."""
+    wait for its version; returns its status, with the seconds it took under ``_seconds`` and what
+    was seen of each pod while it ran under ``_pods`` (name -> node, last phase, its rank line)."""
     job = env.manifest(
         "trainingjob.yaml",
         image=env.refs["trainer"],
@@ -160,8 +161,18 @@ def train(env: Env, name: str, model: str, timeout: float = 420, **spec: Any) ->
     job["metadata"]["name"] = name
     t0 = time.monotonic()
     env.create(job)
+    seen: dict[str, dict[str, Any]] = {}
 
     def registered() -> dict[str, Any] | None:
+        # The operator deletes ranks still running once rank 0 has succeeded (their GPUs are
+        # freed), so each rank's log line is read while its pod is there.
+        for p in env.pods(f"kiln.dev/trainingjob={name}"):
+            rec = seen.setdefault(p.metadata.name, {"line": None})
+            rec.update(node=p.spec.node_name, phase=p.status.phase)
+            rank = int(p.metadata.name.rsplit("-", 1)[1])
+            if rec["line"] is None and p.status.phase in ("Running", "Succeeded"):
+                want = f"rank {rank} of 2 on cpu"
+                rec["line"] = want if want in env.log(p.metadata.name) else None
         st = env.get("TrainingJob", name).get("status") or {}
         if st.get("phase") == "Failed":
             logs = {
@@ -173,28 +184,23 @@ def train(env: Env, name: str, model: str, timeout: float = 420, **spec: Any) ->
 
     st = wait_for(registered, timeout, interval=1, message=f"TrainingJob {name}'s version registered")
     st["_seconds"] = round(time.monotonic() - t0, 1)
+    st["_pods"] = seen
     return st
 
 
-def assert_two_ranks_ran(env: Env, job: str) -> list[client.V1Pod]:
-    """Both pods on the real node, both exited 0, each a rank of a world of two."""
-    seen: list[tuple[str, str]] = []
-
-    def finished() -> list[client.V1Pod] | None:
-        ps = env.pods(f"kiln.dev/trainingjob={job}")
-        seen[:] = [(p.metadata.name, p.status.phase) for p in ps]
-        return ps if len(ps) == 2 and all(p.status.phase in TERMINAL_PHASES for p in ps) else None
-
-    try:
-        pods = wait_for(finished, 60, message=f"{job}'s two pods to finish")
-    except TimeoutError as e:
-        raise AssertionError(f"{e}; pods: {seen}") from None
-    for rank, pod in enumerate(sorted(pods, key=lambda p: p.metadata.name)):
-        assert pod.metadata.name == f"{job}-node-{rank}"
-        assert pod.spec.node_name == REAL_NODE
-        assert pod.status.phase == "Succeeded", env.log(pod.metadata.name)[-2000:]
-        assert f"rank {rank} of 2 on cpu" in env.log(pod.metadata.name)
-    return pods
+def assert_two_ranks_ran(env: Env, job: str, st: dict[str, Any]) -> client.V1Pod:
+    """Both pods ran on the real node, each a rank of a world of two (its log line seen while it
+    ran); rank 0 exited 0 and is kept. Rank 1 exits 0 too, or, still finishing when rank 0
+    succeeded, was deleted by the operator: never Failed. Returns rank 0's pod."""
+    seen = st["_pods"]
+    assert sorted(seen) == [f"{job}-node-0", f"{job}-node-1"], seen
+    for rank in (0, 1):
+        rec = seen[f"{job}-node-{rank}"]
+        assert rec["node"] == REAL_NODE and rec["phase"] != "Failed", seen
+        assert rec["line"] == f"rank {rank} of 2 on cpu", seen
+    rank0 = next(p for p in env.pods(f"kiln.dev/trainingjob={job}") if p.metadata.name == f"{job}-node-0")
+    assert rank0.status.phase == "Succeeded", env.log(rank0.metadata.name)[-2000:]
+    return rank0
 
 
 def artifact_metadata(uri: str) -> dict[str, Any]:
@@ -223,7 +229,7 @@ def test_cnn_example_trained_by_ddp_registered_promoted_and_served(env: Env) -> 
     t0 = time.monotonic()
     env.create(env.manifest("model.yaml"))
     st = train(env, "digits-cnn-v1", "digits-cnn")
-    assert_two_ranks_ran(env, "digits-cnn-v1")
+    assert_two_ranks_ran(env, "digits-cnn-v1", st)
     assert st["registeredVersion"] == 1
     accuracy = st["result"]["metrics"]["accuracy"]
     assert accuracy >= 0.9, st["result"]
@@ -342,8 +348,7 @@ def test_pytorchjob_style_script_without_launcher_trains_on_two_pods(env: Env) -
         command=["python", "/opt/kiln/examples/cnn/train.py"],
         args=["--epochs", "3", "--format", "onnx"],
     )
-    pods = assert_two_ranks_ran(env, "pytorchjob-v1")
-    rank0 = next(p for p in pods if p.metadata.name.endswith("-node-0"))
+    rank0 = assert_two_ranks_ran(env, "pytorchjob-v1", st)
     container = rank0.spec.containers[0]
     assert container.command == ["python", "/opt/kiln/examples/cnn/train.py"]
     envs = {e.name: e.value for e in container.env}

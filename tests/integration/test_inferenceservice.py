@@ -713,7 +713,14 @@ def test_prometheus_guarded_rollouts(api, store, namespace, operator, fleet):
     assert st["history"][-1]["message"].startswith("AnalysisFailed")
     rh = get_condition(st["conditions"], "RolloutHealthy")
     assert rh["status"] == "False" and rh["reason"] == "RolledBack"
-    assert get_condition(st["conditions"], "Ready")["reason"] == "RolledBack"
+    # Ready says Loading until the stable Deployment, scaled back up to all replicas, is Ready again
+    assert get_condition(st["conditions"], "Ready")["reason"] in ("Loading", "RolledBack")
+    wait_status(
+        api,
+        ns,
+        lambda s: get_condition(s["conditions"], "Ready")["reason"] == "RolledBack",
+        message="Ready=False RolledBack once the stable pods are back",
+    )
     wait_for(lambda: deployment(api, ns, "canary") is None, 30, message="canary Deployment deleted")
     assert env_of(deployment(api, ns, "stable"))["KILN_MODEL_VERSION"] == "2"
     assert "RolledBack" in event_reasons(api, ns)
