@@ -23,7 +23,15 @@ from images/*/Dockerfile, in containerd, on a CNI bridge, behind kube-proxy and 
      a small CNN with ``kiln.sdk`` (torch.export) to S3; version 1 of Model ``digits-cnn``;
   8. promoted and served by InferenceService ``digits-cnn``; its signature (input ``image`` FP32
      [-1, 1, 8, 8]), one image over REST and gRPC, and every held-out 8x8 image over REST (OIP v2
-     JSON).
+     JSON);
+  9. FeatureGroup ``digits-pixels`` over a Parquet event table in S3 (hack/kilndev/demo_features.py),
+     materialized into Redis (hack/cluster's, reached through a Service) by an Indexed Job on the
+     real node; the point-in-time join and the online values checked with ``kiln features``;
+ 10. ``digits-fs-v1`` trained on the join in its pods, put in Production by the promotion policy,
+     served by an InferenceService with ``spec.featureGroups``: requests carry ``digit_id`` only;
+ 11. drift: inverted digits sent to ``digits-fs``; the drift share, the ``KilnDatasetDrift`` alert,
+     the retraining TrainingJob the Model's drift trigger creates, its version promoted by policy
+     and canaried; no human in the loop.
 
 Prints progress, a summary table and the figures; ``--json FILE`` writes them for the e2e test.
 Exits non-zero if any step failed.
@@ -41,6 +49,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +63,7 @@ sys.path.insert(0, str(REPO / "hack"))
 from kubernetes import config  # noqa: E402
 
 from kiln import API_VERSION, kube, storage  # noqa: E402
+from kilndev import demo_features as dfs  # noqa: E402
 from kilndev import images as kimages  # noqa: E402
 from kilndev.prometheus import LocalPrometheus  # noqa: E402
 
@@ -77,6 +87,10 @@ REAL_NODE_SCHEDULING = {
     ],
 }
 PROMETHEUS_PORT = 19090
+#: The feature-store steps: the FeatureGroup, the Model trained on it, where its data lives.
+FEATURE_GROUP = "digits-pixels"
+FS_MODEL = "digits-fs"
+FEATURES_PREFIX = "features/digits"
 
 steps: list[tuple[str, bool, float, str]] = []
 figures: dict[str, Any] = {}
@@ -282,6 +296,7 @@ class Traffic:
     y: Any
     rate: float = 20.0
     workers: int = 4
+    model: str = "digits"
     answers: list[Answer] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -302,7 +317,9 @@ class Traffic:
         try:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
             try:
-                conn.request("POST", "/v2/models/digits/infer", body, {"Content-Type": "application/json"})
+                conn.request(
+                    "POST", f"/v2/models/{self.model}/infer", body, {"Content-Type": "application/json"}
+                )
                 r = conn.getresponse()
                 data = r.read()
             finally:
@@ -616,6 +633,7 @@ class Demo:
                 kubeconfig=c.kubeconfig,
                 sd_kubeconfig=str(sd_kubeconfig),
                 selector={"release": "prometheus"},
+                rule_selector={"release": "prometheus"},  # the InferenceServices' PrometheusRules
                 scrape_interval="2s",
             )
             self.prom.start()
@@ -891,6 +909,8 @@ class Demo:
             )
         self.traffic.stop()
         self.cnn()
+        self.features()
+        self.drift()
 
     def cnn(self) -> None:
         """Steps 7 and 8: examples/cnn, a user's own DDP script, trained in 2 pods, registered,
@@ -951,6 +971,340 @@ class Demo:
                 )
             s.detail = f"Service {ip}:{port}, accuracy {acc:.4f} over REST (registered {cnn['accuracy']:.4f}); {shown}"
 
+    def features(self) -> None:
+        """Steps 9 and 10: a FeatureGroup over S3 Parquet, materialized into Redis by a Job on the
+        real node; a version trained on its point-in-time join; served with entity keys only."""
+        c = self.c
+        from datetime import UTC, datetime
+
+        import pyarrow.parquet as pq
+
+        from kiln.trainer.data import load_builtin
+
+        ds = load_builtin("sklearn-digits")
+        now = datetime.now(UTC).replace(microsecond=0)
+        base = f"s3://{BUCKET}/{FEATURES_PREFIX}"
+        with Step(f"9. FeatureGroup {FEATURE_GROUP}: materialized into Redis by Jobs on the real node") as s:
+            for key, table in (
+                ("pixels.parquet", dfs.source_table(ds.features, now)),
+                ("labels.parquet", dfs.entity_table(ds.labels, now)),
+            ):
+                pq.write_table(table, OUT / key)
+                storage.write_bytes(f"{base}/{key}", (OUT / key).read_bytes())
+                note(f"{base}/{key}: {table.num_rows} rows, columns {', '.join(table.column_names[:4])}, ...")
+            fg = dfs.feature_group(
+                FEATURE_GROUP,
+                source_uri=f"{base}/pixels.parquet",
+                redis_address=c.env["KILN_REDIS_POD_ADDRESS"],
+                start_time=now - dfs.INVERTED_AGO - dfs.CURRENT_AGO,
+                scheduling=REAL_NODE_SCHEDULING,
+            )
+            t0 = time.monotonic()
+            c.apply(fg, NS)
+            st = poll(
+                f"FeatureGroup {FEATURE_GROUP} Ready (backfill done)",
+                lambda: (lambda st: st if _ready(st) else None)(
+                    c.get("FeatureGroup", FEATURE_GROUP).get("status") or {}
+                ),
+                300,
+                progress=lambda: self.fg_progress(),
+            )
+            figures["features: apply -> materialized s"] = round(time.monotonic() - t0, 1)
+            run_ = st.get("lastRun") or {}
+            figures["features: rows written to Redis"] = run_.get("rowsWritten")
+            note(
+                f"backfill {run_.get('jobName')}: {run_.get('windows')} windows, {run_.get('rowsWritten')} rows, "
+                f"{run_.get('durationSeconds')}s; watermark {st.get('lastMaterializationTime')}"
+            )
+            pit = self.check_point_in_time(ds, now)
+            self.check_online(ds)
+            s.detail = (
+                f"{run_.get('rowsWritten')} rows in Redis, {run_.get('windows')} windows; point-in-time "
+                f"join: {pit}"
+            )
+        with Step(f"10. {FS_MODEL}: trained on the join, served with entity keys only") as s:
+            self.train_and_serve_on_features(ds, base)
+            s.detail = (
+                f"registered accuracy {figures['features: registered accuracy']}, through the Service by "
+                f"digit_id {figures['features: accuracy by entity key through the Service']}"
+            )
+
+    def fg_progress(self) -> str:
+        st = self.c.get("FeatureGroup", FEATURE_GROUP).get("status") or {}
+        ready = next((x for x in st.get("conditions") or [] if x.get("type") == "Ready"), {})
+        return (
+            f"Ready={ready.get('status')}/{ready.get('reason')}; active {(st.get('activeRun') or {}).get('jobName')}; "
+            f"pods: {pod_phases(self.c.pods(f'kiln.dev/featuregroup={FEATURE_GROUP}'))}"
+        )
+
+    def check_point_in_time(self, ds: Any, now: Any) -> str:
+        """``kiln features get-historical`` on this machine for the labels as of three times:
+        before any event (no value), between the two rows (the inverted one), after both (the
+        current one). Returns a one-line summary; StepFailed on a wrong value."""
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        cases = {
+            "now-4h": (dfs.INVERTED_AGO + dfs.CURRENT_AGO, None),
+            "now-2h": (dfs.INVERTED_AGO - dfs.CURRENT_AGO, dfs.expected_features(ds.features, inverted=True)),
+            "now-30m": (dfs.LABELS_AGO, dfs.expected_features(ds.features)),
+        }
+        out = []
+        for label, (ago, want) in cases.items():
+            entities, result = OUT / f"entities-{label}.parquet", OUT / f"pit-{label}.parquet"
+            pq.write_table(dfs.entity_table(ds.labels, now, ago), entities)
+            run(str(VENV_BIN / "kiln"), "features", "get-historical", FEATURE_GROUP, "-n", NS,
+                "--entities", str(entities), "-o", str(result))  # fmt: skip
+            table = pq.read_table(result)
+            got = np.column_stack(
+                [
+                    table.column(n).to_numpy(zero_copy_only=False).astype(np.float64)
+                    for n in dfs.pixel_names("pixel")
+                ]
+            )
+            if want is None:
+                ok, what = bool(np.isnan(got).all()), "no value (null)"
+            else:
+                ok, what = (
+                    bool(np.allclose(got, want, atol=1e-6)),
+                    ("the now-3h row (inverted)" if label == "now-2h" else "the now-1h row"),
+                )
+            note(f"labels as of {label}: {len(got)} rows, every feature = {what}: {'yes' if ok else 'NO'}")
+            if not ok:
+                raise StepFailed(f"point-in-time join as of {label}: expected {what}")
+            out.append(f"{label} -> {what.split(' (')[0]}")
+        return "; ".join(out)
+
+    def check_online(self, ds: Any) -> None:
+        """``kiln features get-online`` for two digits: PRESENT, the now-1h values, scaled."""
+        import numpy as np
+
+        out = run(str(VENV_BIN / "kiln"), "features", "get-online", FEATURE_GROUP, "-n", NS,
+                  "-e", "digit_id=0", "-e", "digit_id=1796", "--redis", self.c.env["KILN_REDIS_ADDRESS"])  # fmt: skip
+        rows = json.loads(out)
+        want = dfs.expected_features(ds.features)
+        for row in rows:
+            i = int(row["entity"]["digit_id"])
+            values = np.array([float(row["values"][n]) for n in dfs.pixel_names("pixel")])
+            statuses = set(row["statuses"].values())
+            note(
+                f"get-online digit_id={i}: statuses {sorted(statuses)}, event time {row['eventTimestamp']}, "
+                f"pixel_3_3..3_6 {values[27:31].round(3).tolist()}"
+            )
+            if statuses != {"PRESENT"} or not np.allclose(values, want[i], atol=1e-6):
+                raise StepFailed(f"online values of digit_id={i} are not the now-1h row's: {row}")
+
+    def train_and_serve_on_features(self, ds: Any, base: str) -> None:
+        """TrainingJob on the FeatureGroup (lineage checked), promoted, served by an
+        InferenceService with spec.featureGroups; the held-out digits asked for by digit_id."""
+        from kiln.trainer.config import Hyperparameters
+        from kiln.trainer.data import stratified_split
+
+        c = self.c
+        model = yaml.safe_load((REPO / "examples" / "model.yaml").read_text())
+        model["metadata"]["name"] = FS_MODEL
+        # no `kiln promote` for this one: a version with accuracy >= 0.9 goes to Production by itself
+        model["spec"]["promotionPolicy"] = [{"stage": "Production", "metric": "accuracy", "min": 0.9}]
+        self.fs_model = model
+        c.apply(model, NS)
+        job = yaml.safe_load((DEMO_D / "trainingjob.yaml").read_text())
+        job["metadata"]["name"] = f"{FS_MODEL}-v1"
+        job["spec"]["modelRef"]["name"] = FS_MODEL
+        self.fs_dataset = {
+            "featureGroupRef": {"name": FEATURE_GROUP},
+            "entityUri": f"{base}/labels.parquet",
+            "labelColumn": dfs.LABEL,
+            "timestampColumn": dfs.TIMESTAMP,
+        }
+        job["spec"]["dataset"] = self.fs_dataset
+        note(f"kubectl apply -f - <<< TrainingJob {FS_MODEL}-v1 (dataset {job['spec']['dataset']})")
+        v1 = self.follow(job, time.monotonic(), apply=True)
+        version = next(
+            v
+            for v in (c.get("Model", FS_MODEL).get("status") or {}).get("versions") or []
+            if v["version"] == 1
+        )
+        lineage = version.get("lineage") or {}
+        note(f"version 1 lineage: featureGroup {lineage.get('featureGroup')}, schema digest "
+             f"{lineage.get('featureGroupSchemaDigest')}")  # fmt: skip
+        if lineage.get("featureGroup") != FEATURE_GROUP or not lineage.get("featureGroupSchemaDigest"):
+            raise StepFailed(f"version 1 does not record the FeatureGroup it was trained on: {lineage}")
+        figures["features: registered accuracy"] = round(v1["accuracy"], 4)
+        poll(
+            "the promotion policy to put version 1 in Production",
+            lambda: (
+                ((c.get("Model", FS_MODEL).get("status") or {}).get("stages") or {}).get("production") == 1
+            ),
+            60,
+        )
+        note("promotionPolicy (accuracy >= 0.9) put version 1 in Production")
+        isvc = yaml.safe_load((DEMO_D / "inferenceservice.yaml").read_text())
+        isvc["metadata"]["name"] = FS_MODEL
+        isvc["spec"]["modelRef"]["name"] = FS_MODEL
+        isvc["spec"]["replicas"] = 1
+        isvc["spec"]["featureGroups"] = [{"name": FEATURE_GROUP}]
+        c.apply(isvc, NS)
+        poll(
+            f"InferenceService {FS_MODEL} Ready with v1",
+            lambda: (lambda st: st.get("stableVersion") == 1 and _ready(st))(self.isvc_state(FS_MODEL)),
+            240,
+            progress=lambda: self.isvc_progress(FS_MODEL),
+        )
+        hp = Hyperparameters()
+        test = stratified_split(
+            ds.labels, seed=hp.effective_split_seed, validation_fraction=hp.validationFraction,
+            test_fraction=hp.testFraction,
+        ).test  # fmt: skip
+        svc = c.get("Service", FS_MODEL, NS, "v1")
+        ip = svc["spec"]["clusterIP"]
+        port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "http")
+        body = {
+            "inputs": [{"name": dfs.ENTITY, "datatype": "INT64", "shape": [len(test)], "data": test.tolist()}]
+        }
+        note(f'POST http://{ip}:{port}/v2/models/{FS_MODEL}/infer {{"inputs": [{{"name": "digit_id", '
+             f'"datatype": "INT64", "shape": [{len(test)}], "data": <the held-out digit ids>}}]}}')  # fmt: skip
+        doc = post_json(ip, port, f"/v2/models/{FS_MODEL}/infer", body)
+        predicted = {o["name"]: o["data"] for o in doc["outputs"]}["predicted_class"]
+        statuses = json.loads((doc.get("parameters") or {}).get("kiln.dev/feature-statuses", "{}"))
+        counts: dict[str, int] = {}
+        for st in statuses.get(FEATURE_GROUP, []):
+            counts[st] = counts.get(st, 0) + 1
+        acc = sum(int(p == int(ds.labels[i])) for p, i in zip(predicted, test, strict=True)) / len(test)
+        note(
+            f"{len(test)} held-out digits asked for by digit_id: accuracy {acc:.4f}; feature statuses {counts}"
+        )
+        figures["features: accuracy by entity key through the Service"] = round(acc, 4)
+        if counts != {"PRESENT": len(test)}:
+            raise StepFailed(f"expected every row's features PRESENT, got {counts}")
+        if abs(acc - v1["accuracy"]) > 0.005:
+            raise StepFailed(f"accuracy by entity key {acc:.4f} != registered {v1['accuracy']:.4f}")
+
+    def drift(self) -> None:
+        """Step 11, the loop closed with no human in it: inverted digits sent to ``digits-fs``
+        raise its drift gauges, the PrometheusRule's alert fires, the Model's drift trigger starts
+        a retraining TrainingJob, whose version the promotion policy puts in Production and the
+        InferenceService canaries (analysed, promoted)."""
+        c = self.c
+        from kiln.trainer.data import load_builtin
+
+        ds = load_builtin("sklearn-digits")
+        share = f'max(kiln_drift_share{{namespace="{NS}",model="{FS_MODEL}"}})'
+        with Step("11. drift: inverted digits -> alert -> retraining -> new version canaried") as s:
+            template = yaml.safe_load((DEMO_D / "trainingjob.yaml").read_text())["spec"]
+            template.pop("modelRef")
+            template["dataset"] = self.fs_dataset
+            template["hyperparameters"]["seed"] = 7
+            model = dict(self.fs_model)
+            model["spec"] = dict(model["spec"], retraining={
+                "template": {"spec": template},
+                "triggers": {"drift": {
+                    "prometheus": {"address": "http://prometheus.monitoring:9090"},
+                    "query": 'max(kiln_drift_share{namespace="{{namespace}}",model="{{model}}"})',
+                    "threshold": 0.5, "forSeconds": 10, "intervalSeconds": 5,
+                }},
+                "cooldownSeconds": 3600,
+            })  # fmt: skip
+            c.apply(model, NS)
+            note(f"Model {FS_MODEL}: spec.retraining.triggers.drift: {share} > 0.5 for 10s (cooldown 1h)")
+            baseline = poll("the drift share of the held-out traffic", lambda: self.prom_value(share), 60)
+            note(f"drift share of step 10's held-out digits (in distribution): {baseline:.3f}")
+            figures["drift: share before (in-distribution traffic)"] = round(baseline, 3)
+            svc = c.get("Service", FS_MODEL, NS, "v1")
+            port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "http")
+            x = dfs.expected_features(ds.features, inverted=True)
+            self.traffic = Traffic(svc["spec"]["clusterIP"], port, x, ds.labels, model=FS_MODEL)
+            t0 = time.monotonic()
+            self.traffic.start()
+            note(f"sending inverted digits (each pixel 1 - x) to {FS_MODEL} at 20 requests/s")
+            drifted = poll(
+                "the drift share over 0.5", lambda: (v := self.prom_value(share)) and v > 0.5 and v, 120
+            )
+            figures["drift: share while inverted digits are served"] = round(drifted, 3)
+            figures["drift: inverted traffic -> share over 0.5 s"] = round(time.monotonic() - t0, 1)
+            psi = self.prom_value(
+                f'max(kiln_feature_drift{{namespace="{NS}",model="{FS_MODEL}",method="psi"}})'
+            )
+            note(
+                f"drift share {drifted:.3f} after {time.monotonic() - t0:.1f}s; max feature PSI {psi or 0:.2f}"
+            )
+            alert = poll("the alert KilnDatasetDrift firing", lambda: self.firing("KilnDatasetDrift"), 120)
+            figures["drift: inverted traffic -> alert firing s"] = round(time.monotonic() - t0, 1)
+            note(
+                f"alert {alert['labels']['alertname']} firing: {alert['annotations'].get('summary', '')[:120]}"
+            )
+            run_ = poll(
+                "the retraining TrainingJob",
+                lambda: ((c.get("Model", FS_MODEL).get("status") or {}).get("retraining") or {}).get(
+                    "lastRun"
+                ),
+                120,
+            )
+            figures["drift: inverted traffic -> retraining job created s"] = round(time.monotonic() - t0, 1)
+            note(
+                f"TrainingJob {run_['name']} created by the Model (triggers {run_['triggers']}): {run_.get('message', '')[:120]}"
+            )
+            # the Model records the run, then creates its TrainingJob
+            job = poll(f"TrainingJob {run_['name']}", lambda: c.get("TrainingJob", run_["name"]), 30)
+            v2 = self.follow(job, t0)
+            poll(
+                f"the promotion policy to put version {v2['version']} in Production",
+                lambda: (
+                    ((c.get("Model", FS_MODEL).get("status") or {}).get("stages") or {}).get("production")
+                    == v2["version"]
+                ),
+                60,
+            )
+            poll(
+                f"version {v2['version']} canaried and promoted",
+                lambda: (
+                    lambda st: (
+                        st.get("stableVersion") == v2["version"] and st.get("rolloutPhase") == "Promoted"
+                    )
+                )(self.isvc_state(FS_MODEL)),
+                300,
+                progress=lambda: self.isvc_progress(FS_MODEL),
+                interval=0.5,
+            )
+            serving = round(time.monotonic() - t0, 1)
+            window = self.traffic.window(t0)
+            self.traffic.stop()
+            failed = [a for a in window if not a.ok]
+            figures["drift: inverted traffic -> new version serving s"] = serving
+            figures["drift: failed requests during the loop"] = len(failed)
+            hist = (c.get("Model", FS_MODEL).get("status") or {}).get("history") or []
+            for h in hist[-3:]:
+                note(f"Model history: {h.get('cause')}: {h.get('message', '')[:140]}")
+            if failed:
+                raise StepFailed(
+                    f"{len(failed)} of {len(window)} requests failed during the loop: {failed[0].error}"
+                )
+            s.detail = (
+                f"share {baseline:.2f} -> {drifted:.2f}; alert, retraining {run_['name']}, v{v2['version']} "
+                f"(acc {v2['accuracy']:.3f}) serving {serving}s after the drift began; {len(window)} requests, 0 failed"
+            )
+
+    def prom_value(self, promql: str) -> float | None:
+        """The value of a one-sample PromQL query on the demo's Prometheus (None: no sample)."""
+        assert self.prom is not None
+        result = self.prom.query(promql)
+        return float(result[0]["value"][1]) if result else None
+
+    def firing(self, alertname: str) -> dict[str, Any] | None:
+        """The firing alert ``alertname`` of namespace kiln-demo, from Prometheus's /api/v1/alerts."""
+        assert self.prom is not None
+        with urllib.request.urlopen(f"{self.prom.address}/api/v1/alerts", timeout=10) as r:
+            alerts = json.loads(r.read())["data"]["alerts"]
+        return next(
+            (
+                a
+                for a in alerts
+                if a["labels"].get("alertname") == alertname
+                and a["labels"].get("namespace") == NS
+                and a.get("state") == "firing"
+            ),
+            None,
+        )
+
     def close(self) -> None:
         if self.traffic:
             self.traffic.stop()
@@ -974,6 +1328,11 @@ def main() -> int:
         help="tag of the images built, imported and run (default dev, as the manifests say); another "
         "tag keeps a demo from replacing the kiln-*:dev images others on the same cluster run",
     )
+    p.add_argument(
+        "--only",
+        choices=["features"],
+        help="after the set-up, run only these steps (for working on them; the full demo runs them all)",
+    )
     args = p.parse_args()
     if os.environ.get("KILN_DEMO_CLUSTER", "local") != "local":
         print(
@@ -992,7 +1351,11 @@ def main() -> int:
         demo.namespace()  # first: with watchNamespaces the chart puts its Role in this namespace
         demo.install()
         demo.prometheus()
-        demo.main()
+        if args.only == "features":
+            demo.features()
+            demo.drift()
+        else:
+            demo.main()
     except StepFailed:
         ok = False
     except Exception as e:  # a bug or an unexpected API answer: still print the summary

@@ -4,7 +4,10 @@ Runs hack/demo.py (the same code path as `make demo`): images built from images/
 and imported, Kiln installed with helm, 2-pod DDP training, registration, promotion, serving
 through the Service, a canary under load analysed by Prometheus (Kubernetes discovery of what the
 ServiceMonitor selects) and promoted, a broken version rolled back; then the bring-your-own-model
-example (examples/cnn: a user's DDP script in 2 pods, torch.export, served). The helm release is removed
+example (examples/cnn: a user's DDP script in 2 pods, torch.export, served); a FeatureGroup
+materialized into Redis by Jobs on the real node, a version trained on its point-in-time join and
+served by entity key; and the monitoring loop (drifted traffic -> alert -> retraining -> a new version
+canaried, no human in it). The helm release is removed
 afterwards so the operator it installed never meets the integration tests' objects.
 """
 
@@ -71,7 +74,7 @@ def test_every_step_succeeded(demo: dict) -> None:
     assert not failed, failed
     assert demo["ok"] and demo["returncode"] == 0
     names = " ".join(s["name"] for s in demo["steps"])
-    for n in ("1.", "2.", "3.", "4.", "5.", "6.", "7.", "8."):
+    for n in ("1.", "2.", "3.", "4.", "5.", "6.", "7.", "8.", "9.", "10.", "11."):
         assert n in names
 
 
@@ -108,3 +111,33 @@ def test_own_cnn_registered_and_served(demo: dict) -> None:
     assert f["cnn: registered accuracy"] >= 0.9
     assert "(torch-export)" in f["cnn: artifact"]
     assert abs(f["cnn: accuracy measured through the Service"] - f["cnn: registered accuracy"]) <= 0.005
+
+
+def test_feature_store_training_and_serving_see_the_same_features(demo: dict) -> None:
+    f = demo["figures"]
+    assert f["features: rows written to Redis"] == 1797  # each digit's latest row, once
+    assert f["features: registered accuracy"] >= 0.9
+    # trained on the point-in-time join, served from Redis by digit_id: the same numbers
+    assert (
+        abs(f["features: accuracy by entity key through the Service"] - f["features: registered accuracy"])
+        <= 0.005
+    )
+
+
+def test_drift_closes_the_loop(demo: dict) -> None:
+    f = demo["figures"]
+    assert (
+        f["drift: share before (in-distribution traffic)"]
+        < 0.5
+        < f["drift: share while inverted digits are served"]
+    )
+    assert (
+        f["drift: inverted traffic -> share over 0.5 s"]
+        <= f["drift: inverted traffic -> alert firing s"]
+        < f["drift: inverted traffic -> new version serving s"]
+    )
+    assert (
+        f["drift: inverted traffic -> retraining job created s"]
+        < f["drift: inverted traffic -> new version serving s"]
+    )
+    assert f["drift: failed requests during the loop"] == 0
