@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 from pathlib import Path
 
@@ -19,23 +18,12 @@ import pytest
 
 from kiln.monitoring import drift
 from kiln.monitoring.drift import Sample
+from tests.peers import peer_python
 
 from .conftest import Case, cases, methods_for
 
 PEER = Path(__file__).with_name("evidently_peer.py")
-DEFAULT_PYTHON = Path.home() / ".cache" / "kiln" / "peer-venvs" / "evidently" / "bin" / "python"
 TOLERANCE = 1e-6
-
-
-def _evidently_python() -> Path:
-    explicit = os.environ.get("KILN_EVIDENTLY_PYTHON", "").strip()
-    python = Path(explicit) if explicit else DEFAULT_PYTHON
-    if python.exists():
-        return python
-    message = f"no Evidently virtualenv at {python}: run hack/peer-venv evidently (KILN_EVIDENTLY_PYTHON)"
-    if explicit or os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def _json_column(x: np.ndarray) -> list[float | None]:
@@ -45,7 +33,7 @@ def _json_column(x: np.ndarray) -> list[float | None]:
 @pytest.fixture(scope="module")
 def evidently() -> dict[str, dict[str, dict]]:
     """Evidently's results for every case, from one subprocess."""
-    python = _evidently_python()
+    python = peer_python("evidently")
     payload = {
         "cases": [
             {

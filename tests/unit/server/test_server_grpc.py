@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,12 +32,11 @@ from tritonclient.utils import InferenceServerException
 from kiln import __version__
 from kiln.server.oip import grpc_predict_v2_pb2 as pb
 from kiln.server.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from tests.peers import peer_python
 
 from .conftest import MODEL_NAME, MODEL_VERSION, DigitsArtifact, ThreadedServer
 
 pytestmark = pytest.mark.torch
-
-KSERVE_PYTHON = Path(os.environ.get("KILN_KSERVE_PYTHON", "/tmp/kserve-venv/bin/python"))
 
 
 @pytest.fixture
@@ -404,11 +401,10 @@ asyncio.run(main(sys.argv[1], np.array(json.loads(sys.argv[2]), dtype=np.float32
 
 
 def test_kserve_grpc_client(server: ThreadedServer, digits_artifact: DigitsArtifact) -> None:
-    if not KSERVE_PYTHON.exists():
-        pytest.skip(f"no KServe virtualenv at {KSERVE_PYTHON} (KILN_KSERVE_PYTHON): pip install kserve there")
+    kserve_python = peer_python("kserve")
     rows = digits_artifact.x_test[:3]
     p = subprocess.run(
-        [str(KSERVE_PYTHON), "-c", KSERVE_CLIENT, server.grpc_target, json.dumps(rows.tolist())],
+        [str(kserve_python), "-c", KSERVE_CLIENT, server.grpc_target, json.dumps(rows.tolist())],
         capture_output=True,
         text=True,
         timeout=120,

@@ -13,6 +13,7 @@ pytest.importorskip("torch")  # the serve extra (torch, numpy, aiohttp, safetens
 
 import numpy as np
 
+from kiln.server import protocol
 from kiln.server.protocol import (
     PREDICTED_CLASS,
     InferRequest,
@@ -293,3 +294,65 @@ def test_deeply_nested_data_is_refused(depth: int) -> None:
         + "]" * depth
     )
     check_outcome((body + "}]}").encode(), None)
+
+
+# ----------------------------------------------------------------------------- JSON codec
+def std_outcome(decode: Any, text: bytes) -> tuple[str, str]:
+    """("ok", repr of the value) or ("error", exception type: message) of ``decode(text)``."""
+    try:
+        return "ok", repr(decode(text))
+    except (ValueError, RecursionError) as e:
+        return "error", f"{type(e).__name__}: {e}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"data": [18446744073709551616, 1]}',  # beyond 64 bits: orjson alone reads a float
+        b"-9223372036854775809",
+        b"[9223372036854775807, 18446744073709551615, 12345678901234567890.5]",
+        b"[1e400, -1e400, 1e-400, -0.0, 0.0047451349875974325]",
+        b'{"a": 1, "a": 2}',
+        b'"\\ud800"',
+        b'"\xff"',
+        b"[NaN]",
+        b"[Infinity]",
+        b"[1,]",
+        b"\xef\xbb\xbf{}",
+        b"[" * 5000 + b"]" * 5000,
+    ],
+)
+def test_request_json_is_read_as_the_standard_library_reads_it(text: bytes) -> None:
+    assert std_outcome(protocol._loads, text) == std_outcome(
+        lambda t: protocol._DECODER.decode(t.decode()), text
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_values)
+def test_fuzz_request_json_is_read_as_the_standard_library_reads_it(doc: Any) -> None:
+    text = json.dumps(doc).encode()
+    assert std_outcome(protocol._loads, text) == std_outcome(
+        lambda t: protocol._DECODER.decode(t.decode()), text
+    )
+
+
+def test_response_json_equals_the_standard_librarys() -> None:
+    logits = np.array([[1e-7, 1e20, -0.0, 0.1]], dtype=np.float32)
+    kw: dict[str, Any] = {
+        "model_name": "m",
+        "model_version": "1",
+        "outputs": [(RequestedOutput("o"), "FP32", logits)],
+    }
+    for rid, params in (("é☃", None), ("null", None), ("x", {"big": 2**70, "ok": True})):
+        body, n = encode_infer_response(request_id=rid, parameters=params, **kw)
+        doc = {"model_name": "m", "model_version": "1", "id": rid}
+        if params:
+            doc["parameters"] = params
+        doc["outputs"] = [{"name": "o", "datatype": "FP32", "shape": [1, 4], "data": logits.ravel().tolist()}]
+        assert n is None and json.loads(body) == doc
+    for bad in (np.nan, np.inf):  # JSON has neither: the response cannot be written (a 500), as before
+        with pytest.raises(ValueError):
+            encode_infer_response(
+                request_id="x", **{**kw, "outputs": [(RequestedOutput("o"), "FP32", np.array([[bad]]))]}
+            )
