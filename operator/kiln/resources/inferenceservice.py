@@ -14,7 +14,11 @@ Children (all owned by the InferenceService, labelled ``kiln.dev/inferenceservic
 - PrometheusRule ``<name>`` (monitoring.coreos.com/v1) with ``monitoring.alerts``: recording
   rules and alerts, see :mod:`kiln.resources.alerts`;
 - HorizontalPodAutoscaler ``<name>`` (autoscaling/v2) on the stable Deployment, with ``autoscaling``;
-- HTTPRoute ``<name>`` (gateway.networking.k8s.io/v1) with ``trafficRouting: GatewayAPI``.
+- HTTPRoute ``<name>`` (gateway.networking.k8s.io/v1) with ``trafficRouting: GatewayAPI``;
+- InferencePool ``<name>`` (inference.networking.k8s.io/v1) with ``runtime.llm.inferencePool``.
+
+With an LLM engine (``runtime.engine: vllm``) the pods run vLLM's OpenAI-compatible server
+instead of kiln-serve, see :mod:`kiln.resources.llm`; everything else is the same.
 
 The server is configured through environment variables (names from ``kiln.server.settings``).
 Graceful shutdown: on SIGTERM kiln-serve reports not-ready but keeps serving for
