@@ -206,3 +206,16 @@ def test_llm_templates_select_the_canary_version_series() -> None:
 def test_a_metric_needs_exactly_one_of_query_and_template(fields: dict[str, str]) -> None:
     with pytest.raises(ValidationError, match="exactly one of query, template"):
         AnalysisMetric.model_validate({"name": "m", "max": 1, **fields})
+
+
+def test_kiln_artifact_hf_writes_the_metadata(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln.cli import main
+
+    d = hf_dir(tmp_path / "v1")
+    assert main(["artifact", "hf", str(d), "--name", "tiny-llama"]) == 0
+    digest = capsys.readouterr().out.strip()
+    assert verify_artifact(d, digest).modelName == "tiny-llama"
+    bare = hf_dir(tmp_path / "v2", drop=("tokenizer.json",))
+    assert main(["artifact", "hf", str(bare)]) == 1
+    assert "needs its tokenizer" in capsys.readouterr().err
+    assert not (bare / METADATA_FILE).exists()
