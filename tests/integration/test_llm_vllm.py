@@ -289,3 +289,32 @@ def test_metrics_carry_time_to_first_token(server: Server, openai_client: Any) -
     assert ("/v1/chat/completions", "2xx") in statuses
     assert ("/v1/chat/completions", "4xx") in statuses
     assert not any(status == "5xx" for _, status in statuses), statuses
+
+
+def test_sigterm_drains_an_open_stream(server: Server, openai_client: Any) -> None:
+    """What a pod gets when a canary step scales it away (after its preStop sleep): SIGTERM to
+    the engine while a stream is open. With the rendered ``--shutdown-timeout`` the stream ends
+    whole; the engine then exits. Runs last: it stops the module's server."""
+    max_tokens = MAX_MODEL_LEN - 32
+    stream = openai_client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    killed, after, usage, finish = False, 0, None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            if choice.delta.content and not killed:
+                os.kill(server.proc.pid, signal.SIGTERM)  # the kubelet signals the container's PID 1
+                killed = True
+            elif killed:
+                after += 1
+    assert killed and after > 0, "the stream was still open when SIGTERM arrived"
+    assert finish == "length" and usage is not None and usage.completion_tokens == max_tokens
+    assert server.proc.wait(timeout=120) is not None

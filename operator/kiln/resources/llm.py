@@ -19,9 +19,9 @@ all on one port (``http``, :data:`kiln.api.inferenceservice.SERVER_PORT`).
 - probes on ``/health`` (200 once the engine is up, 503 when it died); the startup probe allows
   :data:`STARTUP_SECONDS` for loading weights;
 - shutdown: a ``preStop`` sleep of :data:`PRESTOP_SLEEP_SECONDS` (endpoints and gateways drop the
-  pod while it still serves), then SIGTERM, on which the server (uvicorn) stops accepting and lets
-  open requests, streams included, finish within :data:`DRAIN_SECONDS`: a change of canary
-  weight, which scales pods, cuts no stream.
+  pod while it still serves), then SIGTERM, on which the engine drains: ``--shutdown-timeout``
+  :data:`DRAIN_SECONDS` lets open requests, streams included, finish (vLLM's default, 0, aborts
+  them at once); a change of canary weight, which scales pods, cuts no stream.
 """
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ def engine_args(spec: InferenceServiceSpec, path: str) -> list[str]:
         str(SERVER_PORT),
         "--load-format",
         "safetensors",
+        # drain on SIGTERM: open requests and streams finish (vLLM's default, 0, aborts them)
+        "--shutdown-timeout",
+        str(DRAIN_SECONDS),
     ]
     if llm is not None:
         args += ["--dtype", str(llm.dtype)]

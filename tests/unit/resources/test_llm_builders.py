@@ -86,7 +86,7 @@ def test_engine_container_renders_the_openai_server():
     assert c["name"] == build.CONTAINER
     assert c["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
     args = c["args"]
-    assert args[: args.index("--load-format") + 2] == [
+    assert args[: args.index("--shutdown-timeout") + 2] == [
         "--model",
         f"{build.MODEL_DIR}/{'cd' * 32}",
         "--served-model-name",
@@ -97,6 +97,8 @@ def test_engine_container_renders_the_openai_server():
         "8080",
         "--load-format",
         "safetensors",
+        "--shutdown-timeout",
+        str(llm.DRAIN_SECONDS),
     ]
     flags = dict(zip(args[::2], args[1::2], strict=True))
     assert flags["--dtype"] == "bfloat16"
