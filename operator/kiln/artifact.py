@@ -22,6 +22,17 @@ torch. An artifact is a directory (or an object-store prefix) whose ``metadata.j
                         beside it and listed in ``files``
     metadata.json       as for torch-export
 
+``hf-transformers`` (schema 2, an LLM: a Hugging Face ``save_pretrained`` directory, served by an
+LLM engine such as vLLM, see :func:`describe_hf_directory`)::
+
+    config.json         the transformers model config
+    tokenizer files     tokenizer.json, or tokenizer.model (SentencePiece), or vocab.json + merges.txt
+    model.safetensors   the weights, or model.safetensors.index.json and the shards it names
+    ...                 any other file of the directory (generation_config.json, chat template...)
+    metadata.json       format, weightsDigest, files (every other file), no signature
+
+  Weights must be safetensors: pickled ``*.bin`` / ``*.pt`` files are refused (never unpickled).
+
 The *model file* of a format (:data:`MODEL_FILES`) is the artifact's weights: its sha256, written
 ``sha256:<64 hex>`` (the OCI digest notation), is the artifact's digest (``weightsDigest``, the
 digest a TrainingJob reports and the registry records). ``files`` maps the relative path of every
@@ -59,7 +70,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -81,12 +92,29 @@ METADATA_SCHEMA_VERSION_V2 = 2
 FORMAT_MLP = "kiln-mlp"
 FORMAT_TORCH_EXPORT = "torch-export"
 FORMAT_ONNX = "onnx"
-#: The model file of each format: its digest is the artifact's digest (``weightsDigest``).
+#: A Hugging Face transformers directory (an LLM), see the module docstring.
+FORMAT_HF = "hf-transformers"
+#: The model file of each format: its digest is the artifact's digest (``weightsDigest``). A
+#: sharded ``hf-transformers`` artifact has :data:`HF_WEIGHTS_INDEX` instead (:func:`model_file`).
 MODEL_FILES: dict[str, str] = {
     FORMAT_MLP: WEIGHTS_FILE,
     FORMAT_TORCH_EXPORT: "model.pt2",
     FORMAT_ONNX: "model.onnx",
+    FORMAT_HF: WEIGHTS_FILE,
 }
+#: The weights index of a sharded Hugging Face checkpoint (``save_pretrained``'s name).
+HF_WEIGHTS_INDEX = "model.safetensors.index.json"
+#: Tokenizer file sets a Hugging Face directory may have; one must be complete.
+HF_TOKENIZER_FILES: tuple[tuple[str, ...], ...] = (
+    ("tokenizer.json",),
+    ("tokenizer.model",),
+    ("vocab.json", "merges.txt"),
+)
+#: File name suffixes of pickled weights, which an hf-transformers artifact must not hold.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: Files of an artifact directory that are not part of it (the registry's record, see
+#: ``kiln.registry.record``), left out by :func:`describe_hf_directory`.
+NOT_ARTIFACT_FILES = (METADATA_FILE, "kiln-registration.json")
 #: Open Inference Protocol tensor datatypes a signature may name (numeric ones: kiln-serve
 #: refuses BOOL and BYTES inputs).
 TENSOR_DATATYPES = (
@@ -249,7 +277,9 @@ class ArtifactMetadata(_Camel):
     """
 
     schemaVersion: int = METADATA_SCHEMA_VERSION
-    format: str = Field(default=FORMAT_MLP, description="kiln-mlp | torch-export | onnx (MODEL_FILES).")
+    format: str = Field(
+        default=FORMAT_MLP, description="kiln-mlp | torch-export | onnx | hf-transformers (MODEL_FILES)."
+    )
     modelName: str = ""
     weightsDigest: str = Field(description="sha256 of the model file: the artifact's digest.")
     inputs: list[TensorSpec] = Field(default_factory=list, description="Input signature (schema 2).")
@@ -281,6 +311,8 @@ def model_file(meta: ArtifactMetadata) -> str:
     Raises:
         UnknownFormat: the format is not one of :data:`MODEL_FILES`.
     """
+    if meta.format == FORMAT_HF and WEIGHTS_FILE not in meta.files and HF_WEIGHTS_INDEX in meta.files:
+        return HF_WEIGHTS_INDEX
     try:
         return MODEL_FILES[meta.format]
     except KeyError:
@@ -297,15 +329,36 @@ def metadata_problems(meta: ArtifactMetadata) -> list[str]:
     """
     problems: list[str] = []
     model = model_file(meta)
-    if meta.format != FORMAT_MLP:
-        if not meta.inputs or not meta.outputs:
-            problems.append(f"format {meta.format} needs 'inputs' and 'outputs' (the model's signature)")
-        if meta.files.get(model) != meta.weightsDigest:
-            problems.append(f"'files' must list {model} with the digest in 'weightsDigest'")
+    if meta.format == FORMAT_HF:
+        problems += hf_problems(meta.files)
+    elif meta.format != FORMAT_MLP and (not meta.inputs or not meta.outputs):
+        problems.append(f"format {meta.format} needs 'inputs' and 'outputs' (the model's signature)")
+    if meta.format != FORMAT_MLP and meta.files.get(model) != meta.weightsDigest:
+        problems.append(f"'files' must list {model} with the digest in 'weightsDigest'")
     for kind, specs in (("inputs", meta.inputs), ("outputs", meta.outputs)):
         names = [t.name for t in specs]
         if len(set(names)) != len(names):
             problems.append(f"'{kind}' names a tensor more than once: {names}")
+    return problems
+
+
+def hf_problems(files: Mapping[str, str] | Iterable[str]) -> list[str]:
+    """What a Hugging Face directory with these files (relative paths) lacks to be served by an
+    LLM engine (empty when nothing): ``config.json``, a complete tokenizer
+    (:data:`HF_TOKENIZER_FILES`), safetensors weights, no pickled weights. Pure.
+    """
+    names = set(files)
+    problems = []
+    if CONFIG_FILE not in names:
+        problems.append(f"a {FORMAT_HF} artifact needs {CONFIG_FILE}")
+    if not any(all(f in names for f in group) for group in HF_TOKENIZER_FILES):
+        sets = " or ".join(" + ".join(g) for g in HF_TOKENIZER_FILES)
+        problems.append(f"a {FORMAT_HF} artifact needs its tokenizer ({sets})")
+    if not any(f.endswith(".safetensors") for f in names):
+        problems.append(f"a {FORMAT_HF} artifact needs safetensors weights ({WEIGHTS_FILE} or shards)")
+    pickled = sorted(f for f in names if f.endswith(PICKLE_SUFFIXES))
+    if pickled:
+        problems.append(f"pickled weights are never loaded; remove {', '.join(pickled)} (keep safetensors)")
     return problems
 
 
@@ -455,6 +508,43 @@ def verify_artifact(artifact_dir: str | Path, expected_digest: str | None = None
         digest_of=lambda f: sha256_file(d / f),
         expected_digest=expected_digest,
     )
+
+
+def describe_hf_directory(
+    directory: str | Path, *, model_name: str = "", created_at: str | None = None
+) -> ArtifactMetadata:
+    """The ``metadata.json`` of a Hugging Face directory (``save_pretrained`` output) as an
+    ``hf-transformers`` artifact: every file but :data:`NOT_ARTIFACT_FILES` and hidden ones in
+    ``files`` with its sha256; ``weightsDigest`` is that of the model file (:func:`model_file`).
+
+    Raises:
+        ArtifactError: not a directory, or what :func:`hf_problems` finds (e.g. no tokenizer).
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise ArtifactError(f"{d} is not a directory")
+    paths = sorted(
+        p
+        for p in d.rglob("*")
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(d).parts)
+        and p.relative_to(d).as_posix() not in NOT_ARTIFACT_FILES
+    )
+    rel = [p.relative_to(d).as_posix() for p in paths]
+    problems = hf_problems(rel)
+    if problems:
+        raise ArtifactError(f"{d} is not a servable {FORMAT_HF} directory: {'; '.join(problems)}")
+    files = {r: sha256_file(p) for r, p in zip(rel, paths, strict=True)}
+    meta = ArtifactMetadata(
+        schemaVersion=METADATA_SCHEMA_VERSION_V2,
+        format=FORMAT_HF,
+        modelName=model_name,
+        weightsDigest="sha256:" + "0" * 64,
+        files=files,
+        createdAt=created_at or utc_now_rfc3339(),
+    )
+    meta.weightsDigest = files[model_file(meta)]
+    return meta
 
 
 def read_weights_metadata(weights_file: str | Path) -> dict[str, str]:

@@ -35,6 +35,8 @@ PLURALS: dict[tuple[str, str], str] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitors",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrules",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
+    # Gateway API Inference Extension (LLM InferenceServices, see kiln.resources.llm)
+    ("inference.networking.k8s.io/v1", "InferencePool"): "inferencepools",
     ("scheduling.k8s.io/v1", "PriorityClass"): "priorityclasses",
     # Kueue (TrainingJobs queued with kueue.x-k8s.io/queue-name, see kiln.queueing)
     ("kueue.x-k8s.io/v1beta2", "Workload"): "workloads",

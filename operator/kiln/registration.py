@@ -239,6 +239,7 @@ def register_version(
             artifact_problem=problem,
             now=rfc3339(),
             spec_cause=spec_cause(obj),
+            format=meta.format if meta else None,
         )
         assert out.registered is not None
         try:

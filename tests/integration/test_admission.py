@@ -180,6 +180,65 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         obj("FeatureGroup", merged(FG, online={"enabled": True})),
         "spec.online.store",
     ),
+    # LLM runtime (docs/llm.md)
+    (
+        "isvc-llm-settings-on-kiln-engine",
+        obj("InferenceService", merged(ISVC, runtime={"image": "x", "llm": {"maxModelLen": 256}})),
+        "runtime.llm applies to LLM engines",
+    ),
+    (
+        "isvc-engine-unknown",
+        obj("InferenceService", merged(ISVC, runtime={"image": "x", "engine": "triton"})),
+        "spec.runtime.engine",
+    ),
+    (
+        "isvc-llm-max-model-len-tiny",
+        obj(
+            "InferenceService",
+            merged(ISVC, runtime={"image": "x", "engine": "vllm", "llm": {"maxModelLen": 8}}),
+        ),
+        "spec.runtime.llm.maxModelLen",
+    ),
+    (
+        "isvc-llm-feature-groups",
+        obj(
+            "InferenceService",
+            merged(ISVC, runtime={"image": "x", "engine": "vllm"}, featureGroups=[{"name": "fg"}]),
+        ),
+        "featureGroups apply to runtime.engine kiln",
+    ),
+    (
+        "isvc-metric-query-and-template",
+        obj(
+            "InferenceService",
+            merged(
+                ISVC,
+                rollout={
+                    "analysis": {
+                        "prometheus": {"address": "http://p:9090"},
+                        "metrics": [{"name": "m", "query": "up", "template": "LLMErrorRatio", "max": 1}],
+                    }
+                },
+            ),
+        ),
+        "a metric needs exactly one of query, template",
+    ),
+    (
+        "isvc-metric-template-unknown",
+        obj(
+            "InferenceService",
+            merged(
+                ISVC,
+                rollout={
+                    "analysis": {
+                        "prometheus": {"address": "http://p:9090"},
+                        "metrics": [{"name": "m", "template": "TokensPerSecond", "max": 1}],
+                    }
+                },
+            ),
+        ),
+        "spec.rollout.analysis.metrics[0].template",
+    ),
     # missing required fields
     ("tj-no-image", obj("TrainingJob", {"dataset": {"builtin": "sklearn-digits"}}), "spec.image"),
     ("isvc-no-runtime", obj("InferenceService", {"modelRef": {"name": "d", "version": 1}}), "spec.runtime"),
@@ -226,7 +285,8 @@ def test_immutable_fields(kube, namespace, kiln_crds, kind, spec, change, fragme
 
 def test_valid_examples_are_accepted(kube, namespace, kiln_crds):
     """The documented examples pass the same admission (server-side dry run)."""
-    for f in sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml")):
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    for f in sorted([*examples.glob("*.yaml"), *examples.glob("llm/*.yaml")]):
         doc = yaml.safe_load(f.read_text())
         doc["metadata"]["namespace"] = namespace
         request(

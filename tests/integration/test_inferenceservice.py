@@ -836,3 +836,69 @@ def test_operator_restart_resumes_at_the_same_step(api, store, namespace, cluste
             api, ns, lambda s: s.get("rolloutPhase") == "Promoted", 60, message="promoted after restart"
         )
         assert st["stableVersion"] == 2
+
+
+def test_llm_runtime_children_and_format_checks(api, store, namespace, operator):
+    """runtime.engine vllm (docs/llm.md): the engine's Deployment, Service and ServiceMonitor;
+    a version whose format the engine does not serve, and an InferencePool without its CRD (the
+    local cluster has none), are Ready=False with their reasons."""
+    ns = namespace
+    llm_version = {**store.version(1), "format": "hf-transformers"}
+    tensor_version = {**store.version(2), "format": "kiln-mlp"}
+    create_model(api, ns, [llm_version, tensor_version], production=1)
+    runtime = {
+        "engine": "vllm",
+        "image": "kiln/llm:dev",
+        "imagePullPolicy": "Never",
+        "artifactVolume": {"emptyDir": {}},
+        "llm": {"maxModelLen": 256, "dtype": "float32"},
+    }
+    create_isvc(api, ns, runtime=runtime)
+    # (a shared cluster: another checkout's older CRDs, applied since kiln_crds, prune the field)
+    assert isvc(api, ns)["spec"]["runtime"].get("engine") == "vllm", (
+        "the InferenceService CRD lacks runtime.engine"
+    )
+    ready = lambda s: (get_condition(s.get("conditions"), "Ready") or {}).get("status") == "True"  # noqa: E731
+    st = wait_status(api, ns, ready, message="Ready=True")
+    assert st["url"] == f"http://{MODEL}.{ns}.svc.cluster.local/v1"
+    dep = deployment(api, ns, "stable")
+    assert dep is not None and dep["status"]["readyReplicas"] == 2  # admitted under restricted PSS
+    pod = dep["spec"]["template"]["spec"]
+    (engine,) = pod["containers"]
+    assert engine["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    args = engine["args"]
+    assert args[args.index("--served-model-name") + 1] == MODEL
+    assert args[args.index("--max-model-len") + 1] == "256"
+    assert engine["readinessProbe"]["httpGet"]["path"] == "/health"
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["kiln-serve"] and init["args"] == ["--fetch-only"]
+    svc = kube.get(api, "v1", "Service", ns, MODEL)
+    assert svc is not None and {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]} == {
+        "http": "http",
+        "metrics": "http",
+    }
+    sm = kube.get(api, "monitoring.coreos.com/v1", "ServiceMonitor", ns, MODEL)
+    assert sm is not None
+    assert [r["targetLabel"] for r in sm["spec"]["endpoints"][0]["relabelings"]] == [
+        "version",
+        "track",
+        "model",
+    ]
+
+    # kiln-serve cannot serve an hf-transformers version: refused, the engine keeps serving
+    patch_spec(api, ns, {"runtime": {"engine": "kiln", "llm": None}})
+    reason = lambda r: lambda s: (get_condition(s.get("conditions"), "Ready") or {}).get("reason") == r  # noqa: E731
+    st = wait_status(api, ns, reason("RuntimeFormatMismatch"), message="RuntimeFormatMismatch")
+    message = get_condition(st["conditions"], "Ready")["message"]
+    assert "hf-transformers" in message and "use runtime.engine vllm" in message
+    dep = deployment(api, ns, "stable")
+    assert dep is not None and dep["spec"]["template"]["spec"]["containers"][0]["command"][0] == "python3"
+    assert "RuntimeFormatMismatch" in event_reasons(api, ns)
+
+    # back on vLLM with an InferencePool: its CRD is not installed here
+    pool = {"inferencePool": {"endpointPickerRef": {"name": "epp"}}}
+    patch_spec(api, ns, {"runtime": {"engine": "vllm", "llm": pool}})
+    st = wait_status(api, ns, reason("InferencePoolNotInstalled"), message="InferencePoolNotInstalled")
+    assert "inference.networking.k8s.io" in get_condition(st["conditions"], "Ready")["message"]
+    patch_spec(api, ns, {"runtime": {"llm": {"inferencePool": None}}})
+    wait_status(api, ns, ready, message="Ready=True without the pool")

@@ -23,6 +23,7 @@ from kiln.artifact import (
     ArtifactMetadata,
     DatasetInfo,
     ModelConfig,
+    describe_hf_directory,
     path_to_uri,
     sha256_file,
 )
@@ -358,6 +359,38 @@ def test_import_versions_trained_elsewhere(
     )
     obj = wait_reconciled(kube, namespace, lambda o: ready(o).get("status") == "True")
     assert obj["status"]["imported"] == 2 and [v["version"] for v in obj["status"]["versions"]] == [1, 2]
+
+
+def test_import_llm_directories_records_the_format_and_refuses_a_missing_tokenizer(
+    kube: client.ApiClient, namespace: str, operator: object, tmp_path: Path
+) -> None:
+    """An hf-transformers version (docs/llm.md) registers with its format; one whose metadata
+    leaves the tokenizer out is refused at registration (Ready=False, ImportFailed)."""
+    files = {
+        "config.json": b'{"architectures": ["LlamaForCausalLM"]}',
+        "tokenizer.json": b"{}",
+        "model.safetensors": b"weights",
+    }
+    uris = {}
+    for name in ("llm-a", "llm-b"):
+        d = tmp_path / "llm" / name
+        d.mkdir(parents=True)
+        for f, data in files.items():
+            (d / f).write_bytes(data)
+        meta = describe_hf_directory(d, created_at="2026-01-01T00:00:00Z")
+        if name == "llm-b":  # hand-written metadata without the tokenizer
+            del meta.files["tokenizer.json"]
+        (d / METADATA_FILE).write_text(meta.model_dump_json())
+        uris[name] = (path_to_uri(d), meta.weightsDigest)
+    imports = [{"artifactUri": uri, "digest": digest} for uri, digest in uris.values()]
+    create_model(kube, namespace, "tiny-llama", **{"import": imports})
+    obj = wait_reconciled(
+        kube, namespace, lambda o: ready(o).get("reason") == "ArtifactInvalid", name="tiny-llama"
+    )
+    assert obj["status"]["imported"] == 1
+    assert obj["status"]["versions"][0]["format"] == "hf-transformers"
+    assert "import[1]" in ready(obj)["message"] and "needs its tokenizer" in ready(obj)["message"]
+    assert "ImportFailed" in {e.reason for e in events(kube, namespace, "tiny-llama")}
 
 
 def test_versions_are_immutable_and_pruned(

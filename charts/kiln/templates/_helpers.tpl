@@ -70,6 +70,9 @@ tests/integration/test_chart.py runs every kind with exactly these.
 - apiGroups: [gateway.networking.k8s.io]
   resources: [httproutes]
   verbs: [list, create, patch, delete]
+- apiGroups: [inference.networking.k8s.io]
+  resources: [inferencepools]
+  verbs: [list, create, patch, delete]
 # FeatureGroup materialization: one Job per run (created, watched for results, deleted when it
 # writes superseded definitions) and the schedule's CronJob (server-side apply, deleted when the
 # schedule goes). Pods' termination messages are read through the pods rule above.

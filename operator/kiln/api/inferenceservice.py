@@ -63,10 +63,117 @@ class ModelSelector(KilnModel):
         return self
 
 
-class Runtime(KilnModel):
-    """The model server container (kiln-serve)."""
+class Engine(StrEnum):
+    """The serving engine of an InferenceService: which artifact formats it serves.
 
-    image: str = Field(min_length=1, max_length=1024, description="Server image (kiln server image).")
+    ``kiln``: kiln-serve (Open Inference Protocol) for ``kiln-mlp``, ``torch-export`` and
+    ``onnx`` versions. ``vllm``: vLLM's OpenAI-compatible server for ``hf-transformers``
+    versions (an LLM). The names leave room for more LLM engines (e.g. ``tgi``).
+    """
+
+    KILN = "kiln"
+    VLLM = "vllm"
+
+
+#: The artifact formats (a version's ``format``, see :mod:`kiln.artifact`) each engine serves.
+ENGINE_FORMATS: dict[Engine, tuple[str, ...]] = {
+    Engine.KILN: ("kiln-mlp", "torch-export", "onnx"),
+    Engine.VLLM: ("hf-transformers",),
+}
+
+
+class LLMDType(StrEnum):
+    AUTO = "auto"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+
+
+class EndpointPickerRef(KilnModel):
+    """The Endpoint Picker (EPP) an InferencePool hands routing decisions to (a Service)."""
+
+    name: str = Field(
+        min_length=1, max_length=253, pattern=DNS1123_LABEL, description="The EPP's Service (same namespace)."
+    )
+    port: int = Field(default=9002, ge=1, le=65535, description="Its ext-proc gRPC port.")
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        default="FailClose",
+        description="What the gateway does when the EPP does not answer: FailClose (refuse) or FailOpen (any pod).",
+    )
+
+
+class InferencePoolSpec(KilnModel):
+    """An InferencePool (Gateway API Inference Extension, inference.networking.k8s.io/v1) over
+    the engine's pods, for a gateway that picks endpoints by queue length and KV-cache use."""
+
+    endpoint_picker_ref: EndpointPickerRef = Field(
+        description="The Endpoint Picker deployed for this pool (Kiln does not deploy it)."
+    )
+
+
+class LLMRuntime(KilnModel):
+    """Settings of an LLM engine (``engine: vllm``), read from the served Hugging Face directory.
+
+    Tensor parallelism is the number of GPUs ``resources`` asks for (one engine per pod).
+    """
+
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        le=10_485_760,
+        description="Context length in tokens (prompt plus output); the model's own when unset. Longer prompts get a 400.",
+    )
+    dtype: LLMDType = Field(
+        default=LLMDType.AUTO,
+        description="Weights and activations type: auto (the model's), float16, bfloat16 or float32 (CPU).",
+    )
+    quantization: Literal["awq", "gptq", "fp8", "bitsandbytes", "compressed-tensors"] | None = Field(
+        default=None,
+        description="Quantization method of the weights, when the engine cannot read it from the model's config.",
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Share of each GPU's memory the engine may use (vLLM's 0.9 when unset).",
+    )
+    max_num_seqs: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="Most sequences batched together (the engine's default when unset).",
+    )
+    extra_args: list[Annotated[str, Field(max_length=1024)]] | None = Field(
+        default=None,
+        max_length=64,
+        description="More engine flags, appended after Kiln's (e.g. --enable-prefix-caching).",
+    )
+    inference_pool: InferencePoolSpec | None = Field(
+        default=None,
+        description="Emit an InferencePool over this service's pods (needs the Gateway API Inference Extension CRDs).",
+    )
+
+
+class Runtime(KilnModel):
+    """The model server container: kiln-serve, or an LLM engine (``engine``)."""
+
+    model_config = with_rules(
+        cel(
+            "!has(self.llm) || self.engine != 'kiln'",
+            "runtime.llm applies to LLM engines (engine: vllm)",
+            field_path=".llm",
+        )
+    )
+
+    engine: Engine = Field(
+        default=Engine.KILN,
+        description="kiln: kiln-serve (kiln-mlp, torch-export, onnx versions); vllm: vLLM's OpenAI-compatible server (hf-transformers versions).",
+    )
+    image: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="Server image (kiln server image, or the LLM image with engine vllm).",
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         default=None, description="Pull policy of the server image (Kubernetes default when unset)."
     )
@@ -92,6 +199,25 @@ class Runtime(KilnModel):
         pattern=r"^/",
         description="Where artifactVolume is mounted; the served version's artifactUri must point below it.",
     )
+    storage_initializer_image: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description="Image with kiln-serve that fetches and verifies the artifact before an LLM engine starts "
+        "(default: the runtime image, which must then have kiln-serve, as Kiln's LLM image does).",
+    )
+    llm: LLMRuntime | None = Field(default=None, description="LLM engine settings (engine vllm).")
+
+    @model_validator(mode="after")
+    def _llm_engine(self) -> Runtime:
+        if self.llm is not None and self.engine == Engine.KILN:
+            raise ValueError("runtime.llm applies to LLM engines (engine: vllm)")
+        return self
+
+    @property
+    def is_llm(self) -> bool:
+        """Whether the engine is an LLM engine (OpenAI API, Hugging Face directories)."""
+        return self.engine != Engine.KILN
 
 
 class Autoscaling(KilnModel):
@@ -127,10 +253,21 @@ class NoDataPolicy(StrEnum):
     PASS = "Pass"
 
 
-class AnalysisMetric(KilnModel):
-    """A PromQL query returning one number and its bound."""
+class MetricTemplate(StrEnum):
+    """Canned analysis queries (:mod:`kiln.rollout.templates`), over the canary version's series."""
 
-    model_config = with_rules(cel("has(self.min) || has(self.max)", "a metric needs min or max"))
+    TIME_TO_FIRST_TOKEN_P95 = "TimeToFirstTokenP95"
+    INTER_TOKEN_LATENCY_P95 = "InterTokenLatencyP95"
+    LLM_ERROR_RATIO = "LLMErrorRatio"
+
+
+class AnalysisMetric(KilnModel):
+    """A PromQL query (or a canned ``template``) returning one number, and its bound."""
+
+    model_config = with_rules(
+        cel("has(self.min) || has(self.max)", "a metric needs min or max"),
+        cel("has(self.query) != has(self.template)", "a metric needs exactly one of query, template"),
+    )
 
     name: str = Field(
         min_length=1,
@@ -138,13 +275,25 @@ class AnalysisMetric(KilnModel):
         pattern=DNS1123_LABEL,
         description="Metric name, shown in status.analysis.",
     )
-    query: str = Field(
+    query: str | None = Field(
+        default=None,
         min_length=1,
         max_length=4096,
         description="PromQL; {{version}}, {{namespace}} and {{service}} are substituted. Must return one sample.",
     )
+    template: MetricTemplate | None = Field(
+        default=None,
+        description="A canned query instead of query: TimeToFirstTokenP95 and InterTokenLatencyP95 (seconds), "
+        "LLMErrorRatio (0..1), over the canary's LLM engine metrics.",
+    )
     max: float | None = Field(default=None, description="Fails when the value is above.")
     min: float | None = Field(default=None, description="Fails when the value is below.")
+
+    @model_validator(mode="after")
+    def _query_or_template(self) -> AnalysisMetric:
+        if (self.query is None) == (self.template is None):
+            raise ValueError("a metric needs exactly one of query, template")
+        return self
 
 
 class Analysis(KilnModel):
@@ -369,6 +518,14 @@ class Monitoring(KilnModel):
 class InferenceServiceSpec(KilnModel):
     """Desired state of an InferenceService."""
 
+    model_config = with_rules(
+        cel(
+            "!has(self.featureGroups) || !has(self.runtime.engine) || self.runtime.engine == 'kiln'",
+            "featureGroups apply to runtime.engine kiln (an LLM engine takes prompts, not entity keys)",
+            field_path=".featureGroups",
+        )
+    )
+
     model_ref: ModelSelector
     runtime: Runtime
     replicas: int = Field(default=2, ge=0, le=1000, description="Stable replicas (ignored with autoscaling).")
@@ -413,6 +570,10 @@ class InferenceServiceSpec(KilnModel):
         names = [r.name for r in self.feature_groups or []]
         if len(names) != len(set(names)):
             raise ValueError("featureGroups must name each FeatureGroup once")
+        if names and self.runtime.is_llm:
+            raise ValueError(
+                "featureGroups apply to runtime.engine kiln (an LLM engine takes prompts, not entity keys)"
+            )
         return self
 
 

@@ -362,6 +362,13 @@ class ModelVersion(KilnModel):
     created_at: str = Field(
         max_length=64, json_schema_extra={"format": "date-time"}, description="When the artifact was written."
     )
+    format: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=r"^[a-z0-9][a-z0-9.-]*$",
+        description="Artifact format from its metadata.json (kiln-mlp, torch-export, onnx, hf-transformers): "
+        "it decides which InferenceService runtime engine serves the version. Unset when it could not be read.",
+    )
 
 
 class HistoryCause(StrEnum):

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 #: Modules under kiln.cli that contribute sub-commands, in help order.
-MODULES = ("operator", "crds", "registry", "features")
+MODULES = ("operator", "crds", "registry", "artifact", "features")
 
 
 def build_parser() -> argparse.ArgumentParser:

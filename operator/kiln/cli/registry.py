@@ -657,6 +657,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
                 metrics=meta.metrics,
                 hyperparameters=meta.hyperparameters,
                 now=rfc3339(),
+                format=meta.format,
             )
             status = step.status
             assert step.registered is not None

@@ -39,6 +39,8 @@ from kiln import API_VERSION, GROUP, VERSION, events, failpoints, kube
 from kiln.api.common import spec_error
 from kiln.api.featuregroup import FeatureGroupSpec
 from kiln.api.inferenceservice import (
+    ENGINE_FORMATS,
+    Engine,
     InferenceServiceSpec,
     InferenceServiceStatus,
     ModelSelector,
@@ -52,6 +54,7 @@ from kiln.resources.storage import StorageDefaults
 from kiln.rollout.analysis import ERROR, evaluate_metric, render_query
 from kiln.rollout.machine import Action, Decision, Measurement, Observed, analysis_due, decide
 from kiln.rollout.prometheus import PrometheusClient, PrometheusError
+from kiln.rollout.templates import query_of
 from kiln.status import write_status
 
 log = logging.getLogger("kiln.inferenceservice")
@@ -256,6 +259,27 @@ def check_feature_schema(version: Mapping[str, Any], groups: Sequence[FeatureVie
         )
 
 
+def check_runtime_format(version: Mapping[str, Any], engine: Engine | str, model: str) -> None:
+    """Refuse a version whose artifact format the runtime's engine does not serve
+    (:data:`ENGINE_FORMATS`): an LLM directory on kiln-serve, a tensor model on vLLM. A version
+    whose format the registry could not read (``format`` unset: a ``file://`` artifact the
+    operator does not mount) passes: the server's own check refuses it when it starts.
+
+    Raises:
+        Unresolved: ``RuntimeFormatMismatch`` naming the version, its format and the engine.
+    """
+    fmt, engine = version.get("format"), Engine(engine)
+    if fmt is None or fmt in ENGINE_FORMATS[engine]:
+        return
+    fits = sorted(str(e) for e, formats in ENGINE_FORMATS.items() if fmt in formats)
+    hint = f"; use runtime.engine {' or '.join(fits)}" if fits else ""
+    raise Unresolved(
+        "RuntimeFormatMismatch",
+        f"version {version.get('version')} of Model {model!r} is a {fmt} artifact, which runtime.engine "
+        f"{engine} does not serve (it serves {', '.join(ENGINE_FORMATS[engine])}){hint}",
+    )
+
+
 def _version_entry(model: Mapping[str, Any] | None, number: int) -> Mapping[str, Any] | None:
     for v in ((model or {}).get("status") or {}).get("versions") or []:
         if v.get("version") == number:
@@ -394,7 +418,7 @@ def measure(
     results = []
     for metric in analysis.metrics:
         try:
-            values = prom.query(render_query(metric.query, variables))
+            values = prom.query(render_query(query_of(metric), variables))
         except (KeyError, PrometheusError) as e:
             results.append(evaluate_metric(metric, None, analysis.no_data_policy, error=str(e).strip("'\"")))
             continue
@@ -536,6 +560,7 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
         for r in spec.feature_groups or []
     }
     try:
+        check_runtime_format(resolved, spec.runtime.engine, spec.model_ref.name)
         groups = resolve_feature_groups(spec, namespace, found)
         check_feature_schema(resolved, groups, spec.model_ref.name)
     except Unresolved as u:
@@ -650,8 +675,11 @@ def _status(
         for track in (res.STABLE, res.CANARY)
         if (m := replica_failure(deps[track]))
     ]
+    pool_missing = any("InferencePool" in p for p in problems)
     if gateway_missing:
         verdict = (FALSE, "GatewayAPINotInstalled", "; ".join(problems))
+    elif pool_missing:
+        verdict = (FALSE, "InferencePoolNotInstalled", "; ".join(problems))
     elif failures:
         verdict = (FALSE, "ReplicaFailure", "; ".join(failures))
     elif not stable_ok:
@@ -671,7 +699,9 @@ def _status(
         )
     else:
         verdict = (TRUE, "Serving", f"serving version {st.stable_version}")
-    message = verdict[2] + ("" if gateway_missing or not problems else " (" + "; ".join(problems) + ")")
+    message = verdict[2] + (
+        "" if gateway_missing or pool_missing or not problems else " (" + "; ".join(problems) + ")"
+    )
     conds = _set(conds, "Ready", verdict[0], verdict[1], message, gen, now)
     # A rolled-back canary is terminal for that version: nothing is retried until the model
     # resolves to another version (a new promotion, or a spec.modelRef change).
@@ -689,7 +719,7 @@ def _status(
     out = st.to_api()
     out["conditions"] = conds
     out["observedGeneration"] = gen
-    out["url"] = res.url(name, ns, spec.model_ref.name)
+    out["url"] = res.url(name, ns, spec.model_ref.name, openai=spec.runtime.is_llm)
     return out
 
 

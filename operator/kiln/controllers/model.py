@@ -140,6 +140,7 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str) -> Result | None:
             hyperparameters=imp.hyperparameters,
             now=now,
             spec_cause=cause,
+            format=artifact_meta.format if artifact_meta else None,
         )
         assert out.registered is not None
         status = out.status.model_copy(update={"imported": i + 1})

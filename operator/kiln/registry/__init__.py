@@ -127,8 +127,11 @@ def register(
     artifact_problem: Problem | None = None,
     now: str,
     spec_cause: HistoryCause = HistoryCause.SPEC_CHANGE,
+    format: str | None = None,
 ) -> Outcome:
     """Append a version numbered ``latestVersion + 1``, apply the policy, settle.
+
+    ``format`` is the artifact's format (its metadata.json), when it could be read.
 
     The policy promotes the version only when its artifact verified (``artifact_problem`` is
     None; the caller checks it once, before its retry loop). Spec declarations naming the new
@@ -147,6 +150,7 @@ def register(
         lineage=lineage,
         metrics=metrics,
         hyperparameters=hyperparameters,
+        format=format,
     )
     notes: dict[str, str] = {}
     if artifact_problem is None:

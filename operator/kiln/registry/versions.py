@@ -70,6 +70,7 @@ def make_version(
     lineage: Lineage,
     metrics: Mapping[str, float] | None = None,
     hyperparameters: Mapping[str, Any] | None = None,
+    format: str | None = None,
 ) -> ModelVersion:
     """A :class:`ModelVersion` entry with metrics and hyperparameters capped for status
     (:func:`cap_map`, then :func:`fit_extras`).
@@ -89,6 +90,7 @@ def make_version(
         hyperparameters=kept_hyperparameters,
         lineage=lineage,
         created_at=created_at,
+        format=format,
     )
 
 

@@ -14,7 +14,11 @@ Children (all owned by the InferenceService, labelled ``kiln.dev/inferenceservic
 - PrometheusRule ``<name>`` (monitoring.coreos.com/v1) with ``monitoring.alerts``: recording
   rules and alerts, see :mod:`kiln.resources.alerts`;
 - HorizontalPodAutoscaler ``<name>`` (autoscaling/v2) on the stable Deployment, with ``autoscaling``;
-- HTTPRoute ``<name>`` (gateway.networking.k8s.io/v1) with ``trafficRouting: GatewayAPI``.
+- HTTPRoute ``<name>`` (gateway.networking.k8s.io/v1) with ``trafficRouting: GatewayAPI``;
+- InferencePool ``<name>`` (inference.networking.k8s.io/v1) with ``runtime.llm.inferencePool``.
+
+With an LLM engine (``runtime.engine: vllm``) the pods run vLLM's OpenAI-compatible server
+instead of kiln-serve, see :mod:`kiln.resources.llm`; everything else is the same.
 
 The server is configured through environment variables (names from ``kiln.server.settings``).
 Graceful shutdown: on SIGTERM kiln-serve reports not-ready but keeps serving for
@@ -39,6 +43,7 @@ from kiln.api.inferenceservice import (
     TrafficRouting,
 )
 from kiln.features.schema import FeatureView
+from kiln.resources import llm
 from kiln.resources.alerts import rule_groups
 from kiln.resources.common import child_name, owner_reference, pod_placement, standard_labels
 from kiln.resources.storage import StorageDefaults, is_s3, storage_env
@@ -66,6 +71,7 @@ CHILD_KINDS: tuple[tuple[str, str], ...] = (
     ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    (llm.INFERENCE_POOL_API_VERSION, "InferencePool"),
 )
 
 #: Server environment variables (must match kiln.server.settings.OPTIONS; a unit test checks).
@@ -107,9 +113,12 @@ def track_service_name(isvc: str, track: str) -> str:
     return child_name(isvc, track)
 
 
-def url(isvc: str, namespace: str, model: str) -> str:
-    """In-cluster base URL of the model: ``http://<svc>.<ns>.svc.cluster.local/v2/models/<model>``."""
-    return f"http://{service_name(isvc)}.{namespace}.svc.cluster.local/v2/models/{model}"
+def url(isvc: str, namespace: str, model: str, *, openai: bool = False) -> str:
+    """In-cluster base URL of the model: ``http://<svc>.<ns>.svc.cluster.local/v2/models/<model>``,
+    or with ``openai`` (an LLM engine) the OpenAI API's base URL ``http://<svc>.<ns>.svc.cluster.local/v1``
+    (the ``base_url`` of the ``openai`` client; the model is named in each request)."""
+    base = f"http://{service_name(isvc)}.{namespace}.svc.cluster.local"
+    return f"{base}/v1" if openai else f"{base}/v2/models/{model}"
 
 
 def _meta(
@@ -170,7 +179,8 @@ def server_env(
     digest: str,
     feature_groups: str | None = None,
 ) -> list[dict[str, str]]:
-    """The kiln-serve environment; ``runtime.env`` entries override Kiln's by name.
+    """The kiln-serve environment; ``runtime.env`` entries override Kiln's by name. For an LLM
+    engine, only the artifact and model variables (the storage-initializer's).
 
     ``feature_groups`` is the track's ``KILN_FEATURE_GROUPS`` (:func:`feature_groups_env`), or None.
     """
@@ -180,6 +190,10 @@ def server_env(
         ENV_ARTIFACT_DIGEST: digest,
         ENV_MODEL_NAME: spec.model_ref.name,
         ENV_MODEL_VERSION: str(version),
+    }
+    if rt.is_llm:  # what the storage-initializer needs; runtime.env is the engine's (kiln.resources.llm)
+        return [{"name": k, "value": v} for k, v in env.items()]
+    env |= {
         ENV_PORT: str(SERVER_PORT),
         ENV_GRPC_PORT: str(GRPC_PORT),
         ENV_METRICS_PORT: str(METRICS_PORT),
@@ -234,49 +248,22 @@ def storage_initializer(
     return init
 
 
-def deployment(
-    isvc: dict[str, Any],
-    spec: InferenceServiceSpec,
-    track: str,
-    version: int,
-    artifact_uri: str,
-    digest: str,
-    replicas: int | None,
-    defaults: StorageDefaults | None = None,
-    feature_groups: str | None = None,
-) -> dict[str, Any]:
-    """A Deployment of kiln-serve for ``track`` serving ``version`` from ``artifact_uri``.
-
-    Args:
-        replicas: pod count; None leaves it to an HPA (the field is then not applied).
-        feature_groups: the server's ``KILN_FEATURE_GROUPS`` (:func:`feature_groups_env`), or None.
-        defaults: the operator's storage configuration, for an ``s3://`` artifact: then the pod
-            gets a :func:`storage_initializer` and a ``model`` emptyDir the server reads (and
-            re-verifies) the artifact from; ``runtime.artifactVolume`` is for ``file://`` ones.
-
-    The selector (immutable) is ``{inferenceservice, track}``; the version is a pod label only,
-    so a new version rolls the same Deployment (``maxUnavailable: 0``: capacity never dips).
-    Both tracks get the same placement (``nodeSelector``, ``tolerations`` plus the GPU one when
-    ``resources`` ask for GPUs, ``priorityClassName``, ``serviceAccountName``).
-    """
-    name = isvc["metadata"]["name"]
-    rt = spec.runtime
-    pod_labels = standard_labels(isvc, "server") | {
-        LABEL_ISVC: name,
-        LABEL_TRACK: track,
-        LABEL_VERSION: str(version),
+def _security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
-    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
-    remote = is_s3(artifact_uri)
-    env = server_env(spec, version, artifact_uri, digest, feature_groups)
-    if remote:
-        env.append({"name": ENV_MODEL_DIR, "value": MODEL_DIR})
-        volumes.append({"name": MODEL_VOLUME, "emptyDir": {}})
-        mounts.append({"name": MODEL_VOLUME, "mountPath": MODEL_DIR, "readOnly": True})
-    elif rt.artifact_volume:
-        volumes.append({"name": "artifacts", **copy.deepcopy(rt.artifact_volume)})
-        mounts.append({"name": "artifacts", "mountPath": rt.artifact_mount_path, "readOnly": True})
+
+
+def _kiln_container(
+    spec: InferenceServiceSpec, env: list[dict[str, str]], mounts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The kiln-serve container (Open Inference Protocol on ``http`` and ``grpc``, ``/metrics``)."""
+    rt = spec.runtime
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": rt.image,
@@ -305,29 +292,114 @@ def deployment(
             "failureThreshold": 90,
         },
         "volumeMounts": mounts,
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "privileged": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if rt.image_pull_policy:
         container["imagePullPolicy"] = rt.image_pull_policy
     if spec.resources:
         container["resources"] = spec.resources.to_api()
+    return container
+
+
+def _llm_containers(
+    spec: InferenceServiceSpec,
+    artifact_uri: str,
+    digest: str,
+    env: list[dict[str, str]],
+    mounts: list[dict[str, Any]],
+    defaults: StorageDefaults,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(engine, storage-initializer)`` of an LLM engine pod (:mod:`kiln.resources.llm`).
+
+    The storage-initializer runs ``kiln-serve --fetch-only`` (in ``runtime.storageInitializerImage``,
+    else the runtime image) for every artifact: it downloads an ``s3://`` one into the ``model``
+    emptyDir and verifies it, and verifies a ``file://`` one in place, so the engine only ever
+    reads a directory whose every file matched its digest.
+    """
+    rt = spec.runtime
+    path = llm.model_path(artifact_uri, digest, MODEL_DIR)
+    engine = llm.engine_container(
+        spec, name=CONTAINER, path=path, kiln_env=env, mounts=mounts, security_context=_security_context()
+    )
+    fetcher: dict[str, Any] = {
+        "image": rt.storage_initializer_image or rt.image,
+        "env": env,
+        "securityContext": _security_context(),
+        "resources": engine.get("resources") or {},
+    }
+    if rt.image_pull_policy and fetcher["image"] == rt.image:
+        fetcher["imagePullPolicy"] = rt.image_pull_policy
+    init = storage_initializer(spec, fetcher, defaults)
+    init["command"] = ["kiln-serve"]
+    if not is_s3(artifact_uri):  # verified in place: /tmp and the artifact volume (read-only)
+        init["volumeMounts"] = copy.deepcopy(mounts)
+    return engine, init
+
+
+def deployment(
+    isvc: dict[str, Any],
+    spec: InferenceServiceSpec,
+    track: str,
+    version: int,
+    artifact_uri: str,
+    digest: str,
+    replicas: int | None,
+    defaults: StorageDefaults | None = None,
+    feature_groups: str | None = None,
+) -> dict[str, Any]:
+    """A Deployment of the model server for ``track`` serving ``version`` from ``artifact_uri``:
+    kiln-serve, or the LLM engine of ``runtime.engine`` (:func:`_llm_containers`).
+
+    Args:
+        replicas: pod count; None leaves it to an HPA (the field is then not applied).
+        feature_groups: the server's ``KILN_FEATURE_GROUPS`` (:func:`feature_groups_env`), or None.
+        defaults: the operator's storage configuration, for an ``s3://`` artifact: then the pod
+            gets a :func:`storage_initializer` and a ``model`` emptyDir the server reads (and
+            re-verifies) the artifact from; ``runtime.artifactVolume`` is for ``file://`` ones.
+
+    The selector (immutable) is ``{inferenceservice, track}``; the version is a pod label only,
+    so a new version rolls the same Deployment (``maxUnavailable: 0``: capacity never dips).
+    Both tracks get the same placement (``nodeSelector``, ``tolerations`` plus the GPU one when
+    ``resources`` ask for GPUs, ``priorityClassName``, ``serviceAccountName``).
+    """
+    name = isvc["metadata"]["name"]
+    rt = spec.runtime
+    defaults = defaults or StorageDefaults()
+    pod_labels = standard_labels(isvc, "server") | {
+        LABEL_ISVC: name,
+        LABEL_TRACK: track,
+        LABEL_VERSION: str(version),
+    }
+    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    remote = is_s3(artifact_uri)
+    env = server_env(spec, version, artifact_uri, digest, feature_groups)
+    if remote:
+        env.append({"name": ENV_MODEL_DIR, "value": MODEL_DIR})
+        volumes.append({"name": MODEL_VOLUME, "emptyDir": {}})
+        mounts.append({"name": MODEL_VOLUME, "mountPath": MODEL_DIR, "readOnly": True})
+    elif rt.artifact_volume:
+        volumes.append({"name": "artifacts", **copy.deepcopy(rt.artifact_volume)})
+        mounts.append({"name": "artifacts", "mountPath": rt.artifact_mount_path, "readOnly": True})
+    init: list[dict[str, Any]] = []
+    if rt.is_llm:
+        container, fetcher = _llm_containers(spec, artifact_uri, digest, env, mounts, defaults)
+        init.append(fetcher)
+        volumes.append(llm.shm_volume())
+        grace = llm.TERMINATION_GRACE_SECONDS
+    else:
+        container = _kiln_container(spec, env, mounts)
+        if remote:
+            init.append(storage_initializer(spec, container, defaults))
+        # after the storage-initializer took its copy of the environment: no store password there
+        container["env"] = env + feature_group_secret_env(feature_groups)
+        grace = TERMINATION_GRACE_SECONDS
     pod_spec: dict[str, Any] = {
-        **(
-            {"initContainers": [storage_initializer(spec, container, defaults or StorageDefaults())]}
-            if remote
-            else {}
-        ),
+        **({"initContainers": init} if init else {}),
         "containers": [container],
         "volumes": volumes,
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": grace,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": {
@@ -335,8 +407,6 @@ def deployment(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-    # after the storage-initializer took its copy of the environment: no store password there
-    container["env"] = env + feature_group_secret_env(feature_groups)
     pod_spec.update(
         pod_placement(
             node_selector=spec.node_selector,
@@ -365,7 +435,14 @@ def deployment(
     }
 
 
-def _ports() -> list[dict[str, Any]]:
+def _ports(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
+    """Service ports: ``http`` (80), ``grpc`` and ``metrics`` of kiln-serve; an LLM engine has
+    no gRPC and serves ``/metrics`` on its ``http`` port, which port ``metrics`` then targets."""
+    if spec.runtime.is_llm:
+        return [
+            {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"},
+            {"name": "metrics", "port": METRICS_PORT, "targetPort": "http", "protocol": "TCP"},
+        ]
     return [
         {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"},
         {
@@ -389,11 +466,11 @@ def service(isvc: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _meta(isvc, service_name(name), "server", extra),
-        "spec": {"type": "ClusterIP", "selector": selector, "ports": _ports()},
+        "spec": {"type": "ClusterIP", "selector": selector, "ports": _ports(spec)},
     }
 
 
-def track_service(isvc: dict[str, Any], track: str) -> dict[str, Any]:
+def track_service(isvc: dict[str, Any], spec: InferenceServiceSpec, track: str) -> dict[str, Any]:
     """Service ``<name>-<track>`` selecting one track: a weighted HTTPRoute backend (scraped)."""
     name = isvc["metadata"]["name"]
     return {
@@ -402,7 +479,11 @@ def track_service(isvc: dict[str, Any], track: str) -> dict[str, Any]:
         "metadata": _meta(
             isvc, track_service_name(name, track), "server", {LABEL_TRACK: track, LABEL_SCRAPE: "true"}
         ),
-        "spec": {"type": "ClusterIP", "selector": {LABEL_ISVC: name, LABEL_TRACK: track}, "ports": _ports()},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {LABEL_ISVC: name, LABEL_TRACK: track},
+            "ports": _ports(spec),
+        },
     }
 
 
@@ -411,12 +492,22 @@ def service_monitor(isvc: dict[str, Any], spec: InferenceServiceSpec) -> dict[st
 
     ``monitoring.serviceMonitor.labels`` go on the object so a Prometheus's
     ``serviceMonitorSelector`` can pick it; Prometheus adds ``namespace``, ``service`` and
-    ``pod`` target labels, and the server exports ``model`` and ``version``.
+    ``pod`` target labels, and kiln-serve exports ``model`` and ``version``. An LLM engine's
+    metrics carry neither, so for it the target gets ``version`` (the pod's
+    ``kiln.dev/model-version``), ``track`` and ``model`` (the Model's name) by relabeling: the
+    same queries (and :mod:`kiln.rollout.templates`) select a version's series.
     """
     name = isvc["metadata"]["name"]
     sm = spec.monitoring.service_monitor
     meta = _meta(isvc, name, "monitoring")
     meta["labels"] = meta["labels"] | dict(sm.labels or {})
+    endpoint: dict[str, Any] = {"port": "metrics", "path": "/metrics", "interval": f"{sm.interval_seconds}s"}
+    if spec.runtime.is_llm:
+        endpoint["relabelings"] = [
+            {"sourceLabels": [_pod_label_meta(LABEL_VERSION)], "targetLabel": "version", "action": "replace"},
+            {"sourceLabels": [_pod_label_meta(LABEL_TRACK)], "targetLabel": "track", "action": "replace"},
+            {"targetLabel": "model", "replacement": spec.model_ref.name, "action": "replace"},
+        ]
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
@@ -424,9 +515,14 @@ def service_monitor(isvc: dict[str, Any], spec: InferenceServiceSpec) -> dict[st
         "spec": {
             "selector": {"matchLabels": {LABEL_ISVC: name, LABEL_SCRAPE: "true"}},
             "namespaceSelector": {"matchNames": [isvc["metadata"]["namespace"]]},
-            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": f"{sm.interval_seconds}s"}],
+            "endpoints": [endpoint],
         },
     }
+
+
+def _pod_label_meta(label: str) -> str:
+    """Prometheus's service-discovery label of a pod label (non-alphanumerics become ``_``)."""
+    return "__meta_kubernetes_pod_label_" + "".join(c if c.isalnum() else "_" for c in label)
 
 
 def prometheus_rule(isvc: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any]:
@@ -515,6 +611,15 @@ def http_route(isvc: dict[str, Any], spec: InferenceServiceSpec, canary_weight: 
     }
 
 
+def inference_pool(isvc: dict[str, Any], spec: InferenceServiceSpec) -> dict[str, Any]:
+    """InferencePool ``<name>`` over the pods of both tracks (``runtime.llm.inferencePool``):
+    a gateway routing to it lets its Endpoint Picker choose a pod per request by queue length
+    and KV-cache use (:func:`kiln.resources.llm.inference_pool`). The canary's share is then
+    the picker's choice among Ready pods, as with ReplicaRatio routing."""
+    name = isvc["metadata"]["name"]
+    return llm.inference_pool(_meta(isvc, name, "routing"), spec, {LABEL_ISVC: name})
+
+
 def children(
     isvc: dict[str, Any],
     spec: InferenceServiceSpec,
@@ -549,10 +654,12 @@ def children(
         out.append(deployment(isvc, spec, CANARY, *canary, canary_replicas, defaults, canary_features))
     out.append(service(isvc, spec))
     if gateway:
-        out.append(track_service(isvc, STABLE))
+        out.append(track_service(isvc, spec, STABLE))
         if canary is not None:
-            out.append(track_service(isvc, CANARY))
+            out.append(track_service(isvc, spec, CANARY))
         out.append(http_route(isvc, spec, canary_weight if canary is not None else None))
+    if spec.runtime.llm is not None and spec.runtime.llm.inference_pool is not None:
+        out.append(inference_pool(isvc, spec))
     if spec.monitoring.service_monitor.enabled:
         out.append(service_monitor(isvc, spec))
     if spec.monitoring.alerts is not None:

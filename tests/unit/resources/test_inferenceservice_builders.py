@@ -301,6 +301,11 @@ def test_every_child_is_labelled_and_owned():
             rollout=GATEWAY,
             autoscaling={"maxReplicas": 3},
             monitoring={"alerts": {"errorRatio": {"threshold": 0.1}}},
+            runtime={
+                "engine": "vllm",
+                "image": "kiln/llm:dev",
+                "llm": {"inferencePool": {"endpointPickerRef": {"name": "epp"}}},
+            },
         ),
         stable=(1, "u", DIGEST),
         stable_replicas=None,
