@@ -108,3 +108,15 @@ def test_table_has_one_column_per_scenario_and_their_settings(bench: ModuleType)
     assert by_label["API requests per job"] == ["3.0", "5.0"]
     assert by_label["jobs with all pods created"] == ["2/200", "1/200"]
     assert "  floor: 16 threads" in rows and "  kiln: x" in rows
+
+
+def test_metric_by_label_sums_per_label_value(bench: ModuleType) -> None:
+    text = (
+        'kiln_api_requests_total{verb="GET",code="200"} 10.0\n'
+        'kiln_api_requests_total{verb="GET",code="404"} 2.0\n'
+        'kiln_api_requests_total{code="201",verb="POST"} 5.0\n'
+        'kiln_api_requests_total{code="201"} 7.0\n'
+        'kiln_api_requests_created{verb="GET",code="200"} 1.7e9\n'
+        'rest_client_requests_total{method="GET"} 99\n'
+    )
+    assert bench.metric_by_label(text, "kiln_api_requests_total", "verb") == {"GET": 12.0, "POST": 5.0}
