@@ -20,7 +20,14 @@ controller-runtime's workqueue:
 - every log line written during a reconcile names the object (:func:`kiln.logs.bind`);
 - with leader election, a queue is *paused* while this replica is not the leader: watch events
   still arrive and only record which objects exist; on :meth:`WorkQueue.resume` (this replica
-  became the leader) every known object is reconciled once, then events flow as usual.
+  became the leader) every known object is reconciled once, then events flow as usual;
+- a controller may record its own writes (:meth:`WatchCache.wrote`): the watch event that only
+  echoes one of them (same object, same resourceVersion) enqueues nothing, since the reconcile
+  that wrote it decided from everything that event shows (a write raced by another writer is a
+  409, never an echo); and a kind watched with ``cached=True`` keeps each object as its watch
+  last delivered it (:meth:`WatchCache.get`), so a reconcile can skip the GET unless one of its
+  own writes to that object is not in the watch yet. This is controller-runtime's informer
+  cache with its "expectations", for the parent objects only: children are still listed live.
 
 Why not kopf's ``on.create/update`` and ``@kopf.timer``: timers make kopf put a finalizer on
 every object (deletion then hangs whenever the operator is down), and kopf's per-handler
@@ -31,10 +38,11 @@ simpler to reason about and survives operator restarts without a special path.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +60,11 @@ Key = tuple[str, str]  # (namespace, name)
 
 #: Conflicts in a row that re-run a key at once; later ones wait 0.1 s * 2^k (capped at 5 s).
 IMMEDIATE_CONFLICT_RERUNS = 3
+#: How long a write of ours waits for its echo in the watch (:class:`WatchCache`); after that the
+#: object is read live again (an echo can be missed when kopf re-lists after a broken watch).
+ECHO_SECONDS = 30.0
+
+ObjectKey = tuple[str, str, str]  # (plural, namespace, name)
 
 
 @dataclass(frozen=True)
@@ -290,6 +303,87 @@ class Queues:
 QUEUES = Queues()
 
 
+class WatchCache:
+    """Objects as their watch last delivered them, and this process's writes not yet delivered.
+
+    Thread-safe: :meth:`wrote` and :meth:`get` run in reconcile threads, :meth:`observe` in the
+    event loop. Objects are stored only for the plurals given to :meth:`cache`.
+
+    Args:
+        ttl: seconds a write waits for its echo (see :data:`ECHO_SECONDS`).
+        clock: monotonic seconds (tests pass a fake).
+    """
+
+    def __init__(self, ttl: float = ECHO_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl, self._clock = ttl, clock
+        self._lock = threading.Lock()
+        self._cached: set[str] = set()
+        self._objects: dict[ObjectKey, Mapping[str, Any]] = {}
+        self._pending: dict[ObjectKey, dict[str, float]] = {}  # key -> {resourceVersion: deadline}
+
+    def cache(self, plural: str) -> None:
+        """Keep the objects of ``plural`` that :meth:`observe` sees."""
+        self._cached.add(plural)
+
+    def wrote(self, plural: str, obj: dict[str, Any] | None) -> None:
+        """Record a write of ours: ``obj`` as the API server returned it (None: nothing written)."""
+        if not obj:
+            return
+        key, rv = _object_key(plural, obj), obj["metadata"].get("resourceVersion")
+        if rv:
+            with self._lock:
+                self._pending.setdefault(key, {})[rv] = self._clock() + self._ttl
+
+    def observe(self, plural: str, obj: Mapping[str, Any], deleted: bool = False) -> bool:
+        """Record a watch event of ``obj``; True when it only echoes a write of ours."""
+        key, rv = _object_key(plural, obj), obj["metadata"].get("resourceVersion")
+        with self._lock:
+            if plural in self._cached:
+                if deleted:
+                    self._objects.pop(key, None)
+                else:
+                    self._objects[key] = obj
+            pending = self._pending.get(key)
+            echo = pending is not None and not deleted and pending.pop(rv, None) is not None
+            if deleted or (pending is not None and not pending):
+                self._pending.pop(key, None)
+            return echo
+
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A deep copy of the object as last delivered; None when not cached (not seen, deleted,
+        or not a cached plural) or when a write of ours to it is not in the watch yet."""
+        key = (plural, namespace, name)
+        now = self._clock()
+        with self._lock:
+            pending = self._pending.get(key)
+            if pending:
+                for rv in [rv for rv, deadline in pending.items() if deadline <= now]:
+                    del pending[rv]
+                if pending:
+                    return None
+                del self._pending[key]
+            obj = self._objects.get(key)
+        return copy.deepcopy(dict(obj)) if obj is not None else None
+
+    def forget(self, plural: str, namespace: str, name: str) -> None:
+        """Drop the cached object (it proved stale): :meth:`get` says None until the next event."""
+        with self._lock:
+            self._objects.pop((plural, namespace, name), None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._objects.clear()
+            self._pending.clear()
+
+
+def _object_key(plural: str, obj: Mapping[str, Any]) -> ObjectKey:
+    meta = obj["metadata"]
+    return plural, meta.get("namespace") or "", meta["name"]
+
+
+CACHE = WatchCache()
+
+
 def enqueue(kind: str, namespace: str, name: str, delay: float = 0.0) -> None:
     """Enqueue a reconcile of ``kind`` ``namespace/name`` if that kind's queue is running."""
     q = QUEUES.get(kind)
@@ -309,21 +403,27 @@ def owner_name(body: Any, kind: str) -> str | None:
     return None
 
 
-def watch(kind: str, group_version: str, plural: str) -> None:
-    """Enqueue ``kind``'s reconcile on every watch event of its own objects."""
+def watch(kind: str, group_version: str, plural: str, *, cached: bool = False) -> None:
+    """Enqueue ``kind``'s reconcile on every watch event of its own objects but the echoes of
+    its own writes; with ``cached`` keep the objects in :data:`CACHE`."""
     group, _, version = group_version.rpartition("/")
+    if cached:
+        CACHE.cache(plural)
 
     @kopf.on.event(group, version, plural, id=f"watch-{plural}")
-    async def _on_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    async def _on_event(body: kopf.Body, type: str | None, event: kopf.RawEvent, **_: Any) -> None:
         key = (body.metadata.namespace or "", body.metadata.name or "")
+        deleted = type == "DELETED"
         q = QUEUES.get(kind)
         if q is not None:
-            q.observe(key, body.metadata.uid, deleted=type == "DELETED")
-        enqueue(kind, *key)
+            q.observe(key, body.metadata.uid, deleted=deleted)
+        if not CACHE.observe(plural, event["object"], deleted=deleted):
+            enqueue(kind, *key)
 
 
 def watch_children(kind: str, group_version: str, plural: str, parent_label: str) -> None:
-    """Enqueue the parent's reconcile on every watch event of a child labelled ``parent_label``.
+    """Enqueue the parent's reconcile on every watch event of a child labelled ``parent_label``
+    but the echoes of the parent's controller's own writes (see :class:`WatchCache`).
 
     Children carry ``<parent_label>: <parent name>`` (see the builders), so no owner lookups.
     """
@@ -332,7 +432,8 @@ def watch_children(kind: str, group_version: str, plural: str, parent_label: str
     @kopf.on.event(
         group, version, plural, labels={parent_label: kopf.PRESENT}, id=f"watch-{plural}-of-{kind.lower()}"
     )
-    async def _on_child_event(body: kopf.Body, **_: Any) -> None:
+    async def _on_child_event(body: kopf.Body, type: str | None, event: kopf.RawEvent, **_: Any) -> None:
         parent = body.metadata.labels.get(parent_label)
-        if parent:
+        echo = CACHE.observe(plural, event["object"], deleted=type == "DELETED")
+        if parent and not echo:
             enqueue(kind, body.metadata.namespace or "", parent)

@@ -26,7 +26,7 @@ from kiln.api.common import spec_error
 from kiln.api.trainingjob import TrainingJobSpec, TrainingJobStatus
 from kiln.artifact import ArtifactError
 from kiln.conditions import FALSE, TRUE, get_condition, set_condition, set_stalled
-from kiln.controllers.runtime import ReconcileFn, Result, watch, watch_children
+from kiln.controllers.runtime import CACHE, ReconcileFn, Result, watch, watch_children
 from kiln.gang import Plan, plan
 from kiln.queueing import QueueView
 from kiln.resources import trainingjob as build
@@ -37,7 +37,8 @@ from kiln.status import write_status
 
 log = logging.getLogger("kiln.trainingjob")
 KIND = "TrainingJob"
-watch(KIND, API_VERSION, "trainingjobs")
+PLURAL = "trainingjobs"
+watch(KIND, API_VERSION, PLURAL, cached=True)
 watch_children(KIND, "v1", "pods", build.LABEL_JOB)
 watch_children(KIND, wl.KUEUE_API_VERSION, "workloads", build.LABEL_JOB)
 
@@ -52,8 +53,13 @@ WORKLOAD_RETRY_SECONDS = 30.0
 
 
 def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | None = None) -> Result | None:
-    """Reconcile one TrainingJob. Returns when to look again (back-off, deadline, TTL)."""
-    job = kube.get(api, API_VERSION, KIND, namespace, name)
+    """Reconcile one TrainingJob. Returns when to look again (back-off, deadline, TTL).
+
+    The job is read from the watch cache unless a status write of ours is not in it yet (see
+    :class:`kiln.controllers.runtime.WatchCache`); a stale copy cannot write: the status write
+    is guarded by its resourceVersion, and after a 409 the next run reads the API server.
+    """
+    job = CACHE.get(PLURAL, namespace, name) or kube.get(api, API_VERSION, KIND, namespace, name)
     if job is None or job["metadata"].get("deletionTimestamp"):
         return None
     now = now or datetime.now(UTC)
@@ -102,8 +108,16 @@ def reconcile(api: k8s.ApiClient, namespace: str, name: str, now: datetime | Non
             p.requeue(registration_retry_delay(p.status, now))
         else:
             failpoints.hit("trainingjob-registered")
-    # A 409 here (the job changed under us) propagates: the work queue decides again at once.
-    job = write_status(api, job, TrainingJobStatus.model_validate(p.status))
+    # A 409 here (the job changed under us) propagates: the work queue decides again at once,
+    # from the API server (the cached copy may be the stale one).
+    read_version = job["metadata"].get("resourceVersion")
+    try:
+        job = write_status(api, job, TrainingJobStatus.model_validate(p.status))
+    except kube.Conflict:
+        CACHE.forget(PLURAL, namespace, name)
+        raise
+    if job["metadata"].get("resourceVersion") != read_version:
+        CACHE.wrote(PLURAL, job)
     for type_, reason, message in p.events:
         events.record(api, job, type_, reason, message)
     if p.delete_job:
@@ -258,6 +272,7 @@ def _admitted_placement(api: k8s.ApiClient, queue: QueueView | None) -> dict[str
 def _create_pod(api: k8s.ApiClient, manifest: dict[str, Any]) -> dict[str, Any] | None:
     """Create one gang pod (None when it already exists; see :func:`kiln.kube.create`)."""
     created = kube.create(api, manifest)
+    CACHE.wrote("pods", created)  # its ADDED event only echoes this create: no reconcile for it
     failpoints.hit("trainingjob-pod-created")
     return created
 
