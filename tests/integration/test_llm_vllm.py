@@ -39,9 +39,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from kiln.api.inferenceservice import InferenceServiceSpec
 from kiln.artifact import path_to_uri, verify_artifact
 from kiln.resources import inferenceservice as build
+from tests.peers import peer_python
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_PYTHON = Path.home() / ".cache" / "kiln" / "peer-venvs" / "vllm" / "bin" / "python"
 MODEL = "tiny-llama"
 MAX_MODEL_LEN = 256
 #: vLLM on 2 shared CPU cores: ~45 s alone, minutes when the machine is busy.
@@ -53,17 +53,6 @@ ISVC = {
 }
 
 pytestmark = pytest.mark.timeout(1200)
-
-
-def vllm_python() -> Path:
-    explicit = os.environ.get("KILN_VLLM_PYTHON", "").strip()
-    python = Path(explicit) if explicit else DEFAULT_PYTHON
-    if python.exists():
-        return python
-    message = f"no vLLM virtualenv at {python}: run hack/peer-venv vllm (KILN_VLLM_PYTHON)"
-    if explicit or os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def free_port() -> int:
@@ -101,7 +90,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    python = vllm_python()
+    python = peer_python("vllm")
     out = tmp_path_factory.mktemp("artifacts") / MODEL / "v1"
     done = subprocess.run(
         [str(python), str(ROOT / "hack" / "tiny-llama"), str(out)],
@@ -133,7 +122,7 @@ def _wait_healthy(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_llama: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    python = vllm_python()
+    python = peer_python("vllm")
     directory, digest = tiny_llama
     dep = build.deployment(ISVC, spec(), build.STABLE, 1, path_to_uri(directory), digest, 1)
     pod = dep["spec"]["template"]["spec"]
