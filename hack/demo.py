@@ -49,7 +49,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,20 +367,28 @@ class Traffic:
         return " ".join(f"{k}:{v}" for k, v in sorted(counts.items()))
 
 
-def held_out_digits() -> tuple[Any, Any]:
-    """The trainer's own test split of sklearn's digits (rows it never trained on)."""
+def held_out_rows(labels: Any) -> Any:
+    """Row indices of the trainer's own test split of a data set with these ``labels`` (the
+    demo's jobs keep the default split: seed 0, default fractions)."""
     from kiln.trainer.config import Hyperparameters
-    from kiln.trainer.data import load_builtin, stratified_split
+    from kiln.trainer.data import stratified_split
 
-    hp = Hyperparameters()  # the demo's jobs keep the default split (seed 0 for v1)
-    ds = load_builtin("sklearn-digits")
-    split = stratified_split(
-        ds.labels,
+    hp = Hyperparameters()
+    return stratified_split(
+        labels,
         seed=hp.effective_split_seed,
         validation_fraction=hp.validationFraction,
         test_fraction=hp.testFraction,
-    )
-    return ds.features[split.test], ds.labels[split.test]
+    ).test
+
+
+def held_out_digits() -> tuple[Any, Any]:
+    """The trainer's own test split of sklearn's digits (rows it never trained on)."""
+    from kiln.trainer.data import load_builtin
+
+    ds = load_builtin("sklearn-digits")
+    test = held_out_rows(ds.labels)
+    return ds.features[test], ds.labels[test]
 
 
 def cnn_held_out() -> tuple[Any, Any]:
@@ -909,8 +916,7 @@ class Demo:
             )
         self.traffic.stop()
         self.cnn()
-        self.features()
-        self.drift()
+        self.feature_steps()
 
     def cnn(self) -> None:
         """Steps 7 and 8: examples/cnn, a user's own DDP script, trained in 2 pods, registered,
@@ -971,7 +977,15 @@ class Demo:
                 )
             s.detail = f"Service {ip}:{port}, accuracy {acc:.4f} over REST (registered {cnn['accuracy']:.4f}); {shown}"
 
-    def features(self) -> None:
+    def feature_steps(self) -> None:
+        """Steps 9-11, on sklearn's digits loaded once."""
+        from kiln.trainer.data import load_builtin
+
+        ds = load_builtin("sklearn-digits")
+        self.features(ds)
+        self.drift(ds)
+
+    def features(self, ds: Any) -> None:
         """Steps 9 and 10: a FeatureGroup over S3 Parquet, materialized into Redis by a Job on the
         real node; a version trained on its point-in-time join; served with entity keys only."""
         c = self.c
@@ -979,9 +993,6 @@ class Demo:
 
         import pyarrow.parquet as pq
 
-        from kiln.trainer.data import load_builtin
-
-        ds = load_builtin("sklearn-digits")
         now = datetime.now(UTC).replace(microsecond=0)
         base = f"s3://{BUCKET}/{FEATURES_PREFIX}"
         with Step(f"9. FeatureGroup {FEATURE_GROUP}: materialized into Redis by Jobs on the real node") as s:
@@ -1097,9 +1108,6 @@ class Demo:
     def train_and_serve_on_features(self, ds: Any, base: str) -> None:
         """TrainingJob on the FeatureGroup (lineage checked), promoted, served by an
         InferenceService with spec.featureGroups; the held-out digits asked for by digit_id."""
-        from kiln.trainer.config import Hyperparameters
-        from kiln.trainer.data import stratified_split
-
         c = self.c
         model = yaml.safe_load((REPO / "examples" / "model.yaml").read_text())
         model["metadata"]["name"] = FS_MODEL
@@ -1150,11 +1158,7 @@ class Demo:
             240,
             progress=lambda: self.isvc_progress(FS_MODEL),
         )
-        hp = Hyperparameters()
-        test = stratified_split(
-            ds.labels, seed=hp.effective_split_seed, validation_fraction=hp.validationFraction,
-            test_fraction=hp.testFraction,
-        ).test  # fmt: skip
+        test = held_out_rows(ds.labels)  # the rows the join's training never saw (same order)
         svc = c.get("Service", FS_MODEL, NS, "v1")
         ip = svc["spec"]["clusterIP"]
         port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "http")
@@ -1179,15 +1183,12 @@ class Demo:
         if abs(acc - v1["accuracy"]) > 0.005:
             raise StepFailed(f"accuracy by entity key {acc:.4f} != registered {v1['accuracy']:.4f}")
 
-    def drift(self) -> None:
+    def drift(self, ds: Any) -> None:
         """Step 11, the loop closed with no human in it: inverted digits sent to ``digits-fs``
         raise its drift gauges, the PrometheusRule's alert fires, the Model's drift trigger starts
         a retraining TrainingJob, whose version the promotion policy puts in Production and the
         InferenceService canaries (analysed, promoted)."""
         c = self.c
-        from kiln.trainer.data import load_builtin
-
-        ds = load_builtin("sklearn-digits")
         share = f'max(kiln_drift_share{{namespace="{NS}",model="{FS_MODEL}"}})'
         with Step("11. drift: inverted digits -> alert -> retraining -> new version canaried") as s:
             template = yaml.safe_load((DEMO_D / "trainingjob.yaml").read_text())["spec"]
@@ -1292,12 +1293,10 @@ class Demo:
     def firing(self, alertname: str) -> dict[str, Any] | None:
         """The firing alert ``alertname`` of namespace kiln-demo, from Prometheus's /api/v1/alerts."""
         assert self.prom is not None
-        with urllib.request.urlopen(f"{self.prom.address}/api/v1/alerts", timeout=10) as r:
-            alerts = json.loads(r.read())["data"]["alerts"]
         return next(
             (
                 a
-                for a in alerts
+                for a in self.prom.alerts()
                 if a["labels"].get("alertname") == alertname
                 and a["labels"].get("namespace") == NS
                 and a.get("state") == "firing"
@@ -1352,8 +1351,7 @@ def main() -> int:
         demo.install()
         demo.prometheus()
         if args.only == "features":
-            demo.features()
-            demo.drift()
+            demo.feature_steps()
         else:
             demo.main()
     except StepFailed:

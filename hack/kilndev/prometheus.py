@@ -413,6 +413,11 @@ class LocalPrometheus:
         with urllib.request.urlopen(url, timeout=10) as r:
             return list(json.loads(r.read())["data"]["result"])
 
+    def alerts(self) -> list[dict[str, Any]]:
+        """``/api/v1/alerts``: every pending and firing alert (labels, annotations, state...)."""
+        with urllib.request.urlopen(f"{self.address}/api/v1/alerts", timeout=10) as r:
+            return list(json.loads(r.read())["data"]["alerts"])
+
     def active_targets(self) -> list[dict[str, Any]]:
         """``/api/v1/targets`` active targets (labels, health, scrapeUrl...)."""
         with urllib.request.urlopen(f"{self.address}/api/v1/targets?state=active", timeout=10) as r:
