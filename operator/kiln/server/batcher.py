@@ -33,6 +33,19 @@ with several inputs), every array with the same leading (batch) dimension, the r
 count. Requests are concatenated along that dimension, so only requests whose arrays agree in
 everything else (names, trailing shapes, dtypes: :func:`layout`) share a forward pass; the
 outputs (an array or a mapping of arrays, each with the batch's rows first) are split back.
+
+Where a forward pass runs: in the executor thread, unless the model has shown it is cheap. Handing
+a batch to a thread and its result back costs the event loop a queue put, a thread wake-up and a
+``call_soon_threadsafe`` (a self-pipe write), and under load the thread then waits for the GIL,
+which the busy loop gives up only every switch interval (5 ms): for a forward pass of tens of
+microseconds that is most of the work. So with ``inline_below`` set, a forward pass whose recent
+CPU cost (``time.thread_time`` of the thread that runs it: waits for the GIL or for a core are not
+the model's; moving average, weight :data:`SMOOTHING`) is under ``inline_below`` seconds runs on
+the event loop itself, blocking it for about that long. A pass that blocks the loop for
+``inline_below`` or longer by the wall clock while its CPU cost is small is waiting on something
+(a hook doing I/O, or this process preempted on a busy machine); when most recent inline passes
+do (a moving average of those over :data:`BLOCKED_SHARE`), the model goes back to the executor for
+good, so a model that waits never blocks the loop for long more than a few times.
 """
 
 from __future__ import annotations
@@ -40,6 +53,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -55,6 +70,9 @@ Predict = Callable[[Tensors], Tensors]
 CONCURRENT = 1.5
 #: Weight of the latest forward pass in that moving average.
 SMOOTHING = 0.25
+#: Share of recent inline forward passes that blocked the event loop for ``inline_below`` or
+#: longer (moving average) above which forward passes go back to the executor for good.
+BLOCKED_SHARE = 0.5
 
 
 def rows(x: Tensors) -> int:
@@ -147,6 +165,8 @@ class DynamicBatcher:
         max_batch_delay: seconds; the longest a queued request waits for others to join it.
         executor: where ``predict`` runs (``None``: the loop's default executor).
         on_batch: called on the loop with the row count of every batch run (for metrics).
+        inline_below: seconds; a forward pass whose recent cost is below this runs on the event
+            loop instead of ``executor`` (see the module doc); 0 always uses ``executor``.
     """
 
     def __init__(
@@ -157,11 +177,14 @@ class DynamicBatcher:
         max_batch_delay: float = 0.002,
         executor: Executor | None = None,
         on_batch: Callable[[int], None] | None = None,
+        inline_below: float = 0.0,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if max_batch_delay < 0:
             raise ValueError("max_batch_delay must be >= 0")
+        if inline_below < 0:
+            raise ValueError("inline_below must be >= 0")
         self._predict = predict
         self._max_batch_size = max_batch_size
         self._max_batch_delay = max_batch_delay
@@ -172,6 +195,13 @@ class DynamicBatcher:
         self._expected = 0
         #: Moving average of the requests (not rows) per forward pass.
         self._requests_per_pass = 1.0
+        self._inline_below = inline_below
+        #: Moving average of a forward pass's CPU seconds (unknown until the first pass).
+        self._pass_seconds = math.inf
+        #: Moving average of "this inline pass blocked the loop for ``inline_below`` or longer".
+        self._blocked_share = 0.0
+        #: False once most inline passes blocked the loop too long: never inline again.
+        self._may_inline = inline_below > 0
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -185,6 +215,11 @@ class DynamicBatcher:
     def concurrent(self) -> bool:
         """True while recent forward passes held several requests on average (see the module doc)."""
         return self._requests_per_pass >= CONCURRENT
+
+    @property
+    def inline(self) -> bool:
+        """True while forward passes run on the event loop (see the module doc)."""
+        return self._may_inline and self._pass_seconds < self._inline_below
 
     @property
     def idle(self) -> bool:
@@ -272,9 +307,8 @@ class DynamicBatcher:
         x = concat([it.rows for it in live])
         if self._on_batch is not None:
             self._on_batch(rows(x))
-        loop = asyncio.get_running_loop()
         try:
-            y = await loop.run_in_executor(self._executor, self._predict, x)
+            y = await self._forward(x)
         except Exception as e:
             for it in live:
                 if not it.future.done():
@@ -285,3 +319,28 @@ class DynamicBatcher:
             with contextlib.suppress(asyncio.InvalidStateError):
                 it.future.set_result(take(y, start, start + it.n))
             start += it.n
+
+    async def _forward(self, x: Tensors) -> Tensors:
+        """One forward pass over ``x``: on the loop while :attr:`inline`, else in the executor."""
+        if self.inline:
+            started = time.perf_counter()
+            try:
+                y, seconds = self._timed(x)
+            finally:
+                blocked = time.perf_counter() - started >= self._inline_below
+                self._blocked_share += SMOOTHING * (blocked - self._blocked_share)
+                if self._blocked_share > BLOCKED_SHARE:
+                    self._may_inline = False
+        else:
+            y, seconds = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, x)
+        if math.isinf(self._pass_seconds):
+            self._pass_seconds = seconds
+        else:
+            self._pass_seconds += SMOOTHING * (seconds - self._pass_seconds)
+        return y
+
+    def _timed(self, x: Tensors) -> tuple[Tensors, float]:
+        """``predict(x)`` and the CPU seconds the calling thread spent in it."""
+        started = time.thread_time()
+        y = self._predict(x)
+        return y, time.thread_time() - started

@@ -108,8 +108,9 @@ class InferenceCore:
         drift: DriftMonitor | None = None,
     ) -> None:
         self.model = model
-        #: Sees every answered batch's inputs and outputs (cache hits included: drift is about the
-        #: traffic, not the forward passes); computes in its own thread, never on this path.
+        #: Sees every answered request's inputs and outputs: a forward pass's whole batch at once,
+        #: in the forward thread (:meth:`_forward`), and a cache hit on its own (drift is about the
+        #: traffic, not the forward passes); computes in its own thread, never on the serving path.
         self.drift = drift
         self.settings = settings
         self.inputs = tuple(model.inputs)
@@ -125,11 +126,12 @@ class InferenceCore:
         self.cache = OutputCache(settings.cache_size, model.version)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-forward")
         self.batcher = DynamicBatcher(
-            model.predict,
+            self._forward,
             max_batch_size=settings.max_batch_size,
             max_batch_delay=settings.max_batch_delay_ms / 1000.0,
             executor=self._executor,
             on_batch=self.metrics.batch_size.observe,
+            inline_below=settings.inline_forward_below_us / 1e6,
         )
         self.features = (
             FeatureLookup(parse_feature_groups(settings.feature_groups), model, metrics=self.metrics)
@@ -233,6 +235,21 @@ class InferenceCore:
         )
 
     # ----------------------------------------------------------------- inference
+    def _forward(self, x: Tensors) -> Tensors:
+        """The model's forward pass over a batch (``x``: input name -> array, rows first), then the
+        batch's inputs and outputs to the drift monitor, in the forward thread.
+
+        Recording a batch costs one :meth:`DriftMonitor.observe` (a copy into its ring buffers) per
+        forward pass instead of one per request on the event loop, which serves every request:
+        per request, the monitor cost kiln-serve 11% of its throughput at 32 concurrent clients
+        (``hack/bench-server``, docs/monitoring.md section 4).
+        """
+        y = self.model.predict(x)
+        drift = self.drift
+        if drift is not None and isinstance(x, Mapping) and isinstance(y, Mapping):
+            drift.observe(x, y)
+        return y
+
     async def infer(
         self,
         protocol: str,
@@ -297,12 +314,12 @@ class InferenceCore:
             result = self.cache.get(key)
             (self.metrics.cache_hits if result is not None else self.metrics.cache_misses).inc()
         if result is None:
-            got = await submit(request.inputs)
+            got = await submit(request.inputs)  # the forward thread records it for drift
             assert isinstance(got, Mapping)  # inputs by name in, outputs by name out
             result = got
             if self.cache.enabled:
                 self.cache.put(key, result)
-        if self.drift is not None:
+        elif self.drift is not None:  # a cache hit: no forward pass saw these rows
             self.drift.observe(request.inputs, result)
         datatypes = self._output_datatypes
         return [OutputTensor(r, datatypes[r.name], result[r.name]) for r in request.outputs]

@@ -32,6 +32,7 @@ class ServerSettings:
     metrics_port: int = 9090
     max_batch_size: int = 32
     max_batch_delay_ms: float = 2.0
+    inline_forward_below_us: float = 500.0
     cache_size: int = 0
     fail_rate: float = 0.0
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
@@ -77,6 +78,8 @@ def validate(s: ServerSettings) -> list[str]:
         problems.append(f"max batch size must be >= 1, got {s.max_batch_size}")
     if s.max_batch_delay_ms < 0:
         problems.append(f"max batch delay must be >= 0 ms, got {s.max_batch_delay_ms}")
+    if s.inline_forward_below_us < 0:
+        problems.append(f"inline forward threshold must be >= 0 us, got {s.inline_forward_below_us}")
     if s.cache_size < 0:
         problems.append(f"cache size must be >= 0, got {s.cache_size}")
     if not 0.0 <= s.fail_rate <= 1.0:
@@ -138,6 +141,14 @@ OPTIONS: tuple[_Option, ...] = (
         "KILN_MAX_BATCH_DELAY_MS",
         float,
         "longest wait for more rows after the first queued one (only while more requests are arriving)",
+    ),
+    _Option(
+        "inline_forward_below_us",
+        "--inline-forward-below-us",
+        "KILN_INLINE_FORWARD_BELOW_US",
+        float,
+        "run forward passes cheaper than this (microseconds, recent average) on the event loop instead "
+        "of a thread; 0 = always a thread",
     ),
     _Option("cache_size", "--cache-size", "KILN_CACHE_SIZE", int, "LRU response cache entries (0 = off)"),
     _Option(

@@ -278,3 +278,81 @@ def test_output_cache_is_a_bounded_lru() -> None:
     off = OutputCache(0, "3")
     off.put(keys[0], rows(1))
     assert not off.enabled and off.get(keys[0]) is None and len(off) == 0
+
+
+class Timed:
+    """A model whose forward pass burns ``cpu`` seconds of CPU, then sleeps ``wait`` seconds
+    (a hook waiting on I/O); records the thread of each pass."""
+
+    def __init__(self, cpu: float = 0.0, wait: float = 0.0) -> None:
+        self.cpu, self.wait = cpu, wait
+        self.threads: list[int] = []
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.threads.append(threading.get_ident())
+        end = time.thread_time() + self.cpu
+        while time.thread_time() < end:
+            pass
+        if self.wait:
+            time.sleep(self.wait)
+        return x
+
+
+async def sequential_passes(b: DynamicBatcher, n: int) -> int:
+    """``n`` forward passes one after the other; returns the event loop's thread."""
+    b.start()
+    for _ in range(n):
+        await b.submit(rows(1))
+    await b.stop()
+    return threading.get_ident()
+
+
+def test_cheap_forward_passes_run_on_the_event_loop_after_the_first() -> None:
+    model = Timed()
+    loop_thread = run(sequential_passes(DynamicBatcher(model, max_batch_delay=0.0, inline_below=0.01), 6))
+    assert model.threads[0] != loop_thread  # unknown cost: the executor measures it
+    assert model.threads[1:] == [loop_thread] * 5
+
+
+def test_no_inline_threshold_always_uses_the_executor() -> None:
+    model = Timed()
+    loop_thread = run(sequential_passes(DynamicBatcher(model, max_batch_delay=0.0), 4))
+    assert loop_thread not in model.threads
+
+
+def test_forward_passes_costing_more_than_the_threshold_stay_in_the_executor() -> None:
+    model = Timed(cpu=0.02)
+    loop_thread = run(sequential_passes(DynamicBatcher(model, max_batch_delay=0.0, inline_below=0.005), 4))
+    assert loop_thread not in model.threads
+
+
+def test_a_model_that_waits_goes_back_to_the_executor_for_good() -> None:
+    model = Timed(wait=0.02)  # little CPU, so it is tried inline: where it blocks the loop 20 ms
+    b = DynamicBatcher(model, max_batch_delay=0.0, inline_below=0.005)
+    loop_thread = run(sequential_passes(b, 10))
+    # the blocked share goes 0.25, 0.44, 0.58 > 0.5: three inline passes, then the executor
+    assert [t == loop_thread for t in model.threads] == [False, True, True, True] + [False] * 6
+    assert not b.inline
+
+
+def test_inline_forward_errors_reach_the_callers() -> None:
+    calls = 0
+
+    def flaky(x: np.ndarray) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the first inline pass
+            raise RuntimeError("boom")
+        return x
+
+    async def go() -> None:
+        b = DynamicBatcher(flaky, max_batch_delay=0.0, inline_below=0.01)
+        b.start()
+        await b.submit(rows(1))
+        with pytest.raises(RuntimeError, match="boom"):
+            await b.submit(rows(1))
+        np.testing.assert_array_equal(await b.submit(rows(1)), rows(1))
+        assert b.inline
+        await b.stop()
+
+    run(go())

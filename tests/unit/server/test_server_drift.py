@@ -79,3 +79,25 @@ def test_no_reference_is_a_state_not_an_error(make_server, tmp_path):
     line = next(x for x in metrics.splitlines() if x.startswith("kiln_drift_reference_present"))
     assert line.endswith(" 0.0")
     assert "kiln_feature_drift{" not in metrics
+
+
+def test_every_answered_row_is_recorded_once_batched_or_cached(make_server, digits_artifact, profile_dir):
+    """The forward thread records a whole batch at once; a cache hit (no forward pass) is recorded
+    by itself: concurrent requests, batched together, and repeats answered from the cache each
+    count their rows exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = make_server(profile_dir=profile_dir, cache_size=64, max_batch_delay_ms=20.0)
+    drift = server.server.core.drift
+    rows = digits_artifact.x_test[:96]
+    with ThreadPoolExecutor(16) as pool:  # 48 requests of 2 rows, 16 at a time: batched
+        list(pool.map(lambda i: infer(server.url, rows[2 * i : 2 * i + 2]), range(48)))
+    batches = server.server.metrics.batch_size.collect()[0].samples
+    passes = next(s.value for s in batches if s.name.endswith("_count"))
+    assert passes < 48, "the concurrent requests were not batched: the test shows nothing"
+    assert drift.snapshot()["observedRows"] == 96
+    for i in range(10):  # the same 2 rows again: answered from the cache
+        infer(server.url, rows[:2])
+    assert server.server.metrics.cache_hits._value.get() == 10
+    assert drift.snapshot()["observedRows"] == 116
+    assert drift.compute().window_rows == 116
