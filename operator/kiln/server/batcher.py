@@ -38,14 +38,13 @@ Where a forward pass runs: in the executor thread, unless the model has shown it
 a batch to a thread and its result back costs the event loop a queue put, a thread wake-up and a
 ``call_soon_threadsafe`` (a self-pipe write), and under load the thread then waits for the GIL,
 which the busy loop gives up only every switch interval (5 ms): for a forward pass of tens of
-microseconds that is most of the work. So with ``inline_below`` set, a forward pass whose recent
-CPU cost (``time.thread_time`` of the thread that runs it: waits for the GIL or for a core are not
-the model's; moving average, weight :data:`SMOOTHING`) is under ``inline_below`` seconds runs on
-the event loop itself, blocking it for about that long. A pass that blocks the loop for
-``inline_below`` or longer by the wall clock while its CPU cost is small is waiting on something
-(a hook doing I/O, or this process preempted on a busy machine); when most recent inline passes
-do (a moving average of those over :data:`BLOCKED_SHARE`), the model goes back to the executor for
-good, so a model that waits never blocks the loop for long more than a few times.
+microseconds that is most of the work (``hack/bench-server``: the digits MLP at 32 concurrent
+clients, 315 us of server CPU per request with every pass in the thread, 237 us inline). So with
+``inline_below`` set, a forward pass whose recent CPU cost (``time.thread_time`` of the thread that
+runs it: waiting for the GIL or for a core is not the model's cost; moving average, weight
+:data:`SMOOTHING`) is under ``inline_below`` seconds runs on the event loop itself, blocking it
+for about that long. Only for ``predict`` that computes and never waits: a forward pass that
+waits on I/O costs little CPU and would block the loop for as long as it waits.
 """
 
 from __future__ import annotations
@@ -53,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -66,13 +66,12 @@ import numpy as np
 Tensors = np.ndarray | Mapping[str, np.ndarray]
 Predict = Callable[[Tensors], Tensors]
 
+log = logging.getLogger(__name__)
+
 #: Requests per forward pass (moving average) from which clients are taken to be concurrent.
 CONCURRENT = 1.5
 #: Weight of the latest forward pass in that moving average.
 SMOOTHING = 0.25
-#: Share of recent inline forward passes that blocked the event loop for ``inline_below`` or
-#: longer (moving average) above which forward passes go back to the executor for good.
-BLOCKED_SHARE = 0.5
 
 
 def rows(x: Tensors) -> int:
@@ -165,8 +164,9 @@ class DynamicBatcher:
         max_batch_delay: seconds; the longest a queued request waits for others to join it.
         executor: where ``predict`` runs (``None``: the loop's default executor).
         on_batch: called on the loop with the row count of every batch run (for metrics).
-        inline_below: seconds; a forward pass whose recent cost is below this runs on the event
-            loop instead of ``executor`` (see the module doc); 0 always uses ``executor``.
+        inline_below: seconds; a forward pass whose recent CPU cost is below this runs on the
+            event loop instead of ``executor`` (see the module doc); 0 always uses ``executor``.
+            Only for a ``predict`` that never waits (on I/O, a lock, another process).
     """
 
     def __init__(
@@ -198,10 +198,6 @@ class DynamicBatcher:
         self._inline_below = inline_below
         #: Moving average of a forward pass's CPU seconds (unknown until the first pass).
         self._pass_seconds = math.inf
-        #: Moving average of "this inline pass blocked the loop for ``inline_below`` or longer".
-        self._blocked_share = 0.0
-        #: False once most inline passes blocked the loop too long: never inline again.
-        self._may_inline = inline_below > 0
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -219,7 +215,7 @@ class DynamicBatcher:
     @property
     def inline(self) -> bool:
         """True while forward passes run on the event loop (see the module doc)."""
-        return self._may_inline and self._pass_seconds < self._inline_below
+        return self._pass_seconds < self._inline_below
 
     @property
     def idle(self) -> bool:
@@ -322,21 +318,22 @@ class DynamicBatcher:
 
     async def _forward(self, x: Tensors) -> Tensors:
         """One forward pass over ``x``: on the loop while :attr:`inline`, else in the executor."""
-        if self.inline:
-            started = time.perf_counter()
-            try:
-                y, seconds = self._timed(x)
-            finally:
-                blocked = time.perf_counter() - started >= self._inline_below
-                self._blocked_share += SMOOTHING * (blocked - self._blocked_share)
-                if self._blocked_share > BLOCKED_SHARE:
-                    self._may_inline = False
+        was = self.inline
+        if was:
+            y, seconds = self._timed(x)
         else:
             y, seconds = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, x)
         if math.isinf(self._pass_seconds):
             self._pass_seconds = seconds
         else:
             self._pass_seconds += SMOOTHING * (seconds - self._pass_seconds)
+        if self.inline != was:
+            log.debug(
+                "forward passes now run %s: they cost %.0f us of CPU on average (threshold %.0f us)",
+                "on the event loop" if self.inline else "in a thread",
+                self._pass_seconds * 1e6,
+                self._inline_below * 1e6,
+            )
         return y
 
     def _timed(self, x: Tensors) -> tuple[Tensors, float]:

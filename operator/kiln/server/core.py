@@ -131,7 +131,8 @@ class InferenceCore:
             max_batch_delay=settings.max_batch_delay_ms / 1000.0,
             executor=self._executor,
             on_batch=self.metrics.batch_size.observe,
-            inline_below=settings.inline_forward_below_us / 1e6,
+            # a user's hook may wait (on I/O, a service): its passes never block the event loop
+            inline_below=0.0 if settings.model_hook else settings.inline_forward_below_us / 1e6,
         )
         self.features = (
             FeatureLookup(parse_feature_groups(settings.feature_groups), model, metrics=self.metrics)

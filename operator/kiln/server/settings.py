@@ -32,7 +32,7 @@ class ServerSettings:
     metrics_port: int = 9090
     max_batch_size: int = 32
     max_batch_delay_ms: float = 2.0
-    inline_forward_below_us: float = 500.0
+    inline_forward_below_us: float = 1000.0
     cache_size: int = 0
     fail_rate: float = 0.0
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
@@ -147,8 +147,8 @@ OPTIONS: tuple[_Option, ...] = (
         "--inline-forward-below-us",
         "KILN_INLINE_FORWARD_BELOW_US",
         float,
-        "run forward passes cheaper than this (microseconds, recent average) on the event loop instead "
-        "of a thread; 0 = always a thread",
+        "run forward passes cheaper than this (microseconds of CPU, recent average) on the event loop "
+        "instead of a thread; 0 = always a thread (as with a model hook, which may wait on I/O)",
     ),
     _Option("cache_size", "--cache-size", "KILN_CACHE_SIZE", int, "LRU response cache entries (0 = off)"),
     _Option(

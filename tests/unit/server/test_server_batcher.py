@@ -281,11 +281,10 @@ def test_output_cache_is_a_bounded_lru() -> None:
 
 
 class Timed:
-    """A model whose forward pass burns ``cpu`` seconds of CPU, then sleeps ``wait`` seconds
-    (a hook waiting on I/O); records the thread of each pass."""
+    """A model whose forward pass burns ``cpu`` seconds of CPU; records the thread of each pass."""
 
-    def __init__(self, cpu: float = 0.0, wait: float = 0.0) -> None:
-        self.cpu, self.wait = cpu, wait
+    def __init__(self, cpu: float = 0.0) -> None:
+        self.cpu = cpu
         self.threads: list[int] = []
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -293,8 +292,6 @@ class Timed:
         end = time.thread_time() + self.cpu
         while time.thread_time() < end:
             pass
-        if self.wait:
-            time.sleep(self.wait)
         return x
 
 
@@ -326,12 +323,22 @@ def test_forward_passes_costing_more_than_the_threshold_stay_in_the_executor() -
     assert loop_thread not in model.threads
 
 
-def test_a_model_that_waits_goes_back_to_the_executor_for_good() -> None:
-    model = Timed(wait=0.02)  # little CPU, so it is tried inline: where it blocks the loop 20 ms
+def test_a_model_that_gets_costly_goes_back_to_the_executor() -> None:
+    model = Timed()
     b = DynamicBatcher(model, max_batch_delay=0.0, inline_below=0.005)
-    loop_thread = run(sequential_passes(b, 10))
-    # the blocked share goes 0.25, 0.44, 0.58 > 0.5: three inline passes, then the executor
-    assert [t == loop_thread for t in model.threads] == [False, True, True, True] + [False] * 6
+
+    async def go() -> int:
+        b.start()
+        for _ in range(3):
+            await b.submit(rows(1))
+        model.cpu = 0.02  # now 20 ms per pass: one of those lifts the average (weight 1/4) over 5 ms
+        for _ in range(4):
+            await b.submit(rows(1))
+        await b.stop()
+        return threading.get_ident()
+
+    loop_thread = run(go())
+    assert [t == loop_thread for t in model.threads] == [False, True, True, True, False, False, False]
     assert not b.inline
 
 
@@ -356,3 +363,18 @@ def test_inline_forward_errors_reach_the_callers() -> None:
         await b.stop()
 
     run(go())
+
+
+@pytest.mark.parametrize(("hook", "inline"), [("", True), ("digits_hooks:Scale", False)])
+def test_kiln_serve_runs_cheap_passes_inline_unless_a_hook_may_wait(
+    make_server, digits_artifact, hook, inline
+):
+    """kiln-serve hands the batcher its threshold; a model hook (which may wait on I/O) keeps
+    every pass in the executor. The threshold is set far above any pass, so the machine's
+    speed decides nothing here."""
+    from .test_server_drift import infer
+
+    server = make_server(model_hook=hook, inline_forward_below_us=1e6)
+    for chunk in np.array_split(digits_artifact.x_test[:20], 5):
+        infer(server.url, chunk)
+    assert server.server.core.batcher.inline is inline

@@ -96,7 +96,7 @@ def test_every_answered_row_is_recorded_once_batched_or_cached(make_server, digi
     passes = next(s.value for s in batches if s.name.endswith("_count"))
     assert passes < 48, "the concurrent requests were not batched: the test shows nothing"
     assert drift.snapshot()["observedRows"] == 96
-    for i in range(10):  # the same 2 rows again: answered from the cache
+    for _ in range(10):  # the same 2 rows again: answered from the cache
         infer(server.url, rows[:2])
     assert server.server.metrics.cache_hits._value.get() == 10
     assert drift.snapshot()["observedRows"] == 116
