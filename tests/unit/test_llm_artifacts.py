@@ -219,3 +219,17 @@ def test_kiln_artifact_hf_writes_the_metadata(tmp_path: Path, capsys: pytest.Cap
     assert main(["artifact", "hf", str(bare)]) == 1
     assert "needs its tokenizer" in capsys.readouterr().err
     assert not (bare / METADATA_FILE).exists()
+
+
+def test_kiln_serve_refuses_an_llm_artifact_naming_the_runtime(tmp_path: Path) -> None:
+    """kiln-serve serves tensor models; an hf-transformers version is refused with the reason
+    (the operator refuses the mismatch earlier, RuntimeFormatMismatch: this is kiln-serve's own
+    guard), not a KeyError."""
+    pytest.importorskip("torch")
+    from kiln.artifact import ArtifactError
+    from kiln.server.model import load_model
+
+    d = hf_dir(tmp_path / "v1")
+    digest = write_meta(d)
+    with pytest.raises(ArtifactError, match=r"format 'hf-transformers', which kiln-serve does not serve"):
+        load_model(d, digest, name="tiny-llama", version="1")

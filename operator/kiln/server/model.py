@@ -203,9 +203,14 @@ def load_model(
     metadata = verify_artifact(path, digest)
     threads = threads or torch.get_num_threads()
     loaders = {FORMAT_MLP: _load_mlp, FORMAT_TORCH_EXPORT: _load_exported, FORMAT_ONNX: _load_onnx}
-    model = loaders[metadata.format](
-        path, metadata, name=name, version=version, digest=digest, threads=threads
-    )
+    loader = loaders.get(metadata.format)
+    if loader is None:  # a format kiln.artifact knows but kiln-serve does not serve (hf-transformers)
+        raise ArtifactError(
+            f"artifact {path} has format {metadata.format!r}, which kiln-serve does not serve "
+            f"(it serves {', '.join(sorted(loaders))}); an LLM artifact is served by spec.runtime.engine "
+            "(docs/llm.md)"
+        )
+    model = loader(path, metadata, name=name, version=version, digest=digest, threads=threads)
     _warm_up(model, path)
     log.info("loaded %s artifact %s (%s) as %s version %s", metadata.format, path, digest, name, version)
     if model.fault_injection_fail_rate > 0:
