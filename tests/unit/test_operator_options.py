@@ -94,3 +94,21 @@ def test_the_fence_refuses_writes_before_they_leave_the_process(monkeypatch):
     leader["now"] = True
     kube.create(api, pod)
     assert sent == ["GET", "POST"]
+
+
+def test_the_connection_pool_holds_one_connection_per_calling_thread(tmp_path, monkeypatch):
+    """Fewer connections than threads and urllib3 drops what it cannot keep ("Connection pool
+    is full") and opens new ones; the operator asks for every kind's workers plus the gang
+    creators (kiln.controllers._startup)."""
+    from kiln.controllers.client import api_client
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:9'}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u}}]\nusers: [{name: u, user: {token: t}}]\n"
+    )
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert api_client(threads=96).configuration.connection_pool_maxsize == 96
+    assert api_client().configuration.connection_pool_maxsize == 8

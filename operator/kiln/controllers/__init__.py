@@ -48,7 +48,9 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -
             options.leader_election, api_client(), loop, on_lost=lambda: _lost(options, loop)
         )
         memo["kiln_leadership"] = leadership
-    api = api_client(leadership.may_write if leadership else None)
+    # every kind's reconcile workers and the TrainingJob's gang creators may call at once
+    threads = workers * len(CONTROLLERS) + trainingjob.GANG_CREATORS
+    api = api_client(leadership.may_write if leadership else None, threads=threads)
     for c in CONTROLLERS:
         reconcile = reporting_rejections(api, c.KIND, c.reconciler(api))
         QUEUES.add(WorkQueue(c.KIND, reconcile, workers=workers, paused=leadership is not None))

@@ -36,12 +36,14 @@ class FencedApiClient(k8s.ApiClient):
         return super().call_api(method, url, *args, **kwargs)
 
 
-def api_client(may_write: Callable[[], bool] | None = None) -> k8s.ApiClient:
+def api_client(may_write: Callable[[], bool] | None = None, *, threads: int = 8) -> k8s.ApiClient:
     """An ``ApiClient`` for the cluster the operator runs against.
 
     Uses the in-cluster ServiceAccount when running in a pod, else ``$KUBECONFIG``. The
-    connection pool is sized for the reconcile workers (``KILN_WORKERS``). With ``may_write``,
-    writes are fenced by it (:class:`FencedApiClient`).
+    connection pool holds ``threads`` connections, one per thread that may call at once (fewer
+    and urllib3 drops the connections it cannot keep, "Connection pool is full", and opens new
+    ones: a TLS handshake each). With ``may_write``, writes are fenced by it
+    (:class:`FencedApiClient`).
     """
     try:
         k8s_config.load_incluster_config()
@@ -49,5 +51,5 @@ def api_client(may_write: Callable[[], bool] | None = None) -> k8s.ApiClient:
         # Read $KUBECONFIG now: the client's own default is computed when it is imported.
         k8s_config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     cfg = k8s.Configuration.get_default_copy()
-    cfg.connection_pool_maxsize = max(8, int(os.environ.get("KILN_WORKERS", "16")) * 2)
+    cfg.connection_pool_maxsize = max(8, threads)
     return k8s.ApiClient(cfg) if may_write is None else FencedApiClient(cfg, may_write)

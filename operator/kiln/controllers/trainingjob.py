@@ -46,7 +46,9 @@ watch_children(KIND, wl.KUEUE_API_VERSION, "workloads", build.LABEL_JOB)
 #: doubles (the time since Ready went False) up to :data:`REGISTRATION_RETRY_MAX_SECONDS`.
 REGISTRATION_RETRY_SECONDS = 15.0
 REGISTRATION_RETRY_MAX_SECONDS = 300.0
-_creators = ThreadPoolExecutor(max_workers=32, thread_name_prefix="kiln-gang-create")
+#: Threads that create a gang's Services and pods in parallel (shared by all TrainingJobs).
+GANG_CREATORS = 32
+_creators = ThreadPoolExecutor(max_workers=GANG_CREATORS, thread_name_prefix="kiln-gang-create")
 #: Retry interval while a queued job's Workload cannot be created (Kueue's API not served, its
 #: priority class missing): nothing Kiln watches says when that changes.
 WORKLOAD_RETRY_SECONDS = 30.0
