@@ -12,9 +12,11 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+from kubernetes import client, config
 
 from tests.integration.conftest import (  # noqa: F401  (fixtures, by name)
     HACK_CLUSTER,
@@ -37,6 +39,61 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.e2e)
+
+
+#: Node conditions under which the kubelet admits no pod (it taints the node, the scheduler
+#: keeps pods Pending): the e2e tests cannot pass, whatever Kiln does.
+PRESSURE = ("DiskPressure", "MemoryPressure", "PIDPressure")
+
+
+def node_report(kubeconfig: str | None = None) -> str:
+    """What an e2e failure needs beside the test's own message: the real node's conditions and
+    taints, the pods not Running or Succeeded with their waiting reasons, the last Warning events,
+    and the free space of the filesystem the node's images and the caches share. Never raises."""
+    lines: list[str] = []
+    try:
+        total, _, free = shutil.disk_usage(Path.home() / ".cache")
+        lines.append(f"disk: {free / 1e9:.1f} GB free of {total / 1e9:.0f} GB (~/.cache)")
+        api = config.new_client_from_config(kubeconfig or os.environ.get("KUBECONFIG"))
+        core = client.CoreV1Api(api)
+        node = core.read_node(REAL_NODE)
+        for c in node.status.conditions or []:
+            lines.append(f"node {REAL_NODE}: {c.type}={c.status} ({c.reason}: {c.message})")
+        lines += [f"node taint: {t.key}:{t.effect}" for t in node.spec.taints or []]
+        for pod in core.list_pod_for_all_namespaces().items:
+            if pod.status.phase in ("Running", "Succeeded"):
+                continue
+            why = [
+                f"{cs.name}: {cs.state.waiting.reason} {cs.state.waiting.message or ''}".strip()
+                for cs in pod.status.container_statuses or []
+                if cs.state and cs.state.waiting
+            ]
+            why += [
+                f"{c.type}={c.status} {c.message or ''}".strip()
+                for c in pod.status.conditions or []
+                if c.status != "True"
+            ]
+            lines.append(
+                f"pod {pod.metadata.namespace}/{pod.metadata.name} {pod.status.phase}: {'; '.join(why)}"
+            )
+        warnings = [e for e in core.list_event_for_all_namespaces().items if e.type == "Warning"]
+        warnings.sort(key=lambda e: str(e.last_timestamp or e.event_time or ""))
+        for e in warnings[-15:]:
+            obj = e.involved_object
+            lines.append(f"event {obj.namespace}/{obj.kind}/{obj.name}: {e.reason}: {e.message}")
+    except Exception as exc:  # a report must not hide the failure it explains
+        lines.append(f"(node report incomplete: {exc!r})")
+    return "\n".join(lines)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Attach node_report() to every failed e2e test (setup or call): in CI the log is all
+    there is, and a pod that never starts otherwise reads as a bare timeout."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when in ("setup", "call") and item.get_closest_marker("e2e"):
+        report.sections.append(("real node", node_report()))
 
 
 def _env() -> dict:
@@ -74,7 +131,25 @@ def real_cluster(request: pytest.FixtureRequest) -> Cluster:
         pytest.skip(
             f"a cluster without a real node is running at {c.state_dir}; `hack/cluster down` it first"
         )
+    _require_schedulable(c)
     return c
+
+
+def _require_schedulable(c: Cluster, timeout: float = 90) -> None:
+    """Fail at once, with node_report(), when the real node is not Ready or is under pressure
+    for `timeout` seconds: every e2e test would otherwise wait out its own deadline."""
+    core = client.CoreV1Api(config.new_client_from_config(c.kubeconfig))
+    deadline = time.monotonic() + timeout
+    while True:
+        conds = {x.type: x.status for x in core.read_node(REAL_NODE).status.conditions or []}
+        bad = [t for t in PRESSURE if conds.get(t) == "True"] + (
+            ["NotReady"] if conds.get("Ready") != "True" else []
+        )
+        if not bad:
+            return
+        if time.monotonic() >= deadline:
+            pytest.fail(f"the real node cannot run pods ({', '.join(bad)}):\n{node_report(c.kubeconfig)}")
+        time.sleep(2)
 
 
 @pytest.fixture(scope="session")

@@ -455,12 +455,19 @@ def env_of(dep: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e.get("value", "") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
 
 
-def event_reasons(api: client.ApiClient, ns: str) -> list[str]:
-    return [
-        e.reason
-        for e in client.CoreV1Api(api).list_namespaced_event(ns).items
-        if e.involved_object.kind == "InferenceService"
-    ]
+def event_reasons(api: client.ApiClient, ns: str, *expected: str) -> set[str]:
+    """The InferenceService Events' reasons once every one of `expected` is among them (Events are
+    posted after the status write a test waits for, so they are polled, not read once)."""
+
+    def found() -> set[str]:
+        reasons = {
+            e.reason
+            for e in client.CoreV1Api(api).list_namespaced_event(ns).items
+            if e.involved_object.kind == "InferenceService"
+        }
+        return reasons if set(expected) <= reasons else set()
+
+    return wait_for(found, 20, message=f"InferenceService events {sorted(expected)}")
 
 
 def analysis(prom: Prometheus, **over: Any) -> dict[str, Any]:
@@ -526,7 +533,7 @@ def test_children_and_status(api, store, namespace, operator):
     sm = kube.get(api, "monitoring.coreos.com/v1", "ServiceMonitor", ns, MODEL)
     assert sm is not None and sm["metadata"]["labels"]["release"] == "prometheus"
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
-    assert "Deployed" in event_reasons(api, ns)
+    event_reasons(api, ns, "Deployed")
 
     # a child deleted by hand comes back (drift), a child no longer wanted goes away
     kube.delete(api, "v1", "Service", ns, MODEL)
@@ -564,8 +571,7 @@ def test_model_resolution_errors_and_model_watch(api, store, namespace, operator
         lambda s: (get_condition(s.get("conditions"), "Ready") or {}).get("status") == "True",
         message="Ready=True once Production is set",
     )
-    reasons = event_reasons(api, ns)
-    assert "ModelNotFound" in reasons and "VersionNotResolved" in reasons
+    event_reasons(api, ns, "ModelNotFound", "VersionNotResolved")
 
 
 def test_rolled_back_canary_is_failed_for_gitops_tools(api, store, namespace, operator):
@@ -674,7 +680,7 @@ def test_gateway_api_canary_and_hpa(api, store, namespace, operator):
     )
     route = kube.get(api, "gateway.networking.k8s.io/v1", "HTTPRoute", ns, MODEL)
     assert [b["name"] for b in route["spec"]["rules"][0]["backendRefs"]] == [f"{MODEL}-stable"]
-    assert {"RolloutStarted", "Promoting", "Promoted"} <= set(event_reasons(api, ns))
+    event_reasons(api, ns, "RolloutStarted", "Promoting", "Promoted")
 
 
 def test_prometheus_guarded_rollouts(api, store, namespace, operator, fleet):
@@ -723,7 +729,7 @@ def test_prometheus_guarded_rollouts(api, store, namespace, operator, fleet):
     )
     wait_for(lambda: deployment(api, ns, "canary") is None, 30, message="canary Deployment deleted")
     assert env_of(deployment(api, ns, "stable"))["KILN_MODEL_VERSION"] == "2"
-    assert "RolledBack" in event_reasons(api, ns)
+    event_reasons(api, ns, "RolledBack")
     # ... and the registry's audit trail says which version failed in serving, where and why
     entry = wait_for(
         lambda: next(
@@ -893,7 +899,7 @@ def test_llm_runtime_children_and_format_checks(api, store, namespace, operator)
     assert "hf-transformers" in message and "use runtime.engine vllm" in message
     dep = deployment(api, ns, "stable")
     assert dep is not None and dep["spec"]["template"]["spec"]["containers"][0]["command"][0] == "python3"
-    assert "RuntimeFormatMismatch" in event_reasons(api, ns)
+    event_reasons(api, ns, "RuntimeFormatMismatch")
 
     # back on vLLM with an InferencePool: its CRD is not installed here
     pool = {"inferencePool": {"endpointPickerRef": {"name": "epp"}}}

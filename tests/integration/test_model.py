@@ -127,6 +127,19 @@ def events(api: client.ApiClient, ns: str, name: str = "digits") -> list[client.
     ]
 
 
+def events_with(
+    api: client.ApiClient, ns: str, reasons: set[str], name: str = "digits"
+) -> list[client.CoreV1Event]:
+    """The Model's events once every reason in `reasons` is among them (the operator posts Events
+    after the status write a test waits for, so they are polled, not read once)."""
+
+    def found() -> list[client.CoreV1Event]:
+        evs = events(api, ns, name)
+        return evs if reasons <= {e.reason for e in evs} else []
+
+    return wait_for(found, 20, message=f"events {sorted(reasons)} on Model {name}")
+
+
 def register(
     api: client.ApiClient, ns: str, root: Path, job: str, accuracy: float = 0.5, model: str = "digits"
 ) -> int:
@@ -258,7 +271,9 @@ def test_refused_promotions_keep_the_previous_version(
     assert ready(obj)["reason"] == "DigestMismatch" and "aliases.champion: version 3" in ready(obj)["message"]
     assert obj["status"]["aliases"] == {"champion": 1}
     assert get_condition(obj["status"]["conditions"], "Stalled")["reason"] == "DigestMismatch"
-    refused = [e for e in events(kube, namespace) if e.reason == "PromotionRefused"]
+    refused = [
+        e for e in events_with(kube, namespace, {"PromotionRefused"}) if e.reason == "PromotionRefused"
+    ]
     assert refused and all(e.type == "Warning" for e in refused)
     # Nothing in force changed, so the audit trail only has the first assignments.
     assert [(h.get("stage") or h.get("alias"), h.get("toVersion")) for h in history(obj)] == [
@@ -318,8 +333,7 @@ def test_policy_spec_and_audit_trail(
         ("Development", None, 4, "Registration"),
     ]
     assert all(h["time"].endswith("Z") for h in history(obj))
-    reasons = {e.reason for e in events(kube, namespace)}
-    assert {"VersionRegistered", "StageChanged", "AliasChanged"} <= reasons
+    events_with(kube, namespace, {"VersionRegistered", "StageChanged", "AliasChanged"})
 
 
 def test_import_versions_trained_elsewhere(
@@ -390,7 +404,7 @@ def test_import_llm_directories_records_the_format_and_refuses_a_missing_tokeniz
     assert obj["status"]["imported"] == 1
     assert obj["status"]["versions"][0]["format"] == "hf-transformers"
     assert "import[1]" in ready(obj)["message"] and "needs its tokenizer" in ready(obj)["message"]
-    assert "ImportFailed" in {e.reason for e in events(kube, namespace, "tiny-llama")}
+    events_with(kube, namespace, {"ImportFailed"}, "tiny-llama")
 
 
 def test_versions_are_immutable_and_pruned(
