@@ -31,10 +31,12 @@ drives buildah (Debian bookworm's 1.28, installed with apt-get when missing), as
   blobs are then dropped from containerd's content store (its snapshots hold the files), as the
   CRI plugin's ``discard_unpacked_layers`` does. After a code change a torch image's import
   sends about 1.5 MB.
+  The layout is deleted after an import when the disk has less than 30 GB free
+  (``KILN_IMAGES_LAYOUT_MIN_FREE_GB``): it is a second copy of every image.
 - Prune: every build records the intermediate images it used (all stages); ``prune`` removes
   the images no latest build uses (``buildah rmi --prune`` would also drop the build stages'
   cache: nothing tags them), and what the former Dockerfile executor of this module left in the
-  cache.
+  cache. Every ``build`` ends with a prune: a superseded torch layer is 6 GB.
 
 Local build args: the server's TORCH_INDEX_URL defaults to the CPU-only wheel index, which cannot
 be reached here; the local build passes TORCH_INDEX_URL= (torch from PyPI, the CUDA build, as the
@@ -486,6 +488,7 @@ def build(
             out[name] = info = build_one(name, tag=tag, build_args=build_args, log=log)
             if import_:
                 _import(info, log)
+        _prune(log)  # what the builds before these used (a torch layer is 6 GB)
     return out
 
 
@@ -551,6 +554,7 @@ def _import(info: ImageInfo, log: Log, *, discard_layers: bool = True) -> None:
         )
     if discard_layers:  # pods run from the snapshots
         _ctr(sock, "content", "rm", *sorted(set(diff_ids)))
+    _trim_layout(layout, log)
     info.import_seconds = time.monotonic() - t0
     sent = sum(size for d, size in zip(diff_ids, info.layer_sizes, strict=True) if d not in unpacked)
     log(
@@ -594,6 +598,25 @@ def export_to_layout(info: ImageInfo) -> Path:
         if f"sha256:{blob.name}" not in used:
             blob.unlink()
     return layout
+
+
+#: Free space (GB) on the cache's filesystem under which the OCI layout is deleted after an
+#: import (KILN_IMAGES_LAYOUT_MIN_FREE_GB): it is a second copy of every image (the trainer's
+#: torch layer alone is 6 GB) kept only so that the next export after a code change writes
+#: kiln's small layers alone; a disk shared with containerd's snapshots and the virtualenvs needs
+#: the room more.
+LAYOUT_MIN_FREE_GB = 30.0
+
+
+def _trim_layout(layout: Path, log: Log) -> None:
+    """Delete the OCI layout when the disk has less than LAYOUT_MIN_FREE_GB free (the next
+    export copies the whole image again: about a minute for a torch image)."""
+    floor = float(os.environ.get("KILN_IMAGES_LAYOUT_MIN_FREE_GB", LAYOUT_MIN_FREE_GB))
+    free = shutil.disk_usage(layout).free / 1e9
+    if free < floor:
+        size = _du(layout)
+        shutil.rmtree(layout, ignore_errors=True)
+        log(f"{free:.0f} GB free (< {floor:.0f}): deleted the OCI layout ({_fmt_size(size)}), a cache")
 
 
 def write_layout(out: IO[bytes], layout: Path, info: ImageInfo, leave_out: set[str]) -> None:
@@ -665,28 +688,37 @@ def prune(log: Log = log_default) -> int:
     buildah's leftover working containers and the former executor's cache. Returns the bytes
     freed."""
     with _lock():
-        store = cache_dir() / storage_driver()
-        # what hack/images left before it used buildah (layer trees, its base, refs, pip's cache)
-        former = [d for d in (cache_dir() / n for n in ("layers", "base", "refs", "pip")) if d.is_dir()]
-        before = _du(store) + sum(_du(d) for d in former)
-        for d in former:
-            shutil.rmtree(d)
-        keep = [BASE.ref]
-        for ref in _refs_dir().glob("*.json"):
-            data = json.loads(ref.read_text())
-            keep += [data["image_id"].removeprefix("sha256:"), *data["steps"]]
-        buildah("rm", "--all", check=False)
-        listed = json.loads(buildah("images", "--all", "--no-trunc", "--json").stdout or "[]")
+        return _prune(log)
 
-        def kept(image: dict) -> bool:
-            full = image["id"].removeprefix("sha256:")
-            return any(full.startswith(k) or k in (image.get("names") or []) for k in keep)
 
-        # newest first: an intermediate image goes before the one it was built on
-        drop = [i["id"] for i in sorted(listed, key=lambda i: -i["created"]) if not kept(i)]
-        for image in drop:
-            buildah("rmi", "--force", image, check=False)
-        freed = max(0, before - _du(store))
+def _prune(log: Log) -> int:
+    """prune() with the lock held."""
+    store = cache_dir() / storage_driver()
+    # what hack/images left before it used buildah (layer trees, its base, refs, pip's cache)
+    former = [d for d in (cache_dir() / n for n in ("layers", "base", "refs", "pip")) if d.is_dir()]
+    before = _du(store) + sum(_du(d) for d in former)
+    for d in former:
+        shutil.rmtree(d)
+    keep = [BASE.ref]
+    known = {f"kiln-{name}_" for name in IMAGES}
+    for ref in _refs_dir().glob("*.json"):
+        if not any(ref.name.startswith(k) for k in known):  # an image hack/images no longer builds
+            ref.unlink()
+            continue
+        data = json.loads(ref.read_text())
+        keep += [data["image_id"].removeprefix("sha256:"), *data["steps"]]
+    buildah("rm", "--all", check=False)
+    listed = json.loads(buildah("images", "--all", "--no-trunc", "--json").stdout or "[]")
+
+    def kept(image: dict) -> bool:
+        full = image["id"].removeprefix("sha256:")
+        return any(full.startswith(k) or k in (image.get("names") or []) for k in keep)
+
+    # newest first: an intermediate image goes before the one it was built on
+    drop = [i["id"] for i in sorted(listed, key=lambda i: -i["created"]) if not kept(i)]
+    for image in drop:
+        buildah("rmi", "--force", image, check=False)
+    freed = max(0, before - _du(store))
     log(f"removed {len(drop)} image(s), freed {_fmt_size(freed)}")
     return freed
 
