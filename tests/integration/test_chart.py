@@ -440,7 +440,14 @@ def exercise_every_kind(kube: client.ApiClient, ns: str, store: Store) -> None:
     )
     succeed_featuregroup_run(kube, ns, job)
     wait_for(lambda: get(kube, "batch/v1", "CronJob", ns, name), 30, message="the schedule's CronJob")
-    assert (get(kube, API_VERSION, "FeatureGroup", ns, name) or {})["status"]["lastMaterializationTime"]
+    # the CronJob follows spec.schedule alone; the run's result reaches the status on a later reconcile
+    wait_for(
+        lambda: ((get(kube, API_VERSION, "FeatureGroup", ns, name) or {}).get("status") or {}).get(
+            "lastMaterializationTime"
+        ),
+        30,
+        message="the run's result in the FeatureGroup's status",
+    )
     patch(kube, API_VERSION, "FeatureGroup", ns, name, {"spec": {"schedule": None}})
     wait_for(lambda: get(kube, "batch/v1", "CronJob", ns, name) is None, 30, message="the CronJob deleted")
 
