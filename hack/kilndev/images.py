@@ -696,9 +696,6 @@ def _prune(log: Log) -> int:
     store = cache_dir() / storage_driver()
     # what hack/images left before it used buildah (layer trees, its base, refs, pip's cache)
     former = [d for d in (cache_dir() / n for n in ("layers", "base", "refs", "pip")) if d.is_dir()]
-    before = _du(store) + sum(_du(d) for d in former)
-    for d in former:
-        shutil.rmtree(d)
     keep = [BASE.ref]
     known = {f"kiln-{name}_" for name in IMAGES}
     for ref in _refs_dir().glob("*.json"):
@@ -716,6 +713,12 @@ def _prune(log: Log) -> int:
 
     # newest first: an intermediate image goes before the one it was built on
     drop = [i["id"] for i in sorted(listed, key=lambda i: -i["created"]) if not kept(i)]
+    if not (drop or former):  # every build ends here: no du of a many-GB store to say so
+        log("removed 0 image(s), freed 0 B")
+        return 0
+    before = _du(store) + sum(_du(d) for d in former)
+    for d in former:
+        shutil.rmtree(d)
     for image in drop:
         buildah("rmi", "--force", image, check=False)
     freed = max(0, before - _du(store))

@@ -61,6 +61,24 @@ def _core(api: Any) -> client.CoreV1Api:
     return api if isinstance(api, client.CoreV1Api) else client.CoreV1Api(api)
 
 
+def wait_for_events(
+    api: Any, namespace: str, kind: str, reasons: set[str], name: str | None = None, timeout: float = 20
+) -> list[client.CoreV1Event]:
+    """The Events of `kind` objects in `namespace` (only the one called `name`, if given) once
+    every reason in `reasons` is among them. The operator posts Events after the status write a
+    test waits for, so they are polled, not read once."""
+
+    def found() -> list[client.CoreV1Event]:
+        evs = [
+            e
+            for e in _core(api).list_namespaced_event(namespace).items
+            if e.involved_object.kind == kind and (name is None or e.involved_object.name == name)
+        ]
+        return evs if reasons <= {e.reason for e in evs} else []
+
+    return wait_for(found, timeout, message=f"{kind} events {sorted(reasons)}")
+
+
 def _batch(api: Any) -> client.BatchV1Api:
     if isinstance(api, client.BatchV1Api):
         return api

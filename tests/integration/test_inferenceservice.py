@@ -35,7 +35,7 @@ from kiln import API_VERSION, kube
 from kiln.conditions import get_condition, rfc3339
 
 from .health import argocd_health, kstatus
-from .helpers import run_operator, wait_for
+from .helpers import run_operator, wait_for, wait_for_events
 
 MODEL = "digits"
 PROMETHEUS_DEB = "prometheus"
@@ -455,21 +455,6 @@ def env_of(dep: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e.get("value", "") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
 
 
-def event_reasons(api: client.ApiClient, ns: str, *expected: str) -> set[str]:
-    """The InferenceService Events' reasons once every one of `expected` is among them (Events are
-    posted after the status write a test waits for, so they are polled, not read once)."""
-
-    def found() -> set[str]:
-        reasons = {
-            e.reason
-            for e in client.CoreV1Api(api).list_namespaced_event(ns).items
-            if e.involved_object.kind == "InferenceService"
-        }
-        return reasons if set(expected) <= reasons else set()
-
-    return wait_for(found, 20, message=f"InferenceService events {sorted(expected)}")
-
-
 def analysis(prom: Prometheus, **over: Any) -> dict[str, Any]:
     return {
         "prometheus": {"address": prom.address},
@@ -533,7 +518,7 @@ def test_children_and_status(api, store, namespace, operator):
     sm = kube.get(api, "monitoring.coreos.com/v1", "ServiceMonitor", ns, MODEL)
     assert sm is not None and sm["metadata"]["labels"]["release"] == "prometheus"
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
-    event_reasons(api, ns, "Deployed")
+    wait_for_events(api, ns, "InferenceService", {"Deployed"})
 
     # a child deleted by hand comes back (drift), a child no longer wanted goes away
     kube.delete(api, "v1", "Service", ns, MODEL)
@@ -571,7 +556,7 @@ def test_model_resolution_errors_and_model_watch(api, store, namespace, operator
         lambda s: (get_condition(s.get("conditions"), "Ready") or {}).get("status") == "True",
         message="Ready=True once Production is set",
     )
-    event_reasons(api, ns, "ModelNotFound", "VersionNotResolved")
+    wait_for_events(api, ns, "InferenceService", {"ModelNotFound", "VersionNotResolved"})
 
 
 def test_rolled_back_canary_is_failed_for_gitops_tools(api, store, namespace, operator):
@@ -680,7 +665,7 @@ def test_gateway_api_canary_and_hpa(api, store, namespace, operator):
     )
     route = kube.get(api, "gateway.networking.k8s.io/v1", "HTTPRoute", ns, MODEL)
     assert [b["name"] for b in route["spec"]["rules"][0]["backendRefs"]] == [f"{MODEL}-stable"]
-    event_reasons(api, ns, "RolloutStarted", "Promoting", "Promoted")
+    wait_for_events(api, ns, "InferenceService", {"RolloutStarted", "Promoting", "Promoted"})
 
 
 def test_prometheus_guarded_rollouts(api, store, namespace, operator, fleet):
@@ -729,7 +714,7 @@ def test_prometheus_guarded_rollouts(api, store, namespace, operator, fleet):
     )
     wait_for(lambda: deployment(api, ns, "canary") is None, 30, message="canary Deployment deleted")
     assert env_of(deployment(api, ns, "stable"))["KILN_MODEL_VERSION"] == "2"
-    event_reasons(api, ns, "RolledBack")
+    wait_for_events(api, ns, "InferenceService", {"RolledBack"})
     # ... and the registry's audit trail says which version failed in serving, where and why
     entry = wait_for(
         lambda: next(
@@ -899,7 +884,7 @@ def test_llm_runtime_children_and_format_checks(api, store, namespace, operator)
     assert "hf-transformers" in message and "use runtime.engine vllm" in message
     dep = deployment(api, ns, "stable")
     assert dep is not None and dep["spec"]["template"]["spec"]["containers"][0]["command"][0] == "python3"
-    event_reasons(api, ns, "RuntimeFormatMismatch")
+    wait_for_events(api, ns, "InferenceService", {"RuntimeFormatMismatch"})
 
     # back on vLLM with an InferencePool: its CRD is not installed here
     pool = {"inferencePool": {"endpointPickerRef": {"name": "epp"}}}

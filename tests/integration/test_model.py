@@ -34,7 +34,7 @@ from kiln.registry import record
 
 from .conftest import Cluster
 from .health import argocd_health, kstatus
-from .helpers import wait_for
+from .helpers import wait_for, wait_for_events
 
 LINEAGE = {"source": "TrainingJob", "image": "kiln-trainer:dev", "dataset": "sklearn-digits"}
 
@@ -117,27 +117,6 @@ def stages(obj: dict[str, Any]) -> dict[str, Any]:
 
 def history(obj: dict[str, Any]) -> list[dict[str, Any]]:
     return (obj.get("status") or {}).get("history") or []
-
-
-def events(api: client.ApiClient, ns: str, name: str = "digits") -> list[client.CoreV1Event]:
-    return [
-        e
-        for e in client.CoreV1Api(api).list_namespaced_event(ns).items
-        if e.involved_object.kind == "Model" and e.involved_object.name == name
-    ]
-
-
-def events_with(
-    api: client.ApiClient, ns: str, reasons: set[str], name: str = "digits"
-) -> list[client.CoreV1Event]:
-    """The Model's events once every reason in `reasons` is among them (the operator posts Events
-    after the status write a test waits for, so they are polled, not read once)."""
-
-    def found() -> list[client.CoreV1Event]:
-        evs = events(api, ns, name)
-        return evs if reasons <= {e.reason for e in evs} else []
-
-    return wait_for(found, 20, message=f"events {sorted(reasons)} on Model {name}")
 
 
 def register(
@@ -272,7 +251,9 @@ def test_refused_promotions_keep_the_previous_version(
     assert obj["status"]["aliases"] == {"champion": 1}
     assert get_condition(obj["status"]["conditions"], "Stalled")["reason"] == "DigestMismatch"
     refused = [
-        e for e in events_with(kube, namespace, {"PromotionRefused"}) if e.reason == "PromotionRefused"
+        e
+        for e in wait_for_events(kube, namespace, "Model", {"PromotionRefused"}, "digits")
+        if e.reason == "PromotionRefused"
     ]
     assert refused and all(e.type == "Warning" for e in refused)
     # Nothing in force changed, so the audit trail only has the first assignments.
@@ -333,7 +314,7 @@ def test_policy_spec_and_audit_trail(
         ("Development", None, 4, "Registration"),
     ]
     assert all(h["time"].endswith("Z") for h in history(obj))
-    events_with(kube, namespace, {"VersionRegistered", "StageChanged", "AliasChanged"})
+    wait_for_events(kube, namespace, "Model", {"VersionRegistered", "StageChanged", "AliasChanged"}, "digits")
 
 
 def test_import_versions_trained_elsewhere(
@@ -404,7 +385,7 @@ def test_import_llm_directories_records_the_format_and_refuses_a_missing_tokeniz
     assert obj["status"]["imported"] == 1
     assert obj["status"]["versions"][0]["format"] == "hf-transformers"
     assert "import[1]" in ready(obj)["message"] and "needs its tokenizer" in ready(obj)["message"]
-    events_with(kube, namespace, {"ImportFailed"}, "tiny-llama")
+    wait_for_events(kube, namespace, "Model", {"ImportFailed"}, "tiny-llama")
 
 
 def test_versions_are_immutable_and_pruned(
