@@ -1,8 +1,11 @@
 # Entry points; each delegates to a script under hack/.
-.PHONY: demo test setup verify lint crds cluster-up cluster-down
+.PHONY: demo demo-llm test setup verify lint crds cluster-up cluster-down
 
 demo:          ## the end-to-end demo on the local cluster
 	hack/demo
+
+demo-llm:      ## the LLM runtime's demo steps (vLLM on CPU; a 7 GB image and the vLLM venv)
+	hack/demo --only llm
 
 test:          ## unit + integration tests (sets everything up)
 	hack/test

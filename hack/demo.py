@@ -33,6 +33,18 @@ from images/*/Dockerfile, in containerd, on a CNI bridge, behind kube-proxy and 
      the retraining TrainingJob the Model's drift trigger creates, its version promoted by policy
      and canaried; no human in the loop.
 
+``--only llm`` (``make demo-llm``) runs the LLM runtime's steps after the same set-up instead:
+
+ 12. the image ``kiln-llm`` (vLLM for CPU, ``hack/images build llm``); two tiny Llamas made
+     locally (``hack/tiny-llama``, seeds 1 and 2) uploaded to S3; Model ``tiny-llama`` imports
+     version 1 (format ``hf-transformers``, every file's digest verified);
+ 13. InferenceService ``chat`` (``runtime.engine: vllm``) serves it; ``/v1/models`` and a chat
+     completion streamed through the Service with the ``openai`` client; the first server-sent
+     event through the Service against the pod directly;
+ 14. version 2 imported and promoted while streams run through the Service: the canary is
+     analysed on the engines' time to first token (p95) and error ratio, and promoted; failed
+     streams counted (target 0), requests per version read from Prometheus.
+
 Prints progress, a summary table and the figures; ``--json FILE`` writes them for the e2e test.
 Exits non-zero if any step failed.
 """
@@ -63,6 +75,7 @@ from kubernetes import config  # noqa: E402
 
 from kiln import API_VERSION, kube, storage  # noqa: E402
 from kilndev import demo_features as dfs  # noqa: E402
+from kilndev import demo_llm as dl  # noqa: E402
 from kilndev import images as kimages  # noqa: E402
 from kilndev.prometheus import LocalPrometheus  # noqa: E402
 
@@ -474,6 +487,7 @@ class Demo:
         self.c: Cluster
         self.prom: LocalPrometheus | None = None
         self.traffic: Traffic | None = None
+        self.streams: dl.StreamLoad | None = None
 
     # ---- set-up
     def cluster_and_images(self) -> None:
@@ -1284,6 +1298,161 @@ class Demo:
                 f"(acc {v2['accuracy']:.3f}) serving {serving}s after the drift began; {len(window)} requests, 0 failed"
             )
 
+    # ---- the LLM steps (--only llm)
+    def llm_steps(self) -> None:
+        """Steps 12-14: an LLM in the registry, served by vLLM, streamed through the Service with the
+        ``openai`` client, and a second version canaried under a time-to-first-token guard."""
+        versions = self.llm_versions()
+        base = self.llm_serve()
+        self.llm_canary(versions, base)
+
+    def llm_versions(self) -> dict[int, str]:
+        """Step 12: the LLM image, two tiny Llama versions in S3, version 1 imported."""
+        c = self.c
+        with Step("12. LLM: image kiln-llm (vLLM), two tiny Llamas in S3, Model `tiny-llama` v1") as s:
+            t0 = time.monotonic()
+            info = kimages.build(["llm"], tag=self.args.image_tag, import_=True)["llm"]
+            figures["llm image build+import seconds"] = round(time.monotonic() - t0, 1)
+            python = dl.vllm_python()
+            versions: dict[int, str] = {}
+            for n in (1, 2):
+                local = OUT / dl.MODEL / f"v{n}"
+                shutil.rmtree(local, ignore_errors=True)
+                digest = dl.make_version(python, local, seed=n)
+                uri = f"s3://{BUCKET}/{PREFIX}/{dl.MODEL}/v{n}"
+                storage.upload_dir(local, uri, last=["metadata.json"])
+                versions[n] = f"{uri}|{digest}"
+                note(f"v{n}: {', '.join(sorted(p.name for p in local.iterdir()))} -> {uri} ({digest[:19]})")
+            c.apply(self.llm_model(versions, [1]), NS)
+            v1 = poll("tiny-llama version 1 registered", lambda: self.llm_version(1), 120)
+            if v1.get("format") != "hf-transformers":
+                raise StepFailed(f"version 1 has format {v1.get('format')!r}, not hf-transformers")
+            s.detail = f"image {info.size / 2**30:.2f} GiB; v1 registered ({v1['format']}), v2 uploaded"
+        return versions
+
+    def llm_model(self, versions: dict[int, str], imported: list[int]) -> dict[str, Any]:
+        """Model tiny-llama importing ``imported`` of ``versions`` (n -> "uri|digest"), v1 in Production."""
+        entries = [
+            dict(zip(("artifactUri", "digest"), versions[n].split("|"), strict=True)) for n in imported
+        ]
+        return {
+            "apiVersion": API_VERSION,
+            "kind": "Model",
+            "metadata": {"name": dl.MODEL},
+            "spec": {"import": entries, "stages": {"production": 1}},
+        }
+
+    def llm_version(self, n: int) -> dict[str, Any] | None:
+        status = self.c.get("Model", dl.MODEL).get("status") or {}
+        return next((v for v in status.get("versions") or [] if v.get("version") == n), None)
+
+    def llm_serve(self) -> str:
+        """Step 13: InferenceService `chat` serving v1; a streamed chat completion through the
+        Service; the first server-sent event through the Service against the pod directly."""
+        c = self.c
+        with Step("13. InferenceService `chat` (vLLM) serves v1: openai client streams via the Service") as s:
+            t0 = time.monotonic()
+            c.apply(yaml.safe_load((DEMO_D / "llm-inferenceservice.yaml").read_text()), NS)
+            poll(
+                "InferenceService chat Ready with v1",
+                lambda: (lambda st: st.get("stableVersion") == 1 and _ready(st))(self.isvc_state(dl.ISVC)),
+                900,
+                progress=lambda: self.isvc_progress(dl.ISVC),
+                interval=1.0,
+            )
+            figures["llm: apply -> Ready s"] = round(time.monotonic() - t0, 1)
+            svc = c.get("Service", dl.ISVC, NS, "v1")
+            port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "http")
+            base = f"http://{svc['spec']['clusterIP']}:{port}/v1"
+            import openai
+
+            with openai.OpenAI(base_url=base, api_key="unused", max_retries=0) as client:
+                served = [m.id for m in client.models.list()]
+            if served != [dl.MODEL]:
+                raise StepFailed(f"/v1/models lists {served}, expected [{dl.MODEL!r}]")
+            one = dl.stream_chat(base, max_tokens=24)
+            if not one.ok:
+                raise StepFailed(f"streamed chat completion failed: {one.error}")
+            note(f"{base}/chat/completions (stream): {one.chunks} chunks, first text after {one.ttft:.3f}s")
+            note(f"  {dl.PROMPT!r} -> {one.text!r} (random weights: the text is noise)")
+            pod = next(p for p in c.pods(f"kiln.dev/inferenceservice={dl.ISVC}") if p["status"].get("podIP"))
+            direct = f"http://{pod['status']['podIP']}:8080/v1"
+            self.llm_first_bytes(base, direct)
+            s.detail = f"{one.chunks} chunks streamed through {base}; models {served}"
+        return base
+
+    def llm_first_bytes(self, via_service: str, direct: str, n: int = 20) -> None:
+        """The first server-sent event of ``n`` streams through the Service and ``n`` to the pod,
+        alternated; p50/p95 of each into the figures."""
+        import numpy as np
+
+        times: dict[str, list[float]] = {"service": [], "pod": []}
+        for _ in range(n):
+            for where, url in (("service", via_service), ("pod", direct)):
+                st = dl.stream_chat(url, max_tokens=4)
+                if not st.ok or st.first_chunk is None:
+                    raise StepFailed(f"a stream to the {where} failed: {st.error}")
+                times[where].append(st.first_chunk)
+        for where, values in times.items():
+            p50, p95 = (float(np.percentile(values, q)) * 1e3 for q in (50, 95))
+            figures[f"llm: first event via the {where} p50/p95 ms ({n} streams)"] = f"{p50:.1f} / {p95:.1f}"
+            note(f"first server-sent event via the {where}: p50 {p50:.1f} ms, p95 {p95:.1f} ms")
+
+    def llm_canary(self, versions: dict[int, str], base: str) -> None:
+        """Step 14: v2 imported and promoted while streams run through the Service; the canary is
+        analysed on the engines' time to first token and error ratio, and promoted."""
+        c = self.c
+        with Step("14. LLM v2 canaried under streaming load (TTFT p95 guard), promoted") as s:
+            self.streams = load = dl.StreamLoad(base).start()
+            c.apply(self.llm_model(versions, [1, 2]), NS)
+            poll("tiny-llama version 2 registered", lambda: self.llm_version(2), 120)
+            t_promote = time.monotonic()
+            self.promote(2, model=dl.MODEL)
+            poll(
+                "v2 promoted to stable",
+                lambda: (
+                    lambda st: (
+                        st.get("stableVersion") == 2 and st.get("rolloutPhase") == "Promoted" and _ready(st)
+                    )
+                )(self.isvc_state(dl.ISVC)),
+                900,
+                progress=lambda: f"{self.isvc_progress(dl.ISVC)}; {load.summary(t_promote)}",
+                interval=1.0,
+            )
+            promoted = time.monotonic()
+            load.stop()
+            window = load.window(t_promote)
+            failed = [st for st in window if not st.ok]
+            an = self.isvc_state(dl.ISVC).get("analysis") or {}
+            served = self.prom_by_version(
+                f'sum by (version) (vllm:request_success_total{{namespace="{NS}"}})'
+            )
+            figures["llm v2: promotion -> promoted s"] = round(promoted - t_promote, 1)
+            figures["llm v2: streams during the rollout / failed (target 0)"] = (
+                f"{len(window)} / {len(failed)}"
+            )
+            figures["llm v2: analysis measurements ok/failed/inconclusive"] = (
+                f"{an.get('successes', 0)}/{an.get('failures', 0)}/{an.get('inconclusive', 0)}"
+            )
+            figures["llm: requests per version (Prometheus)"] = served
+            for st in failed[:5]:
+                note(f"failed stream: {st.error}")
+            if failed:
+                raise StepFailed(f"{len(failed)} of {len(window)} streams failed during the rollout")
+            if not an.get("successes"):
+                raise StepFailed(f"the canary was promoted without a successful analysis: {an}")
+            if set(served) != {"1", "2"}:
+                raise StepFailed(f"expected requests answered by both versions, Prometheus has {served}")
+            s.detail = (
+                f"promoted {promoted - t_promote:.0f}s after promotion; {len(window)} streams, 0 failed; "
+                f"per version {served}"
+            )
+
+    def prom_by_version(self, promql: str) -> dict[str, int]:
+        """``promql`` (a sum by version) on the demo's Prometheus: version -> value."""
+        assert self.prom is not None
+        return {r["metric"].get("version", "?"): round(float(r["value"][1])) for r in self.prom.query(promql)}
+
     def prom_value(self, promql: str) -> float | None:
         """The value of a one-sample PromQL query on the demo's Prometheus (None: no sample)."""
         assert self.prom is not None
@@ -1307,6 +1476,8 @@ class Demo:
     def close(self) -> None:
         if self.traffic:
             self.traffic.stop()
+        if self.streams:
+            self.streams.stop()
         if self.prom:
             self.prom.stop()
 
@@ -1329,8 +1500,9 @@ def main() -> int:
     )
     p.add_argument(
         "--only",
-        choices=["features"],
-        help="after the set-up, run only these steps (for working on them; the full demo runs them all)",
+        choices=["features", "llm"],
+        help="after the set-up, run only these steps: features (9-11, also in the full demo) or llm "
+        "(12-14, only here: the LLM runtime needs a 7 GB image and the vLLM venv)",
     )
     args = p.parse_args()
     if os.environ.get("KILN_DEMO_CLUSTER", "local") != "local":
@@ -1352,6 +1524,8 @@ def main() -> int:
         demo.prometheus()
         if args.only == "features":
             demo.feature_steps()
+        elif args.only == "llm":
+            demo.llm_steps()
         else:
             demo.main()
     except StepFailed:

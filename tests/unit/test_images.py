@@ -32,7 +32,7 @@ from kilndev import images  # noqa: E402
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCRIPTS = PYPROJECT["project"]["scripts"]
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
-NAMES = list(images.IMAGES)
+NAMES = images.DEFAULT_IMAGES  # the LLM image has tests of its own below
 # what each image installs from pyproject.toml: the package with these extras (in this order)
 WANTED_EXTRAS: dict[str, tuple[str, ...]] = {
     "operator": (),
@@ -344,3 +344,38 @@ def test_chain_ids_follow_the_image_spec():
         "sha256:" + hashlib.sha256(f"{ab} {c}".encode()).hexdigest(),
     ]
     assert images.chain_ids([]) == []
+
+
+def test_llm_image_is_built_only_when_named():
+    """The LLM image (7 GB: vLLM pins a torch of its own) is not among the images `build` makes
+    by default, and prune keeps it (it is in IMAGES)."""
+    assert images.DEFAULT_IMAGES == ["operator", "trainer", "server"]
+    assert not images.IMAGES["llm"].default and "llm" in images.IMAGES
+
+
+def test_llm_image_installs_the_tested_vllm_then_kiln_from_the_wheel():
+    """vLLM comes from hack/peer-venv vllm, the script (and pins) the integration test's engine
+    comes from; kiln's dependencies, less torch, then kiln itself from its wheel, last."""
+    s = stages("llm")
+    assert s[0] == [("ARG", "PYTHON_IMAGE=python:3.11-slim")]
+    assert [st[0] for st in s[1:]] == [("FROM", "${PYTHON_IMAGE} AS wheel"), ("FROM", "${PYTHON_IMAGE}")]
+    runs = final_runs("llm")
+    assert ("COPY", "hack/peer-venv /tmp/peer-venv") in s[2]
+    assert "bash /tmp/peer-venv vllm /opt/kiln && rm /tmp/peer-venv" in runs
+    (deps,) = [r for r in runs if "tomllib" in r]
+    assert '*p["dependencies"]' in deps and "optional-dependencies" not in deps  # no torch, no extras
+    copy_wheel = s[2].index(("COPY", "--from=wheel /wheels/ /tmp/wheels/"))
+    kw, install = s[2][copy_wheel + 1]
+    assert kw == "RUN" and install.startswith("pip install --no-deps /tmp/wheels/*.whl")
+    assert "RUN" not in [k for k, _ in s[2][copy_wheel + 2 :]]
+
+
+def test_llm_image_runs_the_openai_server_as_non_root_with_caches_in_tmp():
+    assert final("llm", "USER") == ["65532:65532"]
+    assert final("llm", "ENTRYPOINT") == ['["python3", "-m", "vllm.entrypoints.openai.api_server"]']
+    assert final("llm", "EXPOSE") == ["8080"]
+    env = final_env("llm")
+    assert env["PATH"] == "/opt/kiln/bin:$PATH"
+    assert env["HOME"] == env["TMPDIR"] == "/tmp"
+    assert env["HF_HUB_OFFLINE"] == "1"  # nothing is fetched from a hub
+    assert all(env[k].startswith("/tmp/") for k in ("XDG_CACHE_HOME", "HF_HOME", "VLLM_CACHE_ROOT"))
