@@ -1306,22 +1306,23 @@ class Demo:
         base = self.llm_serve()
         self.llm_canary(versions, base)
 
-    def llm_versions(self) -> dict[int, str]:
-        """Step 12: the LLM image, two tiny Llama versions in S3, version 1 imported."""
+    def llm_versions(self) -> dict[int, tuple[str, str]]:
+        """Step 12: the LLM image, two tiny Llama versions in S3 (n -> (URI, digest)), version 1
+        imported."""
         c = self.c
         with Step("12. LLM: image kiln-llm (vLLM), two tiny Llamas in S3, Model `tiny-llama` v1") as s:
             t0 = time.monotonic()
             info = kimages.build(["llm"], tag=self.args.image_tag, import_=True)["llm"]
             figures["llm image build+import seconds"] = round(time.monotonic() - t0, 1)
             python = dl.vllm_python()
-            versions: dict[int, str] = {}
+            versions: dict[int, tuple[str, str]] = {}
             for n in (1, 2):
                 local = OUT / dl.MODEL / f"v{n}"
                 shutil.rmtree(local, ignore_errors=True)
                 digest = dl.make_version(python, local, seed=n)
                 uri = f"s3://{BUCKET}/{PREFIX}/{dl.MODEL}/v{n}"
                 storage.upload_dir(local, uri, last=["metadata.json"])
-                versions[n] = f"{uri}|{digest}"
+                versions[n] = (uri, digest)
                 note(f"v{n}: {', '.join(sorted(p.name for p in local.iterdir()))} -> {uri} ({digest[:19]})")
             c.apply(self.llm_model(versions, [1]), NS)
             v1 = poll("tiny-llama version 1 registered", lambda: self.llm_version(1), 120)
@@ -1330,11 +1331,9 @@ class Demo:
             s.detail = f"image {info.size / 2**30:.2f} GiB; v1 registered ({v1['format']}), v2 uploaded"
         return versions
 
-    def llm_model(self, versions: dict[int, str], imported: list[int]) -> dict[str, Any]:
-        """Model tiny-llama importing ``imported`` of ``versions`` (n -> "uri|digest"), v1 in Production."""
-        entries = [
-            dict(zip(("artifactUri", "digest"), versions[n].split("|"), strict=True)) for n in imported
-        ]
+    def llm_model(self, versions: dict[int, tuple[str, str]], imported: list[int]) -> dict[str, Any]:
+        """Model tiny-llama importing ``imported`` of ``versions`` (n -> (URI, digest)), v1 in Production."""
+        entries = [{"artifactUri": versions[n][0], "digest": versions[n][1]} for n in imported]
         return {
             "apiVersion": API_VERSION,
             "kind": "Model",
@@ -1398,7 +1397,7 @@ class Demo:
             figures[f"llm: first event via the {where} p50/p95 ms ({n} streams)"] = f"{p50:.1f} / {p95:.1f}"
             note(f"first server-sent event via the {where}: p50 {p50:.1f} ms, p95 {p95:.1f} ms")
 
-    def llm_canary(self, versions: dict[int, str], base: str) -> None:
+    def llm_canary(self, versions: dict[int, tuple[str, str]], base: str) -> None:
         """Step 14: v2 imported and promoted while streams run through the Service; the canary is
         analysed on the engines' time to first token and error ratio, and promoted."""
         c = self.c

@@ -455,7 +455,7 @@ def build_one(
         "steps": ids,
         "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (refs / f"kiln-{name}_{tag}.json").write_text(json.dumps(record, indent=1))
+    _ref_record(short_ref).write_text(json.dumps(record, indent=1))
     log(
         f"{short_ref}: built in {info.build_seconds:.1f}s ({cached}/{steps} steps cached), "
         f"{_fmt_size(info.size)}, {info.manifest_digest[:19]}"
@@ -466,6 +466,11 @@ def build_one(
 def _refs_dir() -> Path:
     """What the latest build of each image used, per storage driver (prune's list to keep)."""
     return cache_dir() / storage_driver() / "refs"
+
+
+def _ref_record(short_ref: str) -> Path:
+    """The record of the latest build of ``short_ref`` (kiln-<name>:<tag>) in :func:`_refs_dir`."""
+    return _refs_dir() / f"{short_ref.replace(':', '_')}.json"
 
 
 @contextlib.contextmanager
@@ -643,7 +648,7 @@ def _drop_built_only_when_named(info: ImageInfo, layout: Path, log: Log) -> None
     low, free, floor = _low_disk(layout)
     if IMAGES[info.name].default or not low:
         return
-    (_refs_dir() / f"{info.short_ref.replace(':', '_')}.json").unlink(missing_ok=True)
+    _ref_record(info.short_ref).unlink(missing_ok=True)
     log(f"{free:.0f} GB free (< {floor:.0f}): {info.short_ref} leaves the build storage once exported")
     _prune(log)
 

@@ -189,8 +189,9 @@ def busybox_image(real_cluster: Cluster, tmp_path_factory: pytest.TempPathFactor
     return BUSYBOX_IMAGE
 
 
-def run_demo(out: Path, *args: str, timeout: float) -> dict:
-    """Run hack/demo.py (the code path of `make demo`) with ``args`` and ``--json out``; returns
+def run_demo(out: Path, *args: str, timeout: float, env: dict[str, str] | None = None) -> dict:
+    """Run hack/demo.py (the code path of `make demo`) with ``args``, ``--json out`` and ``env``
+    added to this process's environment; returns
     what it wrote, with ``returncode`` and its whole output as ``log``. Its last 6,000 characters
     are printed (pytest shows them for a failed test). The helm release the demo installed is
     removed afterwards, so the operator it ran never meets the integration tests' objects.
@@ -200,7 +201,7 @@ def run_demo(out: Path, *args: str, timeout: float) -> dict:
         subprocess.TimeoutExpired: it ran over ``timeout`` seconds.
     """
     log = out.with_suffix(".log")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     try:
         with open(log, "w") as f:
             proc = subprocess.run(
