@@ -12,7 +12,7 @@ from kiln import API_VERSION, kube
 from kiln.conditions import get_condition
 from kiln.features.schema import FeatureView
 
-from .helpers import wait_for
+from .helpers import wait_for, wait_for_events
 from .test_inferenceservice import (  # noqa: F401  (api, store: fixtures)
     MODEL,
     api,
@@ -20,7 +20,6 @@ from .test_inferenceservice import (  # noqa: F401  (api, store: fixtures)
     create_model,
     deployment,
     env_of,
-    event_reasons,
     set_production,
     status,
     store,
@@ -103,7 +102,7 @@ def test_feature_groups_and_schema_mismatch(api, store, namespace, operator):  #
         f"version 2 of Model '{MODEL}' was trained on FeatureGroup {FG} with schema digest {other}" in message
     )
     assert f"FeatureGroup {FG} now has schema digest {digest}" in message
-    assert "FeatureSchemaMismatch" in event_reasons(api, ns)
+    wait_for_events(api, ns, "InferenceService", {"FeatureSchemaMismatch"})
     after = deployment(api, ns, "stable")
     assert after is not None and after["metadata"]["generation"] == stable["metadata"]["generation"]
     assert after["spec"]["template"] == stable["spec"]["template"]  # still version 1, same features
