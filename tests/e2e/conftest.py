@@ -33,6 +33,7 @@ from tests.integration.conftest import (  # noqa: F401  (fixtures, by name)
 
 REAL_NODE = "kiln-real-0"
 BUSYBOX_IMAGE = "kiln.local/busybox:e2e"
+DEMO_NAMESPACE = "kiln-demo"  # hack/demo.py's NS
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -194,7 +195,9 @@ def run_demo(out: Path, *args: str, timeout: float, env: dict[str, str] | None =
     added to this process's environment; returns
     what it wrote, with ``returncode`` and its whole output as ``log``. Its last 6,000 characters
     are printed (pytest shows them for a failed test). The helm release the demo installed is
-    removed afterwards, so the operator it ran never meets the integration tests' objects.
+    removed afterwards, so the operator it ran never meets the integration tests' objects, and so
+    is its namespace (without waiting), so that its pods (model servers, a 2 GB vLLM engine) do not
+    hold the node's cores and memory through the tests that follow; the next demo makes it anew.
 
     Raises:
         AssertionError: the demo wrote no result (the message has its exit code and output).
@@ -234,6 +237,18 @@ def run_demo(out: Path, *args: str, timeout: float, env: dict[str, str] | None =
                 "--wait",
                 "--timeout",
                 "2m",
+            ],
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                env_json["kubectl"],
+                f"--kubeconfig={env_json['KUBECONFIG']}",
+                "delete",
+                "namespace",
+                DEMO_NAMESPACE,
+                "--ignore-not-found",
+                "--wait=false",
             ],
             capture_output=True,
         )
