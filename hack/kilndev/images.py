@@ -637,7 +637,7 @@ def _trim_layout(layout: Path, log: Log) -> None:
     if low:
         size = _du(layout)
         shutil.rmtree(layout, ignore_errors=True)
-        log(f"{free:.0f} GB free (< {floor:.0f}): deleted the OCI layout ({_fmt_size(size)}), a cache")
+        log(f"{free:.1f} GB free (< {floor:.0f}): deleted the OCI layout ({_fmt_size(size)}), a cache")
 
 
 def _drop_built_only_when_named(info: ImageInfo, layout: Path, log: Log) -> None:
@@ -649,7 +649,7 @@ def _drop_built_only_when_named(info: ImageInfo, layout: Path, log: Log) -> None
     if IMAGES[info.name].default or not low:
         return
     _ref_record(info.short_ref).unlink(missing_ok=True)
-    log(f"{free:.0f} GB free (< {floor:.0f}): {info.short_ref} leaves the build storage once exported")
+    log(f"{free:.1f} GB free (< {floor:.0f}): {info.short_ref} leaves the build storage once exported")
     _prune(log)
 
 
