@@ -8,7 +8,7 @@ canary guarded by the engines' time to first token, under streaming load, and pr
 
 In CI (.ci/run makes the vLLM peer venv; a missing one fails there, see tests/peers.py). It took
 1,146 s in a full run on 2 cores: the 7 GB image built and imported (567 s), an engine start-up
-(91 s), the canary's three engine start-ups, analysis and promotion (428 s).
+(91 s), the rollout of v2: the canary's engine, its analysis, the stable's new engine (428 s).
 """
 
 from __future__ import annotations
